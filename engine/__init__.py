@@ -1,0 +1,1 @@
+"""Tandem engine: model definitions, weight loading, paged KV, attention backends, sampling."""
