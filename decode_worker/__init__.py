@@ -1,0 +1,1 @@
+"""Decode worker: receives KV, runs continuous batching, streams tokens."""

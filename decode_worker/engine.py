@@ -1,0 +1,144 @@
+"""The decode worker's engine thread: continuous batching over a paged KV pool.
+
+Per request (driven by decode_worker/server.py on the asyncio side):
+  1. `submit(seq, sink)`: the sequence joins the scheduler's waiting queue.
+  2. Remote KV: once the scheduler reserves its pages, `sink.on_reserved(pages)`
+     fires; the server opens a KV transfer, runs the remote prefill and calls
+     `kv_ready(...)` when every layer has arrived.
+     Local KV (colocated mode, or recompute after preemption): the engine
+     prefills it itself.
+  3. Running: each `step()` decodes one token for every running sequence;
+     tokens go back through `sink.on_tokens(tokens, finish)`.
+  4. Finish (stop/length), `abort(...)` or an engine error frees its pages.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.runner import ForwardSeq, ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import DecodeScheduler
+from engine.sequence import FinishReason, Sequence
+from engine.worker_thread import EngineThread
+
+log = logging.getLogger(__name__)
+
+
+class RequestSink(Protocol):
+    """Asyncio-side receiver of one request's events (called on the loop)."""
+
+    def on_reserved(self, pages: list[int]) -> None: ...
+    def on_tokens(self, tokens: list[int], finish: FinishReason | None, error: str = "") -> None: ...
+
+
+@dataclass
+class DecodeCounters:
+    steps: int = 0
+    decoded_tokens: int = 0
+    prefilled_tokens: int = 0
+    preemptions: int = 0
+
+
+class DecodeEngine(EngineThread):
+    def __init__(self, runner: ModelRunner, scheduler: DecodeScheduler, sampler: Sampler, loop) -> None:
+        super().__init__(loop, name="decode-engine")
+        self.runner = runner
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.counters = DecodeCounters()
+        self._sinks: dict[str, RequestSink] = {}
+
+    # -- commands (posted from the asyncio side) ----------------------------
+    def submit(self, seq: Sequence, sink: RequestSink) -> None:
+        self.post(self._submit, seq, sink)
+
+    def kv_ready(self, request_id: str, first_token: int, cached_tokens: int) -> None:
+        self.post(self._kv_ready, request_id, first_token, cached_tokens)
+
+    def abort(self, request_id: str) -> None:
+        self.post(self._abort, request_id)
+
+    # -- engine thread ------------------------------------------------------
+    def _submit(self, seq: Sequence, sink: RequestSink) -> None:
+        self._sinks[seq.request_id] = sink
+        self.scheduler.add(seq)
+
+    def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int) -> None:
+        seq = self.scheduler.get(request_id)
+        if seq is None or request_id not in self._sinks:
+            return
+        self.scheduler.kv_ready(request_id, first_token, cached_tokens)
+        finish = seq.check_stop(self.scheduler.config.eos_token_ids, self.scheduler.config.max_model_len)
+        if finish is not None:
+            self.scheduler.abort(request_id)
+        self._emit(request_id, [first_token], finish)
+
+    def _abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._sinks.pop(request_id, None)
+
+    def _emit(self, request_id: str, tokens: list[int], finish: FinishReason | None, error: str = "") -> None:
+        sink = self._sinks.get(request_id)
+        if sink is None:
+            return
+        if finish is not None:
+            del self._sinks[request_id]
+        self.reply(sink.on_tokens, tokens, finish, error)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        self.counters.steps += 1
+        self.counters.preemptions += len(out.preempted)
+        for seq in out.reserved:
+            sink = self._sinks.get(seq.request_id)
+            if sink is not None:
+                self.reply(sink.on_reserved, list(seq.pages))
+        if out.prefill:
+            self._run_prefill(out.prefill)
+        if out.decode:
+            self._run_decode(out.decode)
+
+    def _run_prefill(self, seqs: list[Sequence]) -> None:
+        batch = [
+            ForwardSeq(token_ids=s.all_token_ids[s.num_computed:], start_pos=s.num_computed, page_table=s.pages)
+            for s in seqs
+        ]
+        logits = self.runner.forward(batch)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
+        for seq, fs, tok in zip(seqs, batch, tokens):
+            self.counters.prefilled_tokens += len(fs.token_ids)
+            finish = self.scheduler.on_prefilled(seq.request_id, tok)
+            self._emit(seq.request_id, [tok], finish)
+
+    def _run_decode(self, seqs: list[Sequence]) -> None:
+        batch = [
+            ForwardSeq(token_ids=[s.all_token_ids[-1]], start_pos=s.num_tokens - 1, page_table=s.pages)
+            for s in seqs
+        ]
+        logits = self.runner.forward(batch)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
+        self.counters.decoded_tokens += len(tokens)
+        for seq, tok in zip(seqs, tokens):
+            finish = self.scheduler.on_decoded(seq.request_id, tok)
+            self._emit(seq.request_id, [tok], finish)
+
+    def on_step_error(self, exc: BaseException) -> None:
+        """A failed forward pass fails the requests in flight, not the worker."""
+        for request_id in list(self._sinks):
+            self.scheduler.abort(request_id)
+            self._emit(request_id, [], FinishReason.ERROR, error=f"decode step failed: {exc}")
+
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler
+        return {
+            "num_pages": s.config.num_pages,
+            "free_pages": s.free_pages,
+            "page_size": s.config.page_size,
+            "running": s.num_running,
+            "waiting": s.num_waiting + s.num_awaiting_kv,
+        }

@@ -1,0 +1,49 @@
+"""Decode worker process: load the model, start the engine thread and gRPC."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from decode_worker.engine import DecodeEngine
+from decode_worker.server import DecodeServerConfig, DecodeServicer
+from engine.config import EngineConfig
+from engine.grpc_util import make_server, wait_for_shutdown
+from engine.runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import DecodeScheduler, SchedulerConfig
+from kvtransfer.base import get_backend
+from proto import tandem_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+
+def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) -> DecodeEngine:
+    runner = ModelRunner(config)
+    mc = runner.model_config
+    scheduler = DecodeScheduler(SchedulerConfig(
+        page_size=runner.page_size, num_pages=runner.num_pages, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=runner.max_model_len,
+        eos_token_ids=tuple(mc.eos_token_ids),
+    ))
+    return DecodeEngine(runner, scheduler, Sampler(config.seed), loop)
+
+
+async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
+                       kv_backend: str = "grpc") -> None:
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, make_decode_engine, config, loop)
+    engine.start()
+    kv = engine.runner.kv
+    receiver = get_backend(kv_backend).receiver_cls(kv.k, kv.v, engine.runner.page_size, advertise)
+    server = make_server()
+    pbg.add_DecodeServicer_to_server(DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise)), server)
+    receiver.add_to_server(server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
+             engine.runner.num_pages, engine.runner.page_size)
+    try:
+        await wait_for_shutdown()
+    finally:
+        await server.stop(grace=2)
+        engine.stop()

@@ -1,0 +1,178 @@
+"""Decode worker gRPC server: Decode service + KVReceiver on one port.
+
+Generate(request) lifecycle, one coroutine per request:
+  1. build a Sequence and submit it to the engine thread;
+  2. remote prefill (prefill_address set): wait for the scheduler to reserve
+     pages, open a KV transfer into them, call Prefill on the prefill worker,
+     wait until every layer has arrived, then hand the first token to the
+     engine (`kv_ready`);
+  3. stream tokens as the engine produces them;
+  4. `finally`: if the request did not finish (client cancelled, prefill or
+     transfer failed, timeout) abort it everywhere: engine pages, the KV
+     transfer and the Prefill call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from decode_worker.engine import DecodeEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence
+from kvtransfer.base import TransferState
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+FINISH_TO_PB = {
+    FinishReason.STOP: pb.FINISH_STOP,
+    FinishReason.LENGTH: pb.FINISH_LENGTH,
+    FinishReason.ABORT: pb.FINISH_ABORT,
+    FinishReason.ERROR: pb.FINISH_ERROR,
+}
+
+
+@dataclass(frozen=True)
+class DecodeServerConfig:
+    address: str                 # host:port this worker's gRPC server is reachable at
+    kv_transfer_timeout_s: float = 120.0
+    prefill_timeout_s: float = 300.0
+
+
+class _Sink:
+    """Receives one request's engine events on the event loop."""
+
+    def __init__(self) -> None:
+        self.reserved: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self.events: asyncio.Queue[tuple[list[int], FinishReason | None, str]] = asyncio.Queue()
+
+    def on_reserved(self, pages: list[int]) -> None:
+        if not self.reserved.done():
+            self.reserved.set_result(pages)
+
+    def on_tokens(self, tokens: list[int], finish: FinishReason | None, error: str = "") -> None:
+        self.events.put_nowait((tokens, finish, error))
+        if finish is not None and not self.reserved.done():
+            self.reserved.set_exception(RuntimeError(error or f"finished before KV: {finish.name}"))
+
+
+class DecodeServicer(pbg.DecodeServicer):
+    def __init__(self, engine: DecodeEngine, receiver, config: DecodeServerConfig) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.config = config
+        self._prefill_channels: dict[str, grpc.aio.Channel] = {}
+        self.cached_prompt_tokens = 0
+        self.computed_prompt_tokens = 0
+
+    def _prefill_stub(self, address: str) -> pbg.PrefillStub:
+        ch = self._prefill_channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address)
+            self._prefill_channels[address] = ch
+        return pbg.PrefillStub(ch)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        rid = request.request_id or uuid.uuid4().hex
+        params = SamplingParams.from_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        remote = bool(request.prefill_address)
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+        if len(prompt) + max(params.max_tokens, 1) > self.engine.runner.max_model_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds "
+                                f"max_model_len {self.engine.runner.max_model_len}")
+        vocab = self.engine.runner.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token id outside [0, {vocab})")
+        seq = Sequence(request_id=rid, prompt_token_ids=prompt, params=params, remote_kv=remote)
+        sink = _Sink()
+        self.engine.submit(seq, sink)
+        finished = False
+        transfer_id = None
+        cached = 0
+        try:
+            if remote:
+                transfer_id, cached = await self._remote_prefill(rid, request, sink)
+            while True:
+                tokens, finish, error = await sink.events.get()
+                # Coalesce whatever else is already queued into one message.
+                while finish is None and not sink.events.empty():
+                    more, finish, error = sink.events.get_nowait()
+                    tokens = tokens + more
+                if finish is not None:
+                    finished = True
+                yield pb.GenerateResponse(
+                    request_id=rid, token_ids=tokens,
+                    finish_reason=FINISH_TO_PB[finish] if finish is not None else pb.FINISH_NONE,
+                    prompt_tokens=len(prompt), cached_tokens=cached, error=error,
+                )
+                if finished:
+                    return
+        except _PrefillFailed as exc:
+            finished = True
+            self.engine.abort(rid)
+            yield pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_ERROR,
+                                      prompt_tokens=len(prompt), error=str(exc))
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+            if transfer_id is not None:
+                if self.receiver.poll(transfer_id) not in (TransferState.DONE,):
+                    self.receiver.abort(transfer_id)
+                self.receiver.close(transfer_id)
+
+    async def _remote_prefill(self, rid: str, request: pb.GenerateRequest, sink: _Sink) -> tuple[str, int]:
+        """Steps 2a-2d: reserve, open transfer, remote prefill, wait for KV."""
+        try:
+            pages = await sink.reserved
+        except RuntimeError as exc:
+            raise _PrefillFailed(str(exc)) from exc
+        runner = self.engine.runner
+        transfer_id = uuid.uuid4().hex
+        dst = self.receiver.open(transfer_id, pages, runner.model_config.num_layers)
+        try:
+            resp = await self._prefill_stub(request.prefill_address).Prefill(
+                pb.PrefillRequest(request_id=rid, prompt_token_ids=request.prompt_token_ids,
+                                  sampling=request.sampling, dst=dst),
+                timeout=self.config.prefill_timeout_s,
+            )
+            state = await self.receiver.wait(transfer_id, self.config.kv_transfer_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self.receiver.abort(transfer_id)
+            raise _PrefillFailed(f"prefill worker {request.prefill_address} failed: "
+                                 f"{exc.code().name}: {exc.details()}") from exc
+        except BaseException:
+            self.receiver.abort(transfer_id)
+            raise
+        if state != TransferState.DONE:
+            raise _PrefillFailed(f"KV transfer {transfer_id} ended in state {state.name}")
+        self.cached_prompt_tokens += resp.cached_tokens
+        self.computed_prompt_tokens += resp.computed_tokens
+        self.engine.kv_ready(rid, resp.first_token_id, resp.cached_tokens)
+        # the transfer is closed in Generate's finally
+        return transfer_id, resp.cached_tokens
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        self.engine.abort(request.request_id)
+        return pb.AbortResponse(found=True)
+
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        st = self.engine.stats()
+        return pb.StatsResponse(
+            role="decode", num_pages=st["num_pages"], free_pages=st["free_pages"],
+            page_size=st["page_size"], running=st["running"], waiting=st["waiting"],
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            computed_prompt_tokens=self.computed_prompt_tokens,
+            active_transfers=self.receiver.active_transfers,
+        )
+
+
+class _PrefillFailed(Exception):
+    pass

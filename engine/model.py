@@ -1,0 +1,131 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 / Mistral) over a flattened ragged batch.
+
+Module and parameter names mirror HF checkpoints (`model.embed_tokens.weight`,
+`model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`) so weight loading
+is a direct name map. The forward takes tokens of all sequences concatenated
+([T] ids, [T] positions, no padding) and delegates attention, including KV-cache
+writes, to an `AttentionBackend`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.rope import apply_rotary, cos_sin, inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, **factory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias, **factory)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias, **factory)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias, **factory)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_proj_bias, **factory)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+        self.qk_norm = cfg.qk_norm
+        self.scale = d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **factory)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **factory)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.self_attn = Attention(cfg, **factory)
+        self.mlp = MLP(cfg, **factory)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, backend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The `model.` prefix of HF checkpoints."""
+
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+
+
+class CausalLM(nn.Module):
+    """Full model. `forward` returns final-normed hidden states [T, hidden];
+    `compute_logits` projects selected rows to float32 logits."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.config = cfg
+        self.model = DecoderModel(cfg, **factory)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **factory)
+        if cfg.tie_word_embeddings:
+            self.tie_weights()
+        # Plain attribute (not a buffer): never in the state dict, rebuilt per device.
+        self._inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                backend: AttentionBackend,
+                on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        if self._inv_freq.device != x.device:
+            self._inv_freq = self._inv_freq.to(x.device)
+        cos, sin = cos_sin(meta.positions, self._inv_freq, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv.k[i], kv.v[i], meta, backend)
+            if on_layer_done is not None:
+                on_layer_done(i)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,306 @@
+"""Decode-side continuous-batching scheduler (pure Python, no torch).
+
+Lifecycle of one request, as the decode worker drives it:
+
+1. ``add(seq)``: the request joins the WAITING queue (FIFO). ``seq.remote_kv``
+   says who computes its prompt KV: a prefill worker (disaggregated) or this
+   process (colocated mode, or recompute after a preemption).
+2. ``schedule()`` admits waiting seqs in FIFO order and stops at the first one
+   that does not fit (no overtaking); each admitted seq gets pages for all its
+   current tokens.
+   - remote seq -> AWAITING_KV, listed in ``SchedulerOutput.reserved``; the
+     worker hands ``seq.pages`` to the prefill worker's sender.
+   - local seq -> PREFILLING, listed in ``prefill``; the worker runs
+     ``seq.all_token_ids`` from position 0 this step.
+   Then every RUNNING seq is listed in ``decode``: its last token (position
+   ``num_tokens - 1``) runs this step. If its pages cannot grow, the most
+   recently admitted RUNNING seq is preempted (``preempted``): it loses its
+   pages and goes back to the FRONT of WAITING as a local recompute, keeping
+   its output tokens.
+3. Results come back before the next ``schedule()``:
+   - ``kv_ready(id, first_token)``: AWAITING_KV -> RUNNING.
+   - ``on_prefilled(id, token)``: PREFILLING -> RUNNING.
+   - ``on_decoded(id, token)``: RUNNING -> RUNNING.
+   Each returns a ``FinishReason`` when the seq is done; the scheduler has
+   then freed its pages and forgotten it (FINISHED).
+4. ``abort(id)`` from any state frees the pages once and forgets the seq.
+
+Results for a request id the scheduler no longer knows (aborted while its
+step was in flight) are ignored and return None, as vLLM does.
+
+Rules: AWAITING_KV seqs are never preempted (a sender writes into their
+pages); admission leaves the pages that this step's decodes need, so a new
+seq never pushes out an older running one.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.page_allocator import PageAllocator
+from engine.sequence import FinishReason, Sequence, SequenceStatus, pages_needed
+
+S = SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int = 16
+    num_pages: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192   # cap on prefill tokens per step (one seq always allowed)
+    max_model_len: int = 4096            # prompt + output tokens of one seq
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages < 0:
+            raise ValueError(f"num_pages must be >= 0, got {self.num_pages}")
+        # A lone seq must always fit, or a preempted one could never come back.
+        if self.max_model_len > self.num_pages * self.page_size:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} does not fit in the KV cache "
+                f"({self.num_pages} pages x {self.page_size} tokens)")
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What one step runs. The tuples hold the scheduler's live Sequence
+    objects: read them (``pages``, ``all_token_ids``) before reporting results,
+    never mutate them."""
+
+    # Remote seqs admitted this step, now AWAITING_KV: start their KV transfer
+    # into seq.pages (prompt positions [0, num_prompt_tokens)); call kv_ready().
+    reserved: tuple[Sequence, ...] = ()
+    # Local seqs, now PREFILLING: compute all_token_ids from position 0 into
+    # seq.pages, sample one token from the last position; call on_prefilled().
+    prefill: tuple[Sequence, ...] = ()
+    # RUNNING seqs: run last_token_id at position num_tokens - 1 (pages already
+    # cover it), sample one token; call on_decoded().
+    decode: tuple[Sequence, ...] = ()
+    # Request ids that lost their pages this step and are WAITING again for a
+    # local recompute; nothing to run for them.
+    preempted: tuple[str, ...] = ()
+    # Sum of len(all_token_ids) over ``prefill``.
+    num_prefill_tokens: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_prefill_tokens + len(self.decode)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.reserved or self.prefill or self.decode)
+
+
+class DecodeScheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator | None = None):
+        if allocator is None:
+            allocator = PageAllocator(config.num_pages)
+        elif allocator.num_total != config.num_pages:
+            raise ValueError(f"allocator has {allocator.num_total} pages, config says {config.num_pages}")
+        self.config = config
+        self.allocator = allocator
+        self._eos = frozenset(config.eos_token_ids)
+        self._waiting: deque[Sequence] = deque()
+        # Admitted seqs (AWAITING_KV, PREFILLING, RUNNING) in admission order.
+        self._admitted: dict[str, Sequence] = {}
+        self._seqs: dict[str, Sequence] = {}   # every live seq, waiting or admitted
+        self._next_arrival = 0
+        self.num_preemptions = 0
+
+    # ---- queries -------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.status is S.RUNNING for s in self._admitted.values())
+
+    @property
+    def num_awaiting_kv(self) -> int:
+        return sum(s.status is S.AWAITING_KV for s in self._admitted.values())
+
+    @property
+    def num_prefilling(self) -> int:
+        return sum(s.status is S.PREFILLING for s in self._admitted.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._admitted)
+
+    @property
+    def free_pages(self) -> int:
+        return self.allocator.num_free
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    # ---- requests in ---------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        if seq.status is not S.WAITING or seq.pages or seq.num_computed:
+            raise ValueError(f"{seq.request_id!r} must be a fresh WAITING seq with no pages")
+        if not seq.prompt_token_ids:
+            raise ValueError(f"{seq.request_id!r} has an empty prompt")
+        if seq.num_tokens > self.config.max_model_len:
+            raise ValueError(f"{seq.request_id!r} has {seq.num_tokens} tokens, "
+                             f"max_model_len is {self.config.max_model_len}")
+        seq.arrival = self._next_arrival
+        self._next_arrival += 1
+        self._seqs[seq.request_id] = seq
+        self._waiting.append(seq)
+
+    # ---- one step ------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg, alloc = self.config, self.allocator
+        running = [s for s in self._admitted.values() if s.status is S.RUNNING]
+
+        # a) admission: FIFO, no overtaking, leave the pages decodes need now.
+        decode_reserve = sum(self._growth(s) for s in running)
+        reserved: list[Sequence] = []
+        prefill: list[Sequence] = []
+        prefill_tokens = 0
+        while self._waiting and len(self._admitted) < cfg.max_num_seqs:
+            seq = self._waiting[0]
+            n_tok = seq.num_tokens
+            if not seq.remote_kv and prefill and prefill_tokens + n_tok > cfg.max_num_batched_tokens:
+                break
+            need = pages_needed(n_tok, cfg.page_size)
+            if alloc.num_free - decode_reserve < need:
+                break
+            seq.pages = alloc.alloc(need)
+            self._waiting.popleft()
+            self._admitted[seq.request_id] = seq
+            if seq.remote_kv:
+                seq.status = S.AWAITING_KV
+                reserved.append(seq)
+            else:
+                seq.status = S.PREFILLING
+                prefill.append(seq)
+                prefill_tokens += n_tok
+
+        # b) decode: oldest first; on a page shortage preempt the newest RUNNING.
+        decode: list[Sequence] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            grow = self._growth(seq)
+            while grow:
+                pages = alloc.alloc(grow)
+                if pages is not None:
+                    seq.pages.extend(pages)
+                    break
+                victim = running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq.status is S.RUNNING:
+                decode.append(seq)
+            i += 1
+
+        return SchedulerOutput(tuple(reserved), tuple(prefill), tuple(decode),
+                               tuple(preempted), prefill_tokens)
+
+    # ---- results -------------------------------------------------------
+    def kv_ready(self, request_id: str, first_token_id: int, cached_tokens: int = 0) -> FinishReason | None:
+        """The prompt KV of an AWAITING_KV seq is in its pages and verified."""
+        seq = self._expect(request_id, S.AWAITING_KV)
+        if seq is None:
+            return None
+        seq.cached_tokens = cached_tokens
+        seq.num_computed = seq.num_prompt_tokens
+        return self._append(seq, first_token_id)
+
+    def on_prefilled(self, request_id: str, token_id: int) -> FinishReason | None:
+        """The worker computed all tokens of a PREFILLING seq and sampled one."""
+        seq = self._expect(request_id, S.PREFILLING)
+        if seq is None:
+            return None
+        seq.num_computed = seq.num_tokens
+        return self._append(seq, token_id)
+
+    def on_decoded(self, request_id: str, token_id: int) -> FinishReason | None:
+        """The worker ran one decode step of a RUNNING seq and sampled a token."""
+        seq = self._expect(request_id, S.RUNNING)
+        if seq is None:
+            return None
+        seq.num_computed += 1
+        return self._append(seq, token_id)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """End a seq in any state and free its pages. For an AWAITING_KV seq
+        the caller must first stop the KV receiver writing into its pages."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        if seq.status is S.WAITING:
+            self._waiting.remove(seq)
+        self._finish(seq, reason)
+        return True
+
+    # ---- internals -----------------------------------------------------
+    def _growth(self, seq: Sequence) -> int:
+        """Pages a RUNNING seq must add before its last token's KV is written."""
+        return max(0, pages_needed(seq.num_tokens, self.config.page_size) - len(seq.pages))
+
+    def _expect(self, request_id: str, status: SequenceStatus) -> Sequence | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None   # aborted while its step was in flight
+        if seq.status is not status:
+            raise ValueError(f"{request_id!r} is {seq.status.name}, expected {status.name}")
+        return seq
+
+    def _append(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        seq.output_token_ids.append(token_id)
+        seq.status = S.RUNNING
+        reason = seq.check_stop(self._eos, self.config.max_model_len)
+        if reason is not None:
+            self._finish(seq, reason)
+        return reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.num_computed = 0
+        seq.remote_kv = False
+        seq.status = S.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        del self._admitted[seq.request_id]
+        self._waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.status = S.FINISHED
+        seq.finish_reason = reason
+        self._admitted.pop(seq.request_id, None)
+        del self._seqs[seq.request_id]
+
+    def check_integrity(self) -> None:
+        """Every page is free or owned by exactly one live seq; states agree."""
+        self.allocator.check_integrity()
+        owner: dict[int, str] = {}
+        for seq in self._seqs.values():
+            for p in seq.pages:
+                assert p not in owner, f"page {p} owned by {owner[p]!r} and {seq.request_id!r}"
+                assert self.allocator.is_allocated(p), f"page {p} of {seq.request_id!r} is free"
+                owner[p] = seq.request_id
+        assert len(owner) == self.allocator.num_used, (
+            f"{self.allocator.num_used} pages used, {len(owner)} owned: leak")
+        assert len(self._waiting) + len(self._admitted) == len(self._seqs)
+        ps = self.config.page_size
+        for seq in self._waiting:
+            assert seq.status is S.WAITING and not seq.pages and seq.num_computed == 0, seq
+        for rid, seq in self._admitted.items():
+            assert seq.request_id == rid and seq.status in (S.AWAITING_KV, S.PREFILLING, S.RUNNING), seq
+            assert len(seq.pages) >= pages_needed(max(seq.num_computed, seq.num_prompt_tokens), ps), seq
+        assert len(self._admitted) <= self.config.max_num_seqs

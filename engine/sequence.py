@@ -1,0 +1,103 @@
+"""One request as the decode-side scheduler sees it (pure Python, no torch).
+
+Status lifecycle (transitions are made by ``DecodeScheduler`` only)::
+
+    WAITING --schedule(), remote_kv--> AWAITING_KV --kv_ready()--> RUNNING
+    WAITING --schedule(), local-----> PREFILLING --on_prefilled()--> RUNNING
+    RUNNING --on_decoded()--> RUNNING | FINISHED
+    RUNNING --schedule() out of pages--> WAITING (front, local recompute)
+    any state --abort()--> FINISHED (finish_reason ABORT or ERROR)
+
+A ``Sequence`` is a mutable record owned by the scheduler. Other components
+(the worker building a forward batch) may read it, never write it.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"            # in the queue, owns no pages
+    AWAITING_KV = "awaiting_kv"    # owns pages; a prefill worker is writing the prompt KV
+    PREFILLING = "prefilling"      # owns pages; this process computes its KV this step
+    RUNNING = "running"            # KV of all but the last token is in its pages; decodes
+    FINISHED = "finished"          # pages freed, removed from the scheduler
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended; values are the OpenAI ``finish_reason`` strings."""
+
+    STOP = "stop"        # EOS or a stop token
+    LENGTH = "length"    # max_tokens or max_model_len reached
+    ABORT = "abort"      # client went away / cancelled
+    ERROR = "error"      # KV transfer failed, worker error
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    """Pages that hold the KV of ``num_tokens`` tokens."""
+    return -(-num_tokens // page_size)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    output_token_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)   # page table, position p lives in pages[p // page_size]
+    num_computed: int = 0          # leading tokens whose KV is in ``pages``
+    status: SequenceStatus = SequenceStatus.WAITING
+    remote_kv: bool = False        # True: a prefill worker sends the prompt KV
+    arrival: int = -1              # order of add(); set by the scheduler
+    cached_tokens: int = 0         # prompt tokens the prefill side served from its prefix cache
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+
+    pages_needed = staticmethod(pages_needed)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def check_stop(self, eos_token_ids: Collection[int], max_model_len: int) -> FinishReason | None:
+        """Finish reason after the last appended output token, or None to go on.
+
+        A stop (EOS unless ``ignore_eos``, or a ``stop_token_ids`` member) wins
+        over a length limit reached on the same token.
+        """
+        if not self.output_token_ids:
+            return None
+        last = self.output_token_ids[-1]
+        if not self.params.ignore_eos and last in eos_token_ids:
+            return FinishReason.STOP
+        if last in self.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= self.params.max_tokens:
+            return FinishReason.LENGTH
+        if self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None

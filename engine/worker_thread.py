@@ -1,0 +1,92 @@
+"""A model-owning thread driven by commands from an asyncio event loop.
+
+Workers run gRPC on an asyncio loop and the model on one dedicated thread, so
+a long forward pass never blocks RPCs. Lifecycle:
+
+  1. `start()` launches the thread; it blocks on its inbox while idle.
+  2. The asyncio side calls `post(fn, *args)`: fn runs on the engine thread
+     before its next step (commands are the only way state changes hands).
+  3. While `has_work()` is true the thread alternates: drain inbox, `step()`.
+  4. Results go back with `reply(fn, *args)`, which schedules fn on the loop.
+  5. `stop()` ends the loop after the current step and joins the thread.
+
+Subclasses implement `has_work()` and `step()` and keep all engine state
+private to the thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class EngineThread:
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self._loop = loop
+        self._inbox: queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopping = False
+        self.fatal_error: BaseException | None = None
+
+    # -- asyncio side -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._inbox.put((fn, args))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- engine side --------------------------------------------------------
+    def reply(self, fn: Callable[..., Any], *args: Any) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def on_step_error(self, exc: BaseException) -> None:
+        """Called when step() raised; default: log and re-raise (thread dies)."""
+        raise exc
+
+    def _drain(self, block: bool) -> bool:
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if item is None:
+                return False
+            fn, args = item
+            fn(*args)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self._drain(block=not self.has_work()):
+                    return
+                if self._stopping:
+                    return
+                if self.has_work():
+                    try:
+                        self.step()
+                    except Exception as exc:  # noqa: BLE001 - reported to requests
+                        log.exception("engine step failed")
+                        self.on_step_error(exc)
+        except BaseException as exc:  # noqa: BLE001
+            self.fatal_error = exc
+            log.exception("engine thread died")

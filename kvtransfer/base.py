@@ -1,0 +1,207 @@
+"""KV transfer roles: a pollable state machine with one class per role.
+
+The decode worker owns a `KVReceiver`; the prefill worker owns a `KVSender`.
+One request's KV moves as one *transfer*:
+
+  1. Receiver.open(transfer_id, pages, num_layers): the decode worker has
+     reserved pool `pages`; the receiver remembers them, draws a random token
+     and returns a `Destination` (address, transfer id, page count, page size,
+     backend, token). State PENDING.
+  2. The destination travels to the prefill worker inside `PrefillRequest.dst`
+     (`Destination.to_proto()` / `from_proto()`).
+  3. Sender.start(dst) -> SendHandle. As each layer finishes on the prefill
+     side, `handle.send_layer(layer, k_pages, v_pages)` queues it (returns at
+     once); `handle.finish()` says no more layers follow.
+  4. Chunks arrive at the receiver, are validated and copied into the reserved
+     pages (addressed by index 0..n-1 into the reservation, never by pool
+     page id). First chunk -> IN_PROGRESS; every page of every layer exactly
+     once -> DONE. A bad chunk -> FAILED.
+  5. The sender's handle turns DONE when the receiver acknowledged everything
+     (its DONE implies the receiver's DONE), FAILED on any error, ABORTED
+     after `handle.abort()`.
+  6. Either side may give up: `receiver.abort(id)` (later chunks are rejected
+     and never written) or `handle.abort()`. The decode worker calls
+     `receiver.close(id)` once it no longer cares, then frees the pages.
+
+State machine (both roles):
+
+    PENDING -> IN_PROGRESS -> DONE
+        \\           \\
+         +-----------+-> FAILED | ABORTED
+
+DONE, FAILED and ABORTED are terminal. `poll()` never blocks; `wait()` is the
+asyncio way to block until terminal (or a timeout).
+
+Backends are picked by name via `get_backend(name)` and imported lazily, so
+importing this package never imports gRPC, UCX or CUDA-only code.
+"""
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"          # opened / started, nothing moved yet
+    IN_PROGRESS = "in_progress"  # some chunks moved ("receiving" / "sending")
+    DONE = "done"                # every page of every layer arrived (and, for the sender, was acked)
+    FAILED = "failed"            # a bad chunk, a broken stream, a timeout
+    ABORTED = "aborted"          # the local side gave up on purpose
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED, TransferState.ABORTED)
+
+
+class TransferError(Exception):
+    """Misuse of a transfer (unknown id, duplicate open, bad arguments)."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a sender must write one transfer's KV (mirror of `pb.KVDestination`)."""
+
+    address: str        # receiver address, e.g. "10.0.0.7:50061"
+    transfer_id: str
+    num_pages: int      # pages in the reservation; chunks address 0..num_pages-1
+    page_size: int      # tokens per page
+    backend: str        # "grpc", ...
+    token: bytes        # per-transfer secret; every chunk must carry it
+
+    def to_proto(self) -> Any:
+        from proto import tandem_pb2 as pb
+        return pb.KVDestination(address=self.address, transfer_id=self.transfer_id,
+                                num_pages=self.num_pages, page_size=self.page_size,
+                                backend=self.backend, token=self.token)
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> "Destination":
+        return cls(address=msg.address, transfer_id=msg.transfer_id, num_pages=msg.num_pages,
+                   page_size=msg.page_size, backend=msg.backend or "grpc", token=bytes(msg.token))
+
+    @classmethod
+    def coerce(cls, dst: "Destination | Any") -> "Destination":
+        return dst if isinstance(dst, Destination) else cls.from_proto(dst)
+
+
+class KVReceiver(abc.ABC):
+    """Decode-side role: owns the pool tensors and the open transfers.
+
+    Not thread-safe: call every method from the event loop that serves the
+    backend (the same loop as the gRPC server for the grpc backend).
+    """
+
+    bytes_received: int  # K+V payload bytes written into the pool, all transfers
+
+    @abc.abstractmethod
+    def open(self, transfer_id: str, pages: list[int], num_layers: int | None = None) -> Destination:
+        """Start accepting KV for `pages` (pool page ids, in reservation order)."""
+
+    @abc.abstractmethod
+    def poll(self, transfer_id: str) -> TransferState:
+        """Current state; raises TransferError for an unknown/closed id."""
+
+    @abc.abstractmethod
+    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
+        """Wait until terminal or `timeout` seconds; returns the state then (no side effects on timeout)."""
+
+    @abc.abstractmethod
+    def abort(self, transfer_id: str) -> None:
+        """Reject every later chunk of this transfer; no-op if terminal or unknown."""
+
+    @abc.abstractmethod
+    def close(self, transfer_id: str) -> None:
+        """Forget the transfer (aborting it first if still live); pages may then be freed."""
+
+    @abc.abstractmethod
+    def error(self, transfer_id: str) -> str | None:
+        """Why the transfer FAILED (None otherwise)."""
+
+    @property
+    @abc.abstractmethod
+    def active_transfers(self) -> int:
+        """Open transfers not yet terminal."""
+
+
+class SendHandle(abc.ABC):
+    """Prefill-side view of one transfer. `send_layer`, `finish` and `abort`
+    are thread-safe (they may be called from the engine thread)."""
+
+    @abc.abstractmethod
+    def send_layer(self, layer: int, k_pages: "torch.Tensor", v_pages: "torch.Tensor",
+                   page_offset: int = 0) -> None:
+        """Queue one layer's K and V, [n, page_size, kv_heads, head_dim], for reservation
+        pages page_offset..page_offset+n-1. Returns at once. The tensors must not be
+        modified until the handle is terminal (indexing a pool with a page list,
+        `k[layer][page_ids]`, already yields a private copy). Dropped if terminal."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """No more layers follow; the handle turns DONE once the receiver acked all."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Stop sending; state ABORTED. The receiver sees a broken stream (FAILED)."""
+
+    @abc.abstractmethod
+    def poll(self) -> TransferState: ...
+
+    @abc.abstractmethod
+    async def wait(self, timeout: float | None = None) -> TransferState:
+        """Wait until terminal or `timeout` seconds; returns the state then."""
+
+    @property
+    @abc.abstractmethod
+    def error(self) -> str | None:
+        """Why the handle FAILED (None otherwise)."""
+
+
+class KVSender(abc.ABC):
+    """Prefill-side role: starts transfers and owns connections to receivers."""
+
+    bytes_sent: int
+
+    @abc.abstractmethod
+    def start(self, dst: "Destination | Any") -> SendHandle:
+        """Begin a transfer to `dst` (a Destination or a pb.KVDestination)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Abort live handles and release connections."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    receiver_cls: type[KVReceiver]
+    sender_cls: type[KVSender]
+
+
+# name -> module defining a module-level `BACKEND: Backend`. Imported on demand only.
+_BACKEND_MODULES: dict[str, str] = {
+    "grpc": "kvtransfer.grpc_backend",
+    "nixl": "kvtransfer.nixl_backend",
+}
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKEND_MODULES)
+
+
+def get_backend(name: str) -> Backend:
+    """Import and return the backend called `name` ("grpc", "nixl")."""
+    try:
+        module_name = _BACKEND_MODULES[name]
+    except KeyError:
+        raise ValueError(f"unknown KV transfer backend {name!r}; known: {available_backends()}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TransferError(f"KV transfer backend {name!r} is not available: {e}") from e
+    return module.BACKEND

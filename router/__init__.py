@@ -1,0 +1,1 @@
+"""Tandem router: OpenAI-compatible gateway, tokenization, detokenization, placement."""

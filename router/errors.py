@@ -1,0 +1,113 @@
+"""OpenAI-shaped errors for the gateway.
+
+Every failure the router reports, whatever raised it, leaves as
+`{"error": {"message", "type", "param", "code"}}` with a matching HTTP
+status (or, mid-stream, as one final SSE `data: {"error": ...}` event).
+
+    raise OpenAIError(400, "...", param="temperature")   # anywhere in a handler
+    install_error_handlers(app)                          # maps it (and FastAPI's own
+                                                         # 404/405/422/JSON errors) to JSON
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+class OpenAIError(Exception):
+    """An error that becomes an OpenAI error body with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_response(self) -> JSONResponse:
+        return JSONResponse(self.to_dict(), status_code=self.status)
+
+
+class BackendError(OpenAIError):
+    """A decode/prefill worker failed, was unreachable or timed out (5xx)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+        super().__init__(status, message, code=code)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> OpenAIError:
+    """First pydantic error as a 400, naming the offending field in `param`."""
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # Drop pydantic's union-branch tags ("str", "list[int]", "function-after[...]") from the location.
+    loc = [p for p in loc if not ("[" in p or p in {"str", "int", "float", "list", "dict", "bool"})]
+    param = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err.get("type") == "extra_forbidden":
+        msg = f"unsupported parameter: {param!r} is not supported by this server"
+    elif err.get("type") == "json_invalid":
+        msg = f"request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}"
+        param = None
+    elif param:
+        msg = f"{param}: {msg}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return bad_request(msg, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error FastAPI/Starlette would render itself into the OpenAI shape."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).to_response()
+
+    @app.exception_handler(ValidationError)
+    async def _validation(_: Request, exc: ValidationError) -> JSONResponse:
+        return from_validation_error(exc).to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return OpenAIError(exc.status_code, str(exc.detail), code=code).to_response()
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").to_response()

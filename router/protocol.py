@@ -1,0 +1,279 @@
+"""OpenAI request models for `/v1/completions` and `/v1/chat/completions`.
+
+Lifecycle of a request body:
+  1. `parse_request(Model, raw_bytes)`: JSON decode + pydantic validation;
+     anything malformed, out of range or unsupported raises a 400 `OpenAIError`
+     (never a 422, never silently ignored: unknown fields are rejected).
+  2. The server resolves `model`, tokenizes (`prompt` / chat template) and
+     checks lengths and token ids against the tokenizer and max_model_len,
+     which need state this module does not have.
+  3. `req.sampling_params(max_tokens)` builds the `engine.SamplingParams`
+     sent to the decode worker; stop *strings* stay in the router
+     (`req.stop_strings()`).
+
+Supported: one prompt per request (str, [str], [int], [[int]]); a batch of
+several prompts is rejected with 400. n must be 1. echo, logprobs, best_of>1,
+suffix, penalties other than 0, logit_bias, tools are rejected with 400.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.sampling_params import SamplingParams
+from router.errors import bad_request, from_validation_error
+
+_INT32_MAX = 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+StrictInt = Annotated[int, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+StrictStr = Annotated[str, Field(strict=True)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False   # accepted for vLLM clients; usage is sent once at the end
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None                      # None = the first served model name
+    temperature: Annotated[StrictFloat | None, Field(ge=0.0)] = None   # None = 1.0; 0 = greedy
+    top_p: Annotated[StrictFloat | None, Field(gt=0.0, le=1.0)] = None
+    top_k: Annotated[StrictInt | None, Field(ge=-1, le=_INT32_MAX)] = None   # -1/0 = disabled
+    min_p: Annotated[StrictFloat | None, Field(ge=0.0, le=1.0)] = None
+    seed: Annotated[StrictInt | None, Field(ge=_INT64_MIN, le=_INT64_MAX)] = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = 1
+    user: StrictStr | None = None
+    # Accepted only at their neutral value (clients often send the defaults explicitly).
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_is_one(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError(f"only n=1 is supported, got n={v}")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None, info) -> float | None:
+        if v not in (None, 0.0):
+            raise ValueError(f"{info.field_name} is not supported (only 0 is accepted), got {v}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream=true")
+        return self
+
+    # ---- derived values -------------------------------------------------
+
+    @property
+    def is_stream(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        """max_tokens the client asked for; None = fill the context."""
+        raise NotImplementedError
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_k=-1 if self.top_k is None else int(self.top_k),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            min_p=0.0 if self.min_p is None else float(self.min_p),
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. After validation `prompt` is a str or a list[int]."""
+
+    prompt: str | list[int]
+    max_tokens: Annotated[StrictInt | None, Field(ge=1)] = 16   # None = fill the context
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if isinstance(v, str):
+            prompt: str | list[int] = v
+        elif isinstance(v, list) and v and all(is_int(x) for x in v):
+            prompt = v
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            if len(v) > 1:
+                raise ValueError(f"batched prompts are not supported ({len(v)} prompts); send one prompt per request")
+            prompt = v[0]
+        elif isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+            if len(v) > 1:
+                raise ValueError(f"batched prompts are not supported ({len(v)} prompts); send one prompt per request")
+            if not all(is_int(x) for x in v[0]):
+                raise ValueError("a token-id prompt must be a list of integers")
+            prompt = v[0]
+        elif isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        else:
+            raise ValueError("prompt must be a string, a list of one string, a list of token ids, "
+                             "or a list of one list of token ids")
+        if len(prompt) == 0:
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("logprobs is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError(f"only best_of=1 is supported, got best_of={v}")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") != "text":
+            raise ValueError(f"only text content parts are supported, got type {v.get('type')!r}")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def to_template(self) -> dict[str, str]:
+        """The dict handed to `tokenizer.apply_chat_template` (content flattened to a string)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
+    max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs is not supported")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("top_logprobs is not supported")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_request(model: type[M], body: bytes) -> M:
+    """Decode and validate a request body; every failure is a 400 OpenAIError."""
+    try:
+        data = json.loads(body) if body else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None

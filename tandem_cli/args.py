@@ -1,0 +1,96 @@
+"""All CLI parsing lives here; it produces the frozen config objects.
+
+Flag names follow vLLM where the meaning is the same (--model,
+--served-model-name, --host, --port, --api-key, --max-model-len,
+--gpu-memory-utilization, --tensor-parallel-size, --load-format, --dtype,
+--block-size, --max-num-seqs, --max-num-batched-tokens, --seed).
+"""
+from __future__ import annotations
+
+import argparse
+
+from engine.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=model_required, default=None,
+                   help="local Hugging Face checkpoint directory, or a hub id (fetched when online)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="'dummy' = random weights from the model's config.json")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    g.add_argument("--block-size", type=int, default=16, help="KV page size in tokens")
+    g.add_argument("--num-gpu-blocks-override", "--num-pages", dest="num_pages", type=int, default=None,
+                   help="number of KV pages (default: sized from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-memory", type=int, default=256 << 20,
+                   help="bytes of KV cache on CPU when --num-pages is not given")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    if args.tensor_parallel_size != 1:
+        raise SystemExit("error: --tensor-parallel-size > 1 is not supported yet")
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=device,
+        page_size=args.block_size,
+        num_pages=args.num_pages,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+    )
+
+
+def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--log-level", default="info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run router + prefill + decode on this machine")
+    add_engine_args(serve, model_required=False)
+    add_server_args(serve, default_port=8000)
+    serve.add_argument("--served-model-name", action="append", default=None)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--colocated", action="store_true",
+                       help="one worker does prefill and decode (no KV transfer)")
+    serve.add_argument("--worker-base-port", type=int, default=0, help="0 = pick free ports")
+
+    router = sub.add_parser("router", help="run the OpenAI-compatible gateway")
+    add_server_args(router, default_port=8000)
+    router.add_argument("--model", required=True, help="checkpoint dir (for tokenizer and config)")
+    router.add_argument("--served-model-name", action="append", default=None)
+    router.add_argument("--api-key", default=None)
+    router.add_argument("--max-model-len", type=int, default=None)
+    router.add_argument("--decode", required=True, help="comma-separated decode worker addresses")
+    router.add_argument("--prefill", default="", help="comma-separated prefill worker addresses (empty: colocated)")
+    router.add_argument("--request-timeout", type=float, default=600.0)
+
+    for role, port in (("prefill", 50061), ("decode", 50051)):
+        w = sub.add_parser(role, help=f"run one {role} worker")
+        add_engine_args(w)
+        add_server_args(w, default_port=port)
+        w.add_argument("--advertise-host", default=None, help="host other workers use to reach this one")
+    return parser

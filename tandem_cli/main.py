@@ -1,0 +1,45 @@
+"""Entry point of the `tandem` command."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from tandem_cli.args import build_parser, engine_config_from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format=f"%(asctime)s {args.command} %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from tandem_cli.serve import run_serve
+
+        sys.exit(run_serve(args))
+    if args.command == "router":
+        from router.config import RouterConfig
+        from router.server import run_router
+
+        run_router(RouterConfig(
+            host=args.host, port=args.port, model_path=args.model,
+            served_model_names=tuple(args.served_model_name or [args.model]),
+            api_key=args.api_key, max_model_len=args.max_model_len,
+            decode_addresses=tuple(a for a in args.decode.split(",") if a),
+            prefill_addresses=tuple(a for a in args.prefill.split(",") if a),
+            request_timeout_s=args.request_timeout,
+        ))
+        return
+    config = engine_config_from_args(args)
+    advertise = f"{args.advertise_host or args.host}:{args.port}"
+    if args.command == "decode":
+        from decode_worker.main import serve_decode
+
+        asyncio.run(serve_decode(config, args.host, args.port, advertise))
+    elif args.command == "prefill":
+        from prefill_worker.main import serve_prefill
+
+        asyncio.run(serve_prefill(config, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
