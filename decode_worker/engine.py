@@ -69,10 +69,7 @@ class DecodeEngine(EngineThread):
         seq = self.scheduler.get(request_id)
         if seq is None or request_id not in self._sinks:
             return
-        self.scheduler.kv_ready(request_id, first_token, cached_tokens)
-        finish = seq.check_stop(self.scheduler.config.eos_token_ids, self.scheduler.config.max_model_len)
-        if finish is not None:
-            self.scheduler.abort(request_id)
+        finish = self.scheduler.kv_ready(request_id, first_token, cached_tokens)
         self._emit(request_id, [first_token], finish)
 
     def _abort(self, request_id: str) -> None:
@@ -117,7 +114,7 @@ class DecodeEngine(EngineThread):
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
         batch = [
-            ForwardSeq(token_ids=[s.all_token_ids[-1]], start_pos=s.num_tokens - 1, page_table=s.pages)
+            ForwardSeq(token_ids=[s.last_token_id], start_pos=s.num_tokens - 1, page_table=s.pages)
             for s in seqs
         ]
         logits = self.runner.forward(batch)

@@ -22,7 +22,7 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
     mc = runner.model_config
     scheduler = DecodeScheduler(SchedulerConfig(
         page_size=runner.page_size, num_pages=runner.num_pages, max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=runner.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=min(runner.max_model_len, runner.num_pages * runner.page_size),
         eos_token_ids=tuple(mc.eos_token_ids),
     ))
     return DecodeEngine(runner, scheduler, Sampler(config.seed), loop)

@@ -84,10 +84,11 @@ class DecodeServicer(pbg.DecodeServicer):
         remote = bool(request.prefill_address)
         if not prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
-        if len(prompt) + max(params.max_tokens, 1) > self.engine.runner.max_model_len:
+        max_len = self.engine.scheduler.config.max_model_len
+        if len(prompt) + max(params.max_tokens, 1) > max_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds "
-                                f"max_model_len {self.engine.runner.max_model_len}")
+                                f"this worker's max_model_len {max_len}")
         vocab = self.engine.runner.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token id outside [0, {vocab})")

@@ -12,9 +12,10 @@ import torch
 from engine.config import RopeScaling
 
 
-def inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+def inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+             device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 [head_dim // 2] inverse frequencies theta^(-2i/d), scaled as configured."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
     freqs = 1.0 / (theta ** exponents)
     if scaling is None:
         return freqs
@@ -22,7 +23,7 @@ def inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) ->
         # Positions are divided by `factor`: same as dividing every frequency.
         return freqs / scaling.factor
     if scaling.rope_type == "llama3":
-        return _llama3_scale(freqs, scaling)
+        return freqs
     raise ValueError(f"unsupported rope type {scaling.rope_type!r}")
 
 

@@ -62,7 +62,8 @@ class SchedulerConfig:
         if self.max_model_len > self.num_pages * self.page_size:
             raise ValueError(
                 f"max_model_len={self.max_model_len} does not fit in the KV cache "
-                f"({self.num_pages} pages x {self.page_size} tokens)")
+                f"({self.num_pages} pages x {self.page_size} tokens); lower max_model_len "
+                f"to at most {self.num_pages * self.page_size} or give the cache more pages")
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,9 @@ def load_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype,
     missing = expected - state.keys()
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in state.items():
-        want = dict(model.named_parameters(remove_duplicate=False))[name].shape
+        want = params[name].shape
         if t.shape != want:
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(want)}")
     if cfg.tie_word_embeddings:
@@ -120,8 +121,6 @@ def dummy_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     for name, p in model.named_parameters():  # shared (tied) params appear once
         if name.endswith("norm.weight"):
             p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.normal_(0.0, std, generator=gen)
         else:
             p.normal_(0.0, std, generator=gen)
     return model.eval()

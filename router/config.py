@@ -6,25 +6,26 @@ environment or argv.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    model: str                                  # HF model dir or id: the tokenizer and chat template come from here
+    model_path: str                             # HF model dir: tokenizer, chat template, config.json
     decode_addresses: tuple[str, ...]           # gRPC "host:port" of every decode worker (proto.Decode)
     prefill_addresses: tuple[str, ...] = ()     # gRPC "host:port" of prefill workers; () = colocated (decode prefills itself)
-    served_model_names: tuple[str, ...] = ()    # names accepted in `model`; () = (model,)
+    served_model_names: tuple[str, ...] = ()    # names accepted in `model`; () = (model_path,)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None                  # when set, /v1/* requires "Authorization: Bearer <api_key>"
-    max_model_len: int = 4096                   # prompt tokens + max_tokens must fit
+    max_model_len: int | None = None            # prompt tokens + max_tokens must fit; None = config.json's
+                                                # max_position_embeddings (see `resolved`)
     request_timeout_s: float = 600.0            # deadline of one whole Generate call (prefill + all decode steps)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses:
             raise ValueError("RouterConfig.decode_addresses must name at least one decode worker")
-        if self.max_model_len < 1:
+        if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
@@ -35,4 +36,17 @@ class RouterConfig:
     @property
     def model_names(self) -> tuple[str, ...]:
         """Names a request may use in `model`; the first is the canonical one."""
-        return self.served_model_names or (self.model,)
+        return self.served_model_names or (self.model_path,)
+
+    def resolved(self) -> "RouterConfig":
+        """This config with max_model_len filled in from the model's config.json."""
+        if self.max_model_len is not None:
+            return self
+        from engine.config import ModelConfig
+
+        try:
+            limit = ModelConfig.from_dir(self.model_path).max_position_embeddings
+        except Exception as exc:  # noqa: BLE001 - say what to do instead of a parser traceback
+            raise ValueError(f"max_model_len not given and not readable from {self.model_path}/config.json: "
+                             f"{exc}") from exc
+        return replace(self, max_model_len=limit)

@@ -68,11 +68,9 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request")
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    # Drop pydantic's union-branch tags ("str", "list[int]", "function-after[...]") from the location.
-    loc = [p for p in loc if not ("[" in p or p in {"str", "int", "float", "list", "dict", "bool"})]
-    param = ".".join(loc) or None
+    # Prefer our own messages (value errors, unknown fields) over pydantic's per-union-branch type errors.
+    err = next((e for e in errors if e.get("type") in ("value_error", "extra_forbidden", "json_invalid")), errors[0])
+    param = _clean_loc(err) or None
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -83,9 +81,19 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
         param = None
     elif param:
         msg = f"{param}: {msg}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    chosen = _clean_loc(err)
+    # Union branches report the parent location too ("content" for "content.0"): not another error.
+    others = {p for p in map(_clean_loc, errors) if p != chosen and not chosen.startswith(p + ".")}
+    if others:
+        msg += f" (also invalid: {', '.join(sorted(p or '<body>' for p in others))})"
     return bad_request(msg, param=param)
+
+
+def _clean_loc(err: Any) -> str:
+    """'messages.0.content' from a pydantic error location, without union-branch tags
+    ("str", "list[int]", "function-after[...]")."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return ".".join(p for p in loc if not ("[" in p or p in {"str", "int", "float", "list", "dict", "bool"}))
 
 
 def install_error_handlers(app: FastAPI) -> None:

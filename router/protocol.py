@@ -37,10 +37,9 @@ StrictStr = Annotated[str, Field(strict=True)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False   # accepted for vLLM clients; usage is sent once at the end
 
 
-class _SamplingRequest(BaseModel):
+class BaseSamplingRequest(BaseModel):
     """Fields shared by both endpoints."""
 
     model_config = ConfigDict(extra="forbid")
@@ -130,7 +129,7 @@ class _SamplingRequest(BaseModel):
         )
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(BaseSamplingRequest):
     """POST /v1/completions. After validation `prompt` is a str or a list[int]."""
 
     prompt: str | list[int]
@@ -235,7 +234,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(BaseSamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

@@ -1,0 +1,383 @@
+"""OpenAI-compatible HTTP gateway (FastAPI).
+
+Lifecycle of one request:
+  1. auth (`Authorization: Bearer`, when RouterConfig.api_key is set) -> 401
+  2. `protocol.parse_request`: JSON + schema + ranges + unsupported fields -> 400
+  3. model name -> 404 model_not_found
+  4. tokenize (prompt text, token ids, or chat template) and check token ids
+     against the vocabulary and prompt + max_tokens against max_model_len -> 400
+  5. `DecodeClient.generate` -> GenerateResponse stream -> IncrementalDetokenizer
+     -> StopStringMatcher -> text deltas (`_text_deltas`)
+  6. non-streaming: one JSON object; streaming: SSE chunks, a finish chunk, an
+     optional usage chunk, `data: [DONE]`. The first worker message is awaited
+     before the 200 is sent, so an unreachable worker is a plain 5xx JSON error;
+     a later failure is a final SSE `{"error": ...}` event.
+  Whenever the request ends early (stop string, client disconnect, error) the
+  backend iterator is closed, which cancels the gRPC call on the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.sampling_params import SamplingParams
+from proto import tandem_pb2 as pb
+from router.backend import DecodeClient
+from router.config import RouterConfig
+from router.detokenize import IncrementalDetokenizer, StopStringMatcher
+from router.errors import OpenAIError, bad_request, install_error_handlers
+from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
+
+_FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
+T = TypeVar("T")
+
+
+@dataclass
+class _Usage:
+    """Per-request token counters (mutated while the request streams)."""
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated, tokenized request ready for a decode worker."""
+    request_id: str
+    model: str
+    created: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+class _Gateway:
+    """Everything the route handlers share: config, tokenizer, backend client."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Any, client: DecodeClient) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.client = client
+        self.vocab_size = len(tokenizer)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    # ---- validation that needs the tokenizer / config ---------------------------
+
+    def resolve_model(self, name: str | None) -> str:
+        names = self.config.model_names
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise OpenAIError(404, f"The model `{name}` does not exist. Served models: {', '.join(names)}",
+                              param="model", code="model_not_found")
+        return name
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        for pos, tok in enumerate(ids):
+            if not 0 <= tok < self.vocab_size:
+                raise bad_request(f"{param}: token id {tok} at position {pos} is out of range "
+                                  f"for the vocabulary (valid ids are 0..{self.vocab_size - 1})", param=param)
+
+    def make_job(self, req: BaseSamplingRequest, prompt_ids: list[int], prefix: str) -> _Job:
+        model = self.resolve_model(req.model)
+        limit = self.config.max_model_len
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise bad_request("prompt must not be empty", param="prompt")
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = limit - n_prompt
+        if n_prompt + max_tokens > limit or max_tokens < 1:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the prompt, {max(max_tokens, 1)} "
+                f"in the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens", code="context_length_exceeded")
+        if req.stop_token_ids:
+            self.check_token_ids(list(req.stop_token_ids), "stop_token_ids")
+        return _Job(request_id=f"{prefix}-{uuid.uuid4().hex}", model=model, created=int(time.time()),
+                    prompt_ids=prompt_ids, params=req.sampling_params(max_tokens), stop=req.stop_strings(),
+                    stream=req.is_stream, include_usage=req.include_usage)
+
+    def completion_job(self, req: CompletionRequest) -> _Job:
+        self.resolve_model(req.model)  # 404 before any tokenizer work
+        if isinstance(req.prompt, str):
+            ids = list(self.tokenizer.encode(req.prompt))
+        else:
+            ids = list(req.prompt)
+            self.check_token_ids(ids, "prompt")
+        return self.make_job(req, ids, "cmpl")
+
+    def chat_job(self, req: ChatCompletionRequest) -> _Job:
+        self.resolve_model(req.model)
+        messages = [m.to_template() for m in req.messages]
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - template errors (bad roles, no template) are the caller's
+            raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
+        return self.make_job(req, _input_ids(out), "chatcmpl")
+
+    # ---- generation -------------------------------------------------------------
+
+    async def _text_deltas(self, job: _Job, responses: AsyncIterator[pb.GenerateResponse],
+                           usage: _Usage) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish_reason or None); the last item has a finish reason.
+        Closes `responses` (cancelling the gRPC call) before reporting a stop-string hit."""
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        matcher = StopStringMatcher(job.stop)
+        hidden = self.eos_ids | set(job.params.stop_token_ids)
+        async with aclosing(responses):
+            async for resp in responses:
+                ids = list(resp.token_ids)
+                usage.completion_tokens += len(ids)
+                usage.cached_tokens = max(usage.cached_tokens, resp.cached_tokens)
+                finished = resp.finish_reason != pb.FINISH_NONE
+                if resp.finish_reason == pb.FINISH_STOP and ids and ids[-1] in hidden:
+                    ids = ids[:-1]  # the EOS / stop token itself is not part of the text
+                text = detok.push(ids)
+                if finished:
+                    text += detok.flush()
+                safe, stopped = matcher.feed(text)
+                if stopped:
+                    await responses.aclose()  # frees the pages on the worker now
+                    yield safe, "stop"
+                    return
+                if finished:
+                    yield safe + matcher.flush(), _FINISH.get(resp.finish_reason, "stop")
+                    return
+                if safe:
+                    yield safe, None
+        raise OpenAIError(502, "decode worker stream ended without a finish reason", code="worker_error")
+
+    async def complete(self, request: Request, job: _Job, chat: bool) -> Response:
+        usage = _Usage(prompt_tokens=len(job.prompt_ids))
+
+        async def collect() -> tuple[str, str]:
+            parts: list[str] = []
+            finish = "stop"
+            responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
+            async for delta, reason in self._text_deltas(job, responses, usage):
+                parts.append(delta)
+                finish = reason or finish
+            return "".join(parts), finish
+
+        result = await _unless_disconnected(request, collect)
+        if result is None:
+            return Response(status_code=499)
+        text, finish = result
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return JSONResponse({"id": job.request_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": job.created, "model": job.model, "choices": [choice],
+                             "usage": usage.to_dict()})
+
+    async def stream(self, request: Request, job: _Job, chat: bool) -> Response:
+        usage = _Usage(prompt_tokens=len(job.prompt_ids))
+        responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
+
+        async def first() -> pb.GenerateResponse:
+            try:
+                return await anext(responses)
+            except BaseException:
+                await responses.aclose()
+                raise
+
+        head = await _unless_disconnected(request, first)  # worker errors here are plain HTTP errors
+        if head is None:
+            await responses.aclose()
+            return Response(status_code=499)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant"} if role else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return sse_event({"id": job.request_id, "object": obj, "created": job.created,
+                              "model": job.model, "choices": [choice]})
+
+        async def replay() -> AsyncIterator[pb.GenerateResponse]:
+            async with aclosing(responses):
+                yield head
+                async for resp in responses:
+                    yield resp
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                async for delta, reason in self._text_deltas(job, replay(), usage):
+                    if delta or reason:
+                        yield chunk(delta, reason)
+                if job.include_usage:
+                    yield sse_event({"id": job.request_id, "object": obj, "created": job.created,
+                                     "model": job.model, "choices": [], "usage": usage.to_dict()})
+            except OpenAIError as exc:
+                yield sse_event(exc.to_dict())
+            except Exception as exc:  # noqa: BLE001 - the stream must end with an event, not a reset
+                yield sse_event(OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").to_dict())
+            finally:
+                await responses.aclose()
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(body(), on_close=responses.aclose)
+
+
+def sse_event(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that watches for client disconnect whatever the ASGI
+    spec version (Starlette only does for < 2.4) and always closes its body and
+    runs `on_close` at the end, so the backend gRPC call is cancelled even if
+    the body never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._on_close()
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run `work()`; if the client disconnects first, cancel it and return None."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        return None
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+def _input_ids(out: Any) -> list[int]:
+    """apply_chat_template(tokenize=True) returns a list, a nested list, or (transformers 5)
+    a BatchEncoding / dict with input_ids."""
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    out = list(out)
+    if out and isinstance(out[0], (list, tuple)):
+        out = list(out[0])
+    return [int(t) for t in out]
+
+
+def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient) -> FastAPI:
+    """The gateway app. `tokenizer` is a HF (fast) tokenizer with a chat template;
+    `client` is closed on app shutdown."""
+    config = config.resolved()
+    gw = _Gateway(config, tokenizer, client)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await client.close()
+
+    app = FastAPI(title="Tandem router", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise OpenAIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await request.body())
+        job = gw.completion_job(req)
+        return await (gw.stream(request, job, chat=False) if job.stream else gw.complete(request, job, chat=False))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await request.body())
+        job = gw.chat_job(req)
+        return await (gw.stream(request, job, chat=True) if job.stream else gw.complete(request, job, chat=True))
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "tandem",
+             "root": config.model_path, "max_model_len": config.max_model_len}
+            for name in config.model_names]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def run_router(config: RouterConfig) -> None:
+    """Load the tokenizer, connect to the workers, serve until interrupted."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    config = config.resolved()
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    app = create_app(config, tokenizer, DecodeClient.from_config(config))
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")

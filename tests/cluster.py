@@ -1,0 +1,130 @@
+"""Start real Tandem processes on loopback for end-to-end tests.
+
+`Cluster(model_dir, colocated=False)` starts a decode worker, a prefill worker
+(unless colocated) and the router, each as its own `python -m tandem_cli.main`
+process, waits until they answer, and stops them on exit.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pbg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, model_dir: Path, colocated: bool = False, num_pages: int = 256, page_size: int = 4,
+                 extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
+                 log_dir: Path | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.colocated = colocated
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.extra = list(extra_worker_args)
+        self.served_name = served_name
+        self.api_key = api_key
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+        self.decode_addr = f"127.0.0.1:{free_port()}"
+        self.prefill_addr = "" if colocated else f"127.0.0.1:{free_port()}"
+        self.http_port = free_port()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        out = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL
+        p = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args], cwd=ROOT, env=env,
+                             stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def _worker_args(self, port: str) -> list[str]:
+        return ["--model", str(self.model_dir), "--port", port, "--device", "cpu", "--dtype", "float32",
+                "--num-pages", str(self.num_pages), "--block-size", str(self.page_size), *self.extra]
+
+    def start(self) -> "Cluster":
+        try:
+            decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1])])
+            if self.prefill_addr:
+                prefill = self._spawn("prefill", ["prefill", *self._worker_args(self.prefill_addr.split(":")[1])])
+                self._wait_grpc(self.prefill_addr, prefill)
+            self._wait_grpc(self.decode_addr, decode)
+            args = ["router", "--model", str(self.model_dir), "--port", str(self.http_port),
+                    "--decode", self.decode_addr, "--prefill", self.prefill_addr,
+                    "--served-model-name", self.served_name]
+            if self.api_key:
+                args += ["--api-key", self.api_key]
+            router = self._spawn("router", args)
+            self._wait_http(f"http://127.0.0.1:{self.http_port}/health", router)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_grpc(self, address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"worker {address} exited with {proc.returncode}"
+            with grpc.insecure_channel(address) as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=0.5)
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+        raise TimeoutError(address)
+
+    def _wait_http(self, url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"router exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(url)
+
+    def prefill_stats(self) -> pb.StatsResponse:
+        with grpc.insecure_channel(self.prefill_addr) as ch:
+            return pbg.PrefillStub(ch).Stats(pb.StatsRequest(), timeout=2)
+
+    def decode_stats(self) -> pb.StatsResponse:
+        with grpc.insecure_channel(self.decode_addr) as ch:
+            return pbg.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

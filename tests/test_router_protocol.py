@@ -1,0 +1,446 @@
+"""Router gateway: validation, OpenAI error shapes, and streaming against a fake decode worker.
+
+Validation tests point the DecodeClient at a port where nothing listens: every
+invalid request must be rejected before any backend call, and a valid one must
+fail fast with a clean 5xx. The fake-worker tests run a grpc.aio Decode
+servicer in the test's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import time
+
+import grpc
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pbg
+from router.backend import DecodeClient
+from router.config import RouterConfig
+from router.server import create_app
+
+MAX_LEN = 64
+WORDS = ["hello", "world", "tandem", "prefill", "decode", "router", "the", "a", "cat", "dog",
+         "runs", "fast", "slow", "token", "cache", "page", "STOP"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|bos|>", "<|eos|>", "<|user|>",
+                                                                  "<|assistant|>", "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>")
+    hf.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return hf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(decode: str, **kw) -> RouterConfig:
+    kw.setdefault("max_model_len", MAX_LEN)
+    kw.setdefault("request_timeout_s", 10.0)
+    return RouterConfig(model_path="tiny", served_model_names=("tiny", "tiny-alias"),
+                        decode_addresses=(decode,), **kw)
+
+
+@pytest.fixture()
+def dead_client(tokenizer):
+    """TestClient whose decode worker address has nothing listening."""
+    config = make_config(f"127.0.0.1:{free_port()}")
+    with TestClient(create_app(config, tokenizer, DecodeClient.from_config(config))) as c:
+        yield c
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = "*", contains: str = "") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] in ("invalid_request_error", "server_error", "rate_limit_error")
+    if param != "*":
+        assert err["param"] == param, err
+    assert contains.lower() in err["message"].lower(), err
+    return err
+
+
+def cmpl(**kw) -> dict:
+    return {"model": "tiny", "prompt": "hello world", **kw}
+
+
+def chat(**kw) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], **kw}
+
+
+# ---------------------------------------------------------------- validation (dead worker)
+
+def test_health_and_models(dead_client):
+    assert dead_client.get("/health").json() == {"status": "ok"}
+    body = dead_client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny", "tiny-alias"]
+    assert all(m["object"] == "model" for m in body["data"])
+
+
+def test_unknown_model_is_404(dead_client):
+    for path, body in (("/v1/completions", cmpl(model="gpt-9")), ("/v1/chat/completions", chat(model="gpt-9"))):
+        err = assert_openai_error(dead_client.post(path, json=body), 404, param="model", contains="gpt-9")
+        assert err["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("value", [-0.5, "hot", True, [1], "1.0"])
+def test_bad_temperature(dead_client, value):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(temperature=value)), 400, "temperature")
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.01, 2, "x"])
+def test_bad_top_p(dead_client, value):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(top_p=value)), 400, "top_p")
+
+
+@pytest.mark.parametrize("field,value", [("top_k", -2), ("min_p", 1.5), ("seed", "abc"), ("stop", [""]),
+                                         ("ignore_eos", "yes"), ("stop_token_ids", [1.5])])
+def test_bad_other_sampling_fields(dead_client, field, value):
+    err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(**{field: value})), 400)
+    assert err["param"].startswith(field), err
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, "ten"])
+def test_bad_max_tokens(dead_client, value):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(max_tokens=value)), 400, "max_tokens")
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(max_tokens=value)), 400, "max_tokens")
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(max_completion_tokens=value)),
+                        400, "max_completion_tokens")
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], [""]])
+def test_empty_prompt(dead_client, prompt):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt)), 400, "prompt", "empty")
+
+
+def test_empty_or_bad_messages(dead_client):
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(messages=[])), 400, "messages")
+    assert_openai_error(dead_client.post("/v1/chat/completions", json={"model": "tiny"}), 400, "messages")
+    bad_role = chat(messages=[{"role": "wizard", "content": "hi"}])
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=bad_role), 400)
+    image = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=image), 400, contains="text content")
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 999999], [-1, 5], [[3, 100000]]])
+def test_token_ids_outside_vocab(dead_client, tokenizer, prompt):
+    err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt)), 400, "prompt")
+    assert str(len(tokenizer) - 1) in err["message"]
+
+
+def test_stop_token_ids_outside_vocab(dead_client):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(stop_token_ids=[10**6])),
+                        400, "stop_token_ids")
+
+
+def test_context_length(dead_client, tokenizer):
+    prompt = list(range(10, 10 + 50))
+    err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt, max_tokens=20)),
+                              400, "max_tokens")
+    assert str(MAX_LEN) in err["message"] and "70" in err["message"] and "50" in err["message"]
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=[7] * MAX_LEN, max_tokens=None)),
+                        400, "max_tokens", str(MAX_LEN))
+    long_chat = chat(messages=[{"role": "user", "content": "hello world " * 40}], max_tokens=5)
+    assert_openai_error(dead_client.post("/v1/chat/completions", json=long_chat), 400, "max_tokens", str(MAX_LEN))
+
+
+def test_malformed_json_is_400_not_422(dead_client):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        for raw in (b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"):
+            r = dead_client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert_openai_error(r, 400)
+    assert_openai_error(dead_client.post("/v1/completions", json={"model": "tiny"}), 400, "prompt", "required")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 1}, "logprobs"), ({"best_of": 3}, "best_of"),
+    ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"frobnicate": 1}, "frobnicate"),
+    ({"stream_options": {"include_usage": True}}, None),
+])
+def test_unsupported_completion_fields(dead_client, extra, param):
+    err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(**extra)), 400)
+    if param:
+        assert err["param"] == param and "support" in err["message"]
+
+
+@pytest.mark.parametrize("extra,param", [({"n": 3}, "n"), ({"logprobs": True}, "logprobs"),
+                                         ({"top_logprobs": 2}, "top_logprobs"), ({"tools": []}, "tools")])
+def test_unsupported_chat_fields(dead_client, extra, param):
+    err = assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
+    assert "support" in err["message"]
+
+
+def test_neutral_values_accepted_until_backend(dead_client):
+    """Defaults clients send explicitly pass validation (and reach the dead worker -> 503)."""
+    body = cmpl(n=1, echo=False, best_of=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                temperature=0, top_p=1, seed=3, stop=["x"], user="u", prompt=["hello"])
+    assert_openai_error(dead_client.post("/v1/completions", json=body), 503)
+
+
+def test_batched_prompts_rejected(dead_client):
+    for prompt in (["a", "b"], [[1, 2], [3]]):
+        assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt)), 400, "prompt",
+                            "not supported")
+
+
+def test_dead_worker_fails_fast(dead_client):
+    for stream in (False, True):
+        for path, body in (("/v1/completions", cmpl(stream=stream)), ("/v1/chat/completions", chat(stream=stream))):
+            t0 = time.monotonic()
+            err = assert_openai_error(dead_client.post(path, json=body), 503)
+            assert time.monotonic() - t0 < 5.0
+            assert err["type"] == "server_error" and err["code"] == "worker_unavailable"
+
+
+def test_api_key(tokenizer):
+    config = make_config(f"127.0.0.1:{free_port()}", api_key="sekret")
+    with TestClient(create_app(config, tokenizer, DecodeClient.from_config(config))) as c:
+        assert c.get("/health").status_code == 200  # not under /v1
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            err = assert_openai_error(c.get("/v1/models", headers=headers), 401)
+            assert err["code"] == "invalid_api_key"
+            assert_openai_error(c.post("/v1/completions", json=cmpl(), headers=headers), 401)
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        # authorised: reaches validation
+        r = c.post("/v1/completions", json=cmpl(top_p=3), headers={"Authorization": "Bearer sekret"})
+        assert_openai_error(r, 400, "top_p")
+
+
+def test_unknown_route_and_method(dead_client):
+    assert_openai_error(dead_client.get("/v1/nope"), 404)
+    assert_openai_error(dead_client.get("/v1/completions"), 405)
+
+
+# ---------------------------------------------------------------- fake decode worker
+
+class FakeDecode(pbg.DecodeServicer):
+    """Streams `reply` token by token; records requests and cancellations."""
+
+    def __init__(self, reply: list[int], eos: int) -> None:
+        self.reply, self.eos = reply, eos
+        self.delay = 0.0                     # seconds before each token
+        self.fail_after: int | None = None   # send FINISH_ERROR instead of token i
+        self.hang = False                    # never answer
+        self.requests: list[pb.GenerateRequest] = []
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        try:
+            if self.hang:
+                await asyncio.sleep(3600)
+            max_tokens = request.sampling.max_tokens
+            out = self.reply if request.sampling.ignore_eos else self.reply + [self.eos]
+            for i, tok in enumerate(out):
+                if self.fail_after is not None and i == self.fail_after:
+                    yield pb.GenerateResponse(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
+                                              error="GPU on fire")
+                    return
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                done = i + 1 == max_tokens or tok == self.eos
+                reason = (pb.FINISH_STOP if tok == self.eos else pb.FINISH_LENGTH) if done else pb.FINISH_NONE
+                yield pb.GenerateResponse(request_id=request.request_id, token_ids=[tok], finish_reason=reason,
+                                          prompt_tokens=len(request.prompt_token_ids), cached_tokens=2)
+                if done:
+                    break
+            self.finished.set()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+REPLY_TEXT = " the cat runs fast STOP the dog runs slow"
+
+
+def run(coro, timeout: float = 30.0):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def fake_worker(tokenizer):
+    """(servicer, address) of a fresh grpc.aio Decode server in the running loop."""
+    servicer = FakeDecode(tokenizer.encode(REPLY_TEXT), tokenizer.eos_token_id)
+    server = grpc.aio.server()
+    pbg.add_DecodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+@contextlib.asynccontextmanager
+async def gateway(tokenizer, **config_kw):
+    """(servicer, httpx client of the app over ASGI); tests tweak the servicer before requests."""
+    async with fake_worker(tokenizer) as (servicer, addr):
+        config = make_config(addr, **config_kw)
+        client = DecodeClient.from_config(config)
+        try:
+            transport = httpx.ASGITransport(app=create_app(config, tokenizer, client))
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
+                yield servicer, c
+        finally:
+            await client.close()
+
+
+def sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_completion_non_streaming(tokenizer):
+    async def body():
+        async with gateway(tokenizer, prefill_addresses=("p0:1", "p1:1")) as (servicer, c):
+            r = await c.post("/v1/completions", json=cmpl(max_tokens=50))
+            r2 = await c.post("/v1/completions", json=cmpl(max_tokens=3, prompt=[5, 6, 7]))
+            return servicer, r, r2
+
+    servicer, r, r2 = run(body())
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == REPLY_TEXT and body["choices"][0]["finish_reason"] == "stop"
+    n_reply = len(tokenizer.encode(REPLY_TEXT)) + 1  # + EOS
+    n_prompt = len(tokenizer.encode("hello world"))
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_reply,
+                             "total_tokens": n_prompt + n_reply, "prompt_tokens_details": {"cached_tokens": 2}}
+    assert r2.json()["choices"][0]["finish_reason"] == "length" and r2.json()["usage"]["completion_tokens"] == 3
+    assert [q.prefill_address for q in servicer.requests] == ["p0:1", "p1:1"]
+    assert list(servicer.requests[1].prompt_token_ids) == [5, 6, 7]
+    assert servicer.requests[1].sampling.max_tokens == 3
+
+
+def test_stop_string_cancels_worker(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            servicer.delay = 0.01
+            r = await c.post("/v1/chat/completions", json=chat(stop=["STOP"], max_tokens=40))
+            await asyncio.wait_for(servicer.cancelled.wait(), 5)
+            finished_early = not servicer.finished.is_set()
+            rs = await c.post("/v1/completions", json=cmpl(stop="STOP", stream=True,
+                                                           stream_options={"include_usage": True}))
+            return r, rs, finished_early
+
+    r, rs, finished_early = run(body())
+    assert finished_early
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": " the cat runs fast "}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    events = sse_events(rs.text)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == " the cat runs fast "
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+
+
+def test_chat_streaming_shape(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (_, c):
+            return await c.post("/v1/chat/completions", json=chat(stream=True, max_tokens=4))
+
+    r = run(body())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == tokenizer.decode(tokenizer.encode(REPLY_TEXT)[:4])
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_worker_error_mid_stream_and_non_stream(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            servicer.fail_after = 2
+            r = await c.post("/v1/completions", json=cmpl(stream=True, max_tokens=20))
+            r2 = await c.post("/v1/completions", json=cmpl(max_tokens=20))
+            return r, r2
+
+    r, r2 = run(body())
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert "GPU on fire" in events[-1]["error"]["message"] and events[-1]["error"]["type"] == "server_error"
+    assert_openai_error(r2, 500, contains="GPU on fire")
+
+
+def test_request_timeout(tokenizer):
+    async def body():
+        async with gateway(tokenizer, request_timeout_s=0.5) as (servicer, c):
+            servicer.hang = True
+            t0 = time.monotonic()
+            r = await c.post("/v1/completions", json=cmpl())
+            return r, time.monotonic() - t0
+
+    r, elapsed = run(body())
+    assert elapsed < 5
+    assert_openai_error(r, 504, contains="timed out")
+
+
+def test_client_disconnect_cancels_grpc_call(tokenizer):
+    """Real uvicorn + real socket: leaving a stream mid-way cancels the Generate call."""
+    import uvicorn
+
+    async def body():
+        async with fake_worker(tokenizer) as (servicer, addr):
+            servicer.delay = 0.2
+            config = make_config(addr)
+            client = DecodeClient.from_config(config)
+            server = uvicorn.Server(uvicorn.Config(create_app(config, tokenizer, client), host="127.0.0.1",
+                                                   port=free_port(), log_level="warning"))
+            serving = asyncio.create_task(server.serve())
+            try:
+                while not server.started:
+                    await asyncio.sleep(0.01)
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.port}") as c:
+                    async with c.stream("POST", "/v1/completions", json=cmpl(stream=True, max_tokens=40)) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                break  # one chunk, then hang up
+                await asyncio.wait_for(servicer.cancelled.wait(), 5)
+                assert not servicer.finished.is_set()
+                # Non-streaming: the client gives up while the router is still collecting.
+                servicer.cancelled.clear()
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.port}") as c:
+                    with pytest.raises(httpx.ReadTimeout):
+                        await c.post("/v1/completions", json=cmpl(max_tokens=40), timeout=0.5)
+                await asyncio.wait_for(servicer.cancelled.wait(), 5)
+                assert not servicer.finished.is_set()
+            finally:
+                server.should_exit = True
+                await serving
+                await client.close()
+
+    run(body())
