@@ -59,6 +59,7 @@ class _Sink:
         self.events.put_nowait((tokens, finish, error))
         if finish is not None and not self.reserved.done():
             self.reserved.set_exception(RuntimeError(error or f"finished before KV: {finish.name}"))
+            self.reserved.exception()  # mark retrieved: colocated requests never await it
 
 
 class DecodeServicer(pbg.DecodeServicer):

@@ -23,7 +23,7 @@ def inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
         # Positions are divided by `factor`: same as dividing every frequency.
         return freqs / scaling.factor
     if scaling.rope_type == "llama3":
-        return freqs
+        return _llama3_scale(freqs, scaling)
     raise ValueError(f"unsupported rope type {scaling.rope_type!r}")
 
 

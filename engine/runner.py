@@ -80,7 +80,8 @@ class ModelRunner:
                 raise ValueError(f"seq {i}: positions up to {s.start_pos + len(s.token_ids)} "
                                  f"exceed max_model_len {self.max_model_len}")
         meta = build_metadata([s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
-                              [s.page_table for s in seqs], self.page_size, self.device)
+                              [s.page_table for s in seqs], self.page_size, self.device,
+                              self.num_pages)
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long).to(self.device)
         hidden = self.model(ids, meta, self.kv, self.backend, on_layer_done)
         last = meta.cu_seqlens[1:].long() - 1

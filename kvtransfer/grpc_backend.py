@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
-import logging
 import secrets
 import warnings
 import zlib
@@ -38,8 +37,6 @@ import torch
 from kvtransfer.base import (Backend, Destination, KVReceiver, KVSender, SendHandle,
                              TransferError, TransferState)
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
-
-log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
 # Channel/server options; the chunk budget below keeps messages under the 4 MiB default anyway.
@@ -277,9 +274,7 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
         t.received[layer][off:off + n] = b"\x01" * n
         t.pages_left -= n
 
-
 # ---------------------------------------------------------------------------- sender
-
 
 def _serialise(dst: Destination, layer: int, page_offset: int, k: torch.Tensor, v: torch.Tensor,
                ready: object | None, max_chunk_bytes: int) -> list[pb.KVChunk]:

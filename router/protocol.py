@@ -53,6 +53,7 @@ class BaseSamplingRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
+    return_token_ids: StrictBool = False                # vLLM extension: choices[0].token_ids (non-streaming)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = 1

@@ -71,6 +71,7 @@ class _Job:
     stop: list[str]
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
 
 
 class _Gateway:
@@ -120,7 +121,8 @@ class _Gateway:
             self.check_token_ids(list(req.stop_token_ids), "stop_token_ids")
         return _Job(request_id=f"{prefix}-{uuid.uuid4().hex}", model=model, created=int(time.time()),
                     prompt_ids=prompt_ids, params=req.sampling_params(max_tokens), stop=req.stop_strings(),
-                    stream=req.is_stream, include_usage=req.include_usage)
+                    stream=req.is_stream, include_usage=req.include_usage,
+                    return_token_ids=req.return_token_ids)
 
     def completion_job(self, req: CompletionRequest) -> _Job:
         self.resolve_model(req.model)  # 404 before any tokenizer work
@@ -143,7 +145,8 @@ class _Gateway:
     # ---- generation -------------------------------------------------------------
 
     async def _text_deltas(self, job: _Job, responses: AsyncIterator[pb.GenerateResponse],
-                           usage: _Usage) -> AsyncIterator[tuple[str, str | None]]:
+                           usage: _Usage, all_ids: list[int] | None = None
+                           ) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish_reason or None); the last item has a finish reason.
         Closes `responses` (cancelling the gRPC call) before reporting a stop-string hit."""
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
@@ -152,6 +155,8 @@ class _Gateway:
         async with aclosing(responses):
             async for resp in responses:
                 ids = list(resp.token_ids)
+                if all_ids is not None:
+                    all_ids.extend(ids)
                 usage.completion_tokens += len(ids)
                 usage.cached_tokens = max(usage.cached_tokens, resp.cached_tokens)
                 finished = resp.finish_reason != pb.FINISH_NONE
@@ -174,12 +179,13 @@ class _Gateway:
 
     async def complete(self, request: Request, job: _Job, chat: bool) -> Response:
         usage = _Usage(prompt_tokens=len(job.prompt_ids))
+        token_ids: list[int] = []
 
         async def collect() -> tuple[str, str]:
             parts: list[str] = []
             finish = "stop"
             responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
-            async for delta, reason in self._text_deltas(job, responses, usage):
+            async for delta, reason in self._text_deltas(job, responses, usage, token_ids):
                 parts.append(delta)
                 finish = reason or finish
             return "".join(parts), finish
@@ -193,6 +199,9 @@ class _Gateway:
                       "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if job.return_token_ids:
+            choice["token_ids"] = token_ids
+            choice["prompt_token_ids"] = job.prompt_ids
         return JSONResponse({"id": job.request_id, "object": "chat.completion" if chat else "text_completion",
                              "created": job.created, "model": job.model, "choices": [choice],
                              "usage": usage.to_dict()})

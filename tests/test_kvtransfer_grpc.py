@@ -45,9 +45,6 @@ class Cluster:
     def snapshot(self):
         return [t.clone() for t in self.k], [t.clone() for t in self.v]
 
-    def stub(self, channel):
-        return pbg.KVReceiverStub(channel)
-
 
 @asynccontextmanager
 async def make_cluster(num_layers=3, num_pages=12, page_size=4, kv_heads=2, head_dim=8,

@@ -51,8 +51,9 @@ class AttentionMetadata:
 
 def build_metadata(start_pos: Sequence[int], new_lens: Sequence[int],
                    page_tables: Sequence[Sequence[int]], page_size: int,
-                   device: torch.device | str) -> AttentionMetadata:
-    """Metadata for one ragged batch; page_tables[i] must cover start_pos[i] + new_lens[i] tokens."""
+                   device: torch.device | str, num_pages: int | None = None) -> AttentionMetadata:
+    """Metadata for one ragged batch; page_tables[i] must cover start_pos[i] + new_lens[i] tokens.
+    With num_pages given, page ids outside [0, num_pages) raise ValueError."""
     B = len(new_lens)
     seq_lens = [s + n for s, n in zip(start_pos, new_lens)]
     need = [(L + page_size - 1) // page_size for L in seq_lens]
@@ -63,6 +64,8 @@ def build_metadata(start_pos: Sequence[int], new_lens: Sequence[int],
             raise ValueError(f"seq {i}: page table has {len(pt)} pages, needs {k} for {seq_lens[i]} tokens")
         if k:
             tables[i, :k] = torch.as_tensor(list(pt[:k]), dtype=torch.int64)
+    if num_pages is not None and B and (int(tables.max()) >= num_pages or int(tables.min()) < 0):
+        raise ValueError(f"page table holds a page id outside [0, {num_pages})")
     lens_t = torch.as_tensor(list(new_lens), dtype=torch.int64)
     starts_t = torch.as_tensor(list(start_pos), dtype=torch.int64)
     seq_idx = torch.repeat_interleave(torch.arange(B), lens_t)
