@@ -97,11 +97,11 @@ class DecodeServicer(pbg.DecodeServicer):
         sink = _Sink()
         self.engine.submit(seq, sink)
         finished = False
-        transfer_id = None
+        transfer: list[str] = []  # the open KV transfer id, if any (closed in finally)
         cached = 0
         try:
             if remote:
-                transfer_id, cached = await self._remote_prefill(rid, request, sink)
+                cached = await self._remote_prefill(rid, request, sink, transfer)
             while True:
                 tokens, finish, error = await sink.events.get()
                 # Coalesce whatever else is already queued into one message.
@@ -118,48 +118,42 @@ class DecodeServicer(pbg.DecodeServicer):
                 if finished:
                     return
         except _PrefillFailed as exc:
-            finished = True
-            self.engine.abort(rid)
             yield pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_ERROR,
                                       prompt_tokens=len(prompt), error=str(exc))
         finally:
+            # Order matters: stop the receiver writing before the pages are freed.
+            for tid in transfer:
+                self.receiver.close(tid)  # aborts it if still live
             if not finished:
                 self.engine.abort(rid)
-            if transfer_id is not None:
-                if self.receiver.poll(transfer_id) not in (TransferState.DONE,):
-                    self.receiver.abort(transfer_id)
-                self.receiver.close(transfer_id)
 
-    async def _remote_prefill(self, rid: str, request: pb.GenerateRequest, sink: _Sink) -> tuple[str, int]:
-        """Steps 2a-2d: reserve, open transfer, remote prefill, wait for KV."""
+    async def _remote_prefill(self, rid: str, request: pb.GenerateRequest, sink: _Sink,
+                              transfer: list[str]) -> int:
+        """Reserve, open a transfer, run the remote prefill, wait for all KV; returns cached tokens."""
         try:
             pages = await sink.reserved
         except RuntimeError as exc:
             raise _PrefillFailed(str(exc)) from exc
-        runner = self.engine.runner
         transfer_id = uuid.uuid4().hex
-        dst = self.receiver.open(transfer_id, pages, runner.model_config.num_layers)
+        dst = self.receiver.open(transfer_id, pages, self.engine.runner.model_config.num_layers)
+        transfer.append(transfer_id)
         try:
             resp = await self._prefill_stub(request.prefill_address).Prefill(
                 pb.PrefillRequest(request_id=rid, prompt_token_ids=request.prompt_token_ids,
-                                  sampling=request.sampling, dst=dst),
+                                  sampling=request.sampling, dst=dst.to_proto()),
                 timeout=self.config.prefill_timeout_s,
             )
-            state = await self.receiver.wait(transfer_id, self.config.kv_transfer_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            self.receiver.abort(transfer_id)
             raise _PrefillFailed(f"prefill worker {request.prefill_address} failed: "
                                  f"{exc.code().name}: {exc.details()}") from exc
-        except BaseException:
-            self.receiver.abort(transfer_id)
-            raise
+        state = await self.receiver.wait(transfer_id, self.config.kv_transfer_timeout_s)
         if state != TransferState.DONE:
-            raise _PrefillFailed(f"KV transfer {transfer_id} ended in state {state.name}")
+            raise _PrefillFailed(f"KV transfer {transfer_id} ended in state {state.name}: "
+                                 f"{self.receiver.error(transfer_id)}")
         self.cached_prompt_tokens += resp.cached_tokens
         self.computed_prompt_tokens += resp.computed_tokens
         self.engine.kv_ready(rid, resp.first_token_id, resp.cached_tokens)
-        # the transfer is closed in Generate's finally
-        return transfer_id, resp.cached_tokens
+        return resp.cached_tokens
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         self.engine.abort(request.request_id)

@@ -47,16 +47,13 @@ class PrefillServicer(pbg.PrefillServicer):
         done: asyncio.Future[tuple[int, int, int, str]] = loop.create_future()
         handle = self.sender.start(request.dst)
 
-        def send_layer(layer, k, v):  # engine thread
-            loop.call_soon_threadsafe(handle.send_layer, layer, k, v)
-
         def on_done(tok, cached, computed, error):  # event loop
             if not done.done():
                 done.set_result((tok, cached, computed, error))
 
         job = PrefillJob(request_id=request.request_id, prompt_token_ids=prompt,
                          params=SamplingParams.from_proto(request.sampling),
-                         send_layer=send_layer, on_done=on_done)
+                         send_layer=handle.send_layer, on_done=on_done)  # thread-safe
         self.engine.submit(job)
         ok = False
         try:
