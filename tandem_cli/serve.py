@@ -101,6 +101,9 @@ def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.tensor_parallel_size != 1:
+        print("error: --tensor-parallel-size > 1 is not supported yet", file=sys.stderr)
+        return 2
     model = args.model
     if model is None:
         print(DEMO_NOTE, flush=True)
