@@ -1,12 +1,19 @@
-"""The prefill worker's engine thread: batch prompts, compute KV, ship it.
+"""The prefill worker's engine thread: reuse cached prefixes, batch prompts, compute KV, ship it.
 
 Per request (driven by prefill_worker/server.py):
-  1. `submit(job)`: queued until local pages for its prompt are free.
-  2. `step()` takes every queued job that fits (pages, token budget), runs one
-     batched forward pass, and after each layer hands that layer's pages to
-     the job's KV sender (layer-by-layer streaming while later layers compute).
-  3. The first token is sampled here; local pages are freed right after the
-     pass (the sender got copies of the page contents).
+  1. `submit(job)`: queued until local pages for its uncached suffix are free.
+  2. `step()` takes every queued job that fits (pages, token budget). For each:
+     match the prompt (minus its last token, which is always recomputed for
+     logits) in the radix cache and lock the path; allocate pages for the rest,
+     evicting unlocked LRU cache leaves when the pool is short; copy the valid
+     slots of a partially matched page into the job's own page. One batched
+     forward pass computes only the uncached suffixes; after each layer every
+     page of each prompt (cached and new) goes to the job's KV sender
+     (layer-by-layer streaming while later layers compute).
+  3. The first token is sampled here. Right after the pass (the sender got
+     copies of the page contents) each job unlocks its path and inserts its
+     prompt pages into the cache, which adopts them or frees duplicates; a
+     failed pass frees the job's own pages instead.
   4. `abort(request_id)` drops a queued job; a job already computed has its
      sender aborted by the server.
 """
@@ -24,6 +31,7 @@ from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.worker_thread import EngineThread
+from prefill_worker.radix_cache import MatchResult, RadixCache
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +45,23 @@ class PrefillJob:
     send_layer: Callable[[int, torch.Tensor, torch.Tensor], None]
     # called on the event loop: (first_token, cached_tokens, computed_tokens, error)
     on_done: Callable[[int, int, int, str], None]
-    pages: list[int] = field(default_factory=list)
+    # set while the job is in a batch (engine thread only):
+    match: MatchResult | None = None                     # locked cache match
+    own_pages: list[int] = field(default_factory=list)   # allocated for the uncached part
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.match.num_tokens if self.match else 0
+
+    @property
+    def page_table(self) -> list[int]:
+        return list(self.match.pages if self.match else ()) + self.own_pages
 
 
 @dataclass
 class PrefillCounters:
-    cached_prompt_tokens: int = 0
-    computed_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
+    computed_prompt_tokens: int = 0  # prompt tokens run through the model
     batches: int = 0
 
 
@@ -53,6 +71,7 @@ class PrefillEngine(EngineThread):
         self.runner = runner
         self.sampler = sampler
         self.allocator = PageAllocator(runner.num_pages)
+        self.cache = RadixCache(self.allocator, runner.page_size)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.counters = PrefillCounters()
         self._queue: deque[PrefillJob] = deque()
@@ -70,39 +89,80 @@ class PrefillEngine(EngineThread):
     def num_waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def available_pages(self) -> int:
+        """Pages a new prompt could get: free ones plus unlocked cache pages."""
+        return self.allocator.num_free + self.cache.evictable_pages
+
     def has_work(self) -> bool:
         return bool(self._queue)
+
+    def _admit(self, job: PrefillJob, use_cache: bool = True) -> bool:
+        """Match and lock the job's cached prefix, allocate pages for the rest (evicting
+        if short) and copy a partially matched page. False (nothing held) if no pages."""
+        prompt = job.prompt_token_ids
+        page_size = self.runner.page_size
+        # the last prompt token is always computed: its logits give the first token
+        m = self.cache.match_prefix(prompt[:-1] if use_cache else ())
+        self.cache.lock(m.handle)
+        need = -(-len(prompt) // page_size) - len(m.pages)
+        if self.allocator.num_free < need:
+            self.cache.evict(need - self.allocator.num_free)
+        pages = self.allocator.alloc(need)
+        if pages is None:
+            self.cache.unlock(m.handle)
+            return False
+        job.match, job.own_pages = m, pages
+        if m.partial_page is not None:
+            kv, r = self.runner.kv, m.partial_len
+            for layer in range(kv.num_layers):
+                kv.k[layer][pages[0], :r] = kv.k[layer][m.partial_page, :r]
+                kv.v[layer][pages[0], :r] = kv.v[layer][m.partial_page, :r]
+        return True
+
+    def _release(self, job: PrefillJob, insert: bool) -> None:
+        """Unlock the job's path; hand its pages to the cache (or free them on failure)."""
+        if job.match is None:
+            return
+        self.cache.unlock(job.match.handle)
+        if insert:
+            self.cache.insert(job.prompt_token_ids, job.page_table)
+        else:
+            self.allocator.free(job.own_pages)
+        job.match, job.own_pages = None, []
 
     def _take_batch(self) -> list[PrefillJob]:
         batch: list[PrefillJob] = []
         tokens = 0
-        page_size = self.runner.page_size
         while self._queue:
             job = self._queue[0]
             n = len(job.prompt_token_ids)
-            if batch and tokens + n > self.max_num_batched_tokens:
-                break
-            pages = self.allocator.alloc(-(-n // page_size))
-            if pages is None:
-                if not batch and self.allocator.num_used == 0:
-                    # can never fit: fail it rather than wait forever
+            if not self._admit(job):
+                if batch:
+                    break
+                # nothing else holds pages now: empty the cache and try without reuse
+                self.cache.evict(self.cache.num_pages)
+                if not self._admit(job, use_cache=False):
                     self._queue.popleft()
                     self.reply(job.on_done, -1, 0, 0, f"prompt of {n} tokens exceeds the prefill KV pool")
                     continue
+            if batch and tokens + n - job.cached_tokens > self.max_num_batched_tokens:
+                self._release(job, insert=False)  # over the token budget: next step
                 break
-            job.pages = pages
             batch.append(self._queue.popleft())
-            tokens += n
+            tokens += n - job.cached_tokens
         return batch
 
     def step(self) -> None:
         batch = self._take_batch()
         if not batch:
             return
+        ok = False
         try:
-            seqs = [ForwardSeq(token_ids=j.prompt_token_ids, start_pos=0, page_table=j.pages) for j in batch]
+            seqs = [ForwardSeq(token_ids=j.prompt_token_ids[j.cached_tokens:], start_pos=j.cached_tokens,
+                               page_table=j.page_table) for j in batch]
             kv = self.runner.kv
-            index = [torch.tensor(j.pages, dtype=torch.long, device=kv.k[0].device) for j in batch]
+            index = [torch.tensor(s.page_table, dtype=torch.long, device=kv.k[0].device) for s in seqs]
 
             def layer_done(layer: int) -> None:
                 for job, idx in zip(batch, index):
@@ -110,16 +170,17 @@ class PrefillEngine(EngineThread):
 
             logits = self.runner.forward(seqs, on_layer_done=layer_done)
             tokens = self.sampler.sample(logits, [j.params for j in batch], [0] * len(batch))
+            ok = True
             self.counters.batches += 1
             for job, tok in zip(batch, tokens):
-                n = len(job.prompt_token_ids)
-                self.counters.computed_prompt_tokens += n
-                self.reply(job.on_done, tok, 0, n, "")
+                n, cached = len(job.prompt_token_ids), job.cached_tokens
+                self.counters.cached_prompt_tokens += cached
+                self.counters.computed_prompt_tokens += n - cached
+                self.reply(job.on_done, tok, cached, n - cached, "")
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
             log.exception("prefill batch failed")
             for job in batch:
                 self.reply(job.on_done, -1, 0, 0, f"prefill failed: {exc}")
         finally:
             for job in batch:
-                self.allocator.free(job.pages)
-                job.pages = []
+                self._release(job, insert=ok)

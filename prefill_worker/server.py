@@ -78,8 +78,9 @@ class PrefillServicer(pbg.PrefillServicer):
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         e = self.engine
+        # free_pages counts unlocked prefix-cache pages too: a new prompt can have them
         return pb.StatsResponse(
-            role="prefill", num_pages=e.allocator.num_total, free_pages=e.allocator.num_free,
+            role="prefill", num_pages=e.allocator.num_total, free_pages=e.available_pages,
             page_size=e.runner.page_size, running=0, waiting=e.num_waiting,
             cached_prompt_tokens=e.counters.cached_prompt_tokens,
             computed_prompt_tokens=e.counters.computed_prompt_tokens,
