@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Sequence
 
 import torch
 
-from engine.attention import build_metadata, get_attention_backend
+from engine.attention import get_attention_backend
+from engine.attention.base import build_metadata_and_ids
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.weights import load_model, resolve_dtype, resolve_model_path
@@ -79,10 +81,11 @@ class ModelRunner:
             if s.start_pos < 0 or s.start_pos + len(s.token_ids) > self.max_model_len:
                 raise ValueError(f"seq {i}: positions up to {s.start_pos + len(s.token_ids)} "
                                  f"exceed max_model_len {self.max_model_len}")
-        meta = build_metadata([s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
-                              [s.page_table for s in seqs], self.page_size, self.device,
-                              self.num_pages)
-        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long).to(self.device)
+        # One host->device copy carries the metadata and the token ids.
+        meta, ids = build_metadata_and_ids(
+            [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
+            [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
+            token_ids=list(chain.from_iterable(s.token_ids for s in seqs)))
         hidden = self.model(ids, meta, self.kv, self.backend, on_layer_done)
         last = meta.cu_seqlens[1:].long() - 1
         return self.model.compute_logits(hidden[last])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -54,39 +55,81 @@ def build_metadata(start_pos: Sequence[int], new_lens: Sequence[int],
                    device: torch.device | str, num_pages: int | None = None) -> AttentionMetadata:
     """Metadata for one ragged batch; page_tables[i] must cover start_pos[i] + new_lens[i] tokens.
     With num_pages given, page ids outside [0, num_pages) raise ValueError."""
+    return build_metadata_and_ids(start_pos, new_lens, page_tables, page_size, device, num_pages)[0]
+
+
+def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
+                           page_tables: Sequence[Sequence[int]], page_size: int,
+                           device: torch.device | str, num_pages: int | None = None,
+                           token_ids: Sequence[int] | None = None,
+                           ) -> tuple[AttentionMetadata, torch.Tensor | None]:
+    """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
+
+    Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
+    per-page Python loops); every device tensor comes out of ONE host-to-device copy
+    of a packed int64 buffer (pinned when the target is CUDA)."""
+    device = torch.device(device)
     B = len(new_lens)
-    seq_lens = [s + n for s, n in zip(start_pos, new_lens)]
-    need = [(L + page_size - 1) // page_size for L in seq_lens]
+    starts_l = [int(s) for s in start_pos]
+    lens_l = [int(n) for n in new_lens]
+    seq_lens = [s + n for s, n in zip(starts_l, lens_l)]
+    need = [-(-L // page_size) for L in seq_lens]
     max_pages = max(need) if need else 0
-    tables = torch.zeros((B, max(max_pages, 1)), dtype=torch.int64)
-    for i, (pt, k) in enumerate(zip(page_tables, need)):
+    P = max(max_pages, 1)
+    pts = [pt if isinstance(pt, (list, tuple)) else [int(p) for p in pt] for pt in page_tables]
+    for i, (pt, k) in enumerate(zip(pts, need)):
         if len(pt) < k:
             raise ValueError(f"seq {i}: page table has {len(pt)} pages, needs {k} for {seq_lens[i]} tokens")
-        if k:
-            tables[i, :k] = torch.as_tensor(list(pt[:k]), dtype=torch.int64)
-    if num_pages is not None and B and (int(tables.max()) >= num_pages or int(tables.min()) < 0):
-        raise ValueError(f"page table holds a page id outside [0, {num_pages})")
-    lens_t = torch.as_tensor(list(new_lens), dtype=torch.int64)
-    starts_t = torch.as_tensor(list(start_pos), dtype=torch.int64)
-    seq_idx = torch.repeat_interleave(torch.arange(B), lens_t)
+    flat = torch.tensor(list(chain.from_iterable(pt[:k] for pt, k in zip(pts, need))), dtype=torch.int64)
+    need_t = torch.tensor(need, dtype=torch.int64)
+    tables = torch.zeros((B, P), dtype=torch.int64)
+    if flat.numel():
+        if num_pages is not None and (int(flat.max()) >= num_pages or int(flat.min()) < 0):
+            raise ValueError(f"page table holds a page id outside [0, {num_pages})")
+        tables[torch.arange(P)[None, :] < need_t[:, None]] = flat
+    lens_t = torch.tensor(lens_l, dtype=torch.int64)
+    starts_t = torch.tensor(starts_l, dtype=torch.int64)
     cu = torch.zeros(B + 1, dtype=torch.int64)
     cu[1:] = torch.cumsum(lens_t, 0)
-    positions = starts_t[seq_idx] + (torch.arange(int(cu[-1])) - cu[:-1][seq_idx])
+    T = int(cu[-1]) if B else 0
+    if B and max(lens_l) == 1 and T == B:      # pure decode: one token per seq
+        positions = starts_t
+        seq_idx = torch.arange(B)
+    else:
+        seq_idx = torch.repeat_interleave(torch.arange(B), lens_t)
+        positions = starts_t[seq_idx] + (torch.arange(T) - cu[:-1][seq_idx])
     slots = tables[seq_idx, positions // page_size] * page_size + positions % page_size
-    return AttentionMetadata(
+    parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
+    if token_ids is not None:
+        parts.append(token_ids if isinstance(token_ids, torch.Tensor)
+                     else torch.tensor(token_ids, dtype=torch.int64))
+    host = torch.cat(parts)
+    if device.type == "cuda":
+        dev = host.pin_memory().to(device, non_blocking=True)
+    else:
+        dev = host.to(device)
+    o = 0
+    out = []
+    for t in parts:
+        n = t.numel()
+        out.append(dev[o:o + n])
+        o += n
+    d_pos, d_slots, d_cu, d_starts, d_seq_lens, d_tables = out[:6]
+    meta = AttentionMetadata(
         page_size=page_size,
-        positions=positions.to(device),
-        slot_mapping=slots.to(device),
-        cu_seqlens=cu.to(torch.int32).to(device),
-        start_pos=starts_t.to(torch.int32).to(device),
-        seq_lens=torch.as_tensor(seq_lens, dtype=torch.int32).to(device),
-        block_tables=tables.to(torch.int32).to(device),
-        start_pos_list=tuple(int(s) for s in start_pos),
-        new_lens_list=tuple(int(n) for n in new_lens),
-        page_tables_list=tuple(tuple(int(p) for p in pt[:k]) for pt, k in zip(page_tables, need)),
-        max_new_len=max(new_lens) if B else 0,
+        positions=d_pos,
+        slot_mapping=d_slots,
+        cu_seqlens=d_cu.to(torch.int32),
+        start_pos=d_starts.to(torch.int32),
+        seq_lens=d_seq_lens.to(torch.int32),
+        block_tables=d_tables.view(B, P).to(torch.int32),
+        start_pos_list=tuple(starts_l),
+        new_lens_list=tuple(lens_l),
+        page_tables_list=tuple(tuple(pt[:k]) for pt, k in zip(pts, need)),
+        max_new_len=max(lens_l) if B else 0,
         max_seq_len=max(seq_lens) if B else 0,
     )
+    return meta, (out[6] if token_ids is not None else None)
 
 
 class AttentionBackend(ABC):

@@ -1,0 +1,304 @@
+"""Benchmark harness: W1-W4 colocated and disaggregated, plus transformers `generate`.
+
+    python -m benchmarks.bench --device cuda            # H100: Llama-3.1-8B shapes, bf16, dummy weights
+    python -m benchmarks.bench --device cpu --tiny      # CI: tiny model, tiny workloads
+
+Order in one process: ceilings (bf16 matmul, device copy) -> HF generate on W1 ->
+colocated W1-W4 (in-process engine) -> disaggregated W1-W4 (two worker processes on
+the same device, grpc KV transport). Prints the table last, writes JSON (and
+RESULTS.md with --results-md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import math
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.metrics import format_table, measure_ceilings
+from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA, workloads, write_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny model and workloads (CPU / CI)")
+    p.add_argument("--modes", default="hf,colocated,disagg")
+    p.add_argument("--workloads", default="W1,W2,W3,W4")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch", "sdpa"],
+                   help="auto: triton if it imports, else the benchmark-local sdpa fallback "
+                        "(colocated) / torch (disaggregated workers)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.88)
+    p.add_argument("--prefix-cache-pages", type=int, default=None, help="0 disables the colocated prefix cache")
+    p.add_argument("--hf-batch", type=int, default=None, help="default 64 (tiny: 4)")
+    p.add_argument("--hf-batches", type=int, default=1)
+    p.add_argument("--disagg-requests", type=int, default=None, help="per workload; default all (tiny) / 8")
+    p.add_argument("--disagg-timeout", type=float, default=60.0, help="seconds per workload")
+    p.add_argument("--disagg-decode-pages", type=int, default=None)
+    p.add_argument("--json", default=None, help="write results JSON here")
+    p.add_argument("--results-md", default=None, help="write a RESULTS.md here")
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--date", default=None)
+    return p.parse_args(argv)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":     # Triton kernels need a GPU (TRITON_INTERPRET aside)
+        return False
+    try:
+        from engine.attention import get_attention_backend
+
+        get_attention_backend("triton")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) -> str:
+    from benchmarks.colocated import ColocatedBench
+    from benchmarks.sdpa_backend import SdpaBackend
+    from engine.config import EngineConfig
+    from engine.runner import ForwardSeq, ModelRunner
+
+    backend = args.attention_backend
+    if backend == "auto":
+        backend = "triton" if _triton_available(device) else "sdpa"
+    max_len = max(w.input_len + w.output_len for w in wls) + 16
+    cfg = EngineConfig(model=str(model_dir), load_format="dummy",
+                       dtype="float32" if device.type == "cpu" else "bfloat16", device=device.type,
+                       page_size=16, num_pages=(4096 if args.tiny else None),
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=max_len,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       attention_backend="torch" if backend == "sdpa" else backend)
+    runner = ModelRunner(cfg)
+    fallback_note = ""
+    if backend == "triton":   # check it against the fp32-math torch reference before trusting it
+        try:
+            from engine.attention import get_attention_backend
+
+            ref = get_attention_backend("torch")
+            err_t = _compare_backends(runner, runner.backend, ref)
+            err_s = _compare_backends(runner, SdpaBackend(), ref)
+            print(f"logits vs torch reference: triton {err_t:.3g}, sdpa {err_s:.3g}", flush=True)
+            if not err_t <= max(5e-2, 2 * err_s):
+                raise RuntimeError(f"logits differ from the torch reference by {err_t:.3g} (sdpa: {err_s:.3g})")
+        except Exception as exc:  # noqa: BLE001
+            fallback_note = f" (triton rejected: {type(exc).__name__}: {str(exc)[:80]})"
+            print("triton backend" + fallback_note, flush=True)
+            backend = "sdpa"
+    if backend == "sdpa":
+        runner.backend = SdpaBackend()
+    # warm-up: a prefill and a decode pass (kernel selection, allocator)
+    pages = list(range(4))
+    runner.forward([ForwardSeq(list(range(1000, 1032)), 0, pages)] * 1)
+    runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])
+    _free(device)
+    cache_pages = args.prefix_cache_pages
+    if cache_pages is None:
+        cache_pages = min(4096, runner.num_pages // 10)
+    bench = ColocatedBench(runner, args.max_num_seqs, args.max_num_batched_tokens, cache_pages,
+                           min(max_len, runner.num_pages * runner.page_size))
+    note = f"attention {backend}; {runner.num_pages} KV pages; prefix cache {cache_pages} pages"
+    for wl in wls:
+        res = bench.run(wl)
+        res.note = f"attention {backend}{fallback_note}"
+        if res.extra.get("preemptions"):
+            res.note += f"; {res.extra['preemptions']} preemptions"
+        rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    del bench, runner
+    _free(device)
+    return note
+
+
+def _compare_backends(runner, backend, ref) -> float:
+    """Relative difference of logits of a mixed batch (prefill, extend, decode) computed
+    with `backend` and with `ref`, on the same pages."""
+    from engine.runner import ForwardSeq
+
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(1000, 120000, (300,), generator=g).tolist()
+    pages = [list(range(0, 20)), list(range(20, 40))]
+    out = []
+    for be in (backend, ref):
+        saved, runner.backend = runner.backend, be
+        try:
+            runner.forward([ForwardSeq(toks[:100], 0, pages[0]), ForwardSeq(toks[:200], 0, pages[1])])
+            logits = [runner.forward([ForwardSeq(toks[100:150], 100, pages[0]),
+                                      ForwardSeq([toks[200]], 200, pages[1])]),
+                      runner.forward([ForwardSeq([toks[150]], 150, pages[0]),
+                                      ForwardSeq([toks[201]], 201, pages[1])])]
+        finally:
+            runner.backend = saved
+        out.append(torch.cat(logits).float())
+    return float((out[0] - out[1]).norm() / out[1].norm())
+
+
+def run_disagg(args, model_dir: Path, device: torch.device, wls, rows, summ, log_dir: Path) -> str:
+    from benchmarks.disagg import DisaggCluster
+
+    backend = args.attention_backend
+    if backend in ("auto", "sdpa"):
+        backend = "triton" if _triton_available(device) else "torch"
+    ps = 16
+    max_len = max(w.input_len + w.output_len for w in wls) + 16
+    prefill_pages = 2 * max(args.max_num_batched_tokens, max_len) // ps
+    decode_pages = args.disagg_decode_pages or (2048 if args.tiny else 6144)
+    n_req = args.disagg_requests
+    cl = DisaggCluster(model_dir, device.type, "float32" if device.type == "cpu" else "bfloat16", backend,
+                       prefill_pages, decode_pages, args.max_num_seqs, args.max_num_batched_tokens,
+                       max_len, log_dir)
+    t = time.perf_counter()
+    cl.start()
+    started = time.perf_counter() - t
+    try:
+        for wl in wls:
+            n = wl.num_requests if n_req is None else min(n_req, wl.num_requests)
+            res = cl.run(wl, n, args.disagg_timeout)
+            res.note = (f"attention {backend}; grpc KV; " + res.note).rstrip("; ")
+            rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    finally:
+        cl.stop()
+    return (f"attention {backend}; prefill {prefill_pages} pages, decode {decode_pages} pages; "
+            f"workers started in {started:.0f}s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu --tiny", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    wanted = set(args.workloads.split(","))
+    wls = [w for w in workloads(args.tiny) if w.name in wanted]
+    if args.disagg_requests is None and not args.tiny:
+        args.disagg_requests = 8
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-bench-logs-"))
+    t_all = time.perf_counter()
+    summ = measure_ceilings(device, args.tiny)
+    print(f"device {dev_name}: matmul {summ['matmul_flops'] / 1e12:.1f} TFLOP/s "
+          f"({summ['matmul_dtype']} {summ['matmul_n']}^3), copy {summ['copy_bw'] / 1e9:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-model-") as tmp:
+        model_dir = write_model_dir(Path(tmp), args.tiny)
+        if "hf" in modes:
+            from benchmarks.hf_baseline import run_hf
+
+            w1 = next(w for w in workloads(args.tiny) if w.name == "W1")
+            res = run_hf(TINY_LLAMA if args.tiny else LLAMA_31_8B, w1, device,
+                         torch.float32 if device.type == "cpu" else torch.bfloat16,
+                         args.hf_batch or (4 if args.tiny else 64), args.hf_batches)
+            rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        if "colocated" in modes:
+            notes["colocated"] = run_colocated(args, model_dir, device, wls, rows, summ)
+        if "disagg" in modes:
+            try:
+                notes["disagg"] = run_disagg(args, model_dir, device, wls, rows, summ, log_dir)
+            except Exception as exc:  # noqa: BLE001 - report, keep the other rows
+                notes["disagg"] = f"FAILED: {type(exc).__name__}: {exc} (logs in {log_dir})"
+                print(notes["disagg"], flush=True)
+    checks = acceptance(rows)
+    result = {
+        "device": dev_name, "date": args.date or datetime.date.today().isoformat(),
+        "commit": args.commit or _commit(), "command": "python -m benchmarks.bench " + shlex.join(argv or sys.argv[1:]),
+        "torch": torch.__version__, "tiny": args.tiny, "ceilings": summ, "notes": notes,
+        "rows": rows, "acceptance": checks, "total_s": time.perf_counter() - t_all,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    if args.results_md:
+        Path(args.results_md).write_text(results_md(result))
+    print()
+    for k, v in notes.items():
+        print(f"{k}: {v}")
+    for c in checks:
+        print(f"[{'PASS' if c['ok'] else 'MISS'}] {c['what']}: {c['value']}")
+    print(f"ceilings: matmul {summ['matmul_flops'] / 1e12:.1f} TFLOP/s, copy {summ['copy_bw'] / 1e9:.0f} GB/s; "
+          f"total {result['total_s']:.0f}s")
+    print(format_table(rows))
+    return 0
+
+
+def _get(rows, mode, wl, key):
+    for r in rows:
+        if r["mode"] == mode and r["workload"] == wl:
+            return r.get(key, float("nan"))
+    return float("nan")
+
+
+def acceptance(rows: list[dict]) -> list[dict]:
+    def fmt(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+    hf = _get(rows, "hf-generate", "W1", "output_tok_s")
+    w1 = _get(rows, "colocated", "W1", "output_tok_s")
+    mbu = _get(rows, "colocated", "W3", "decode_mbu")
+    mfu = _get(rows, "colocated", "W4", "prefill_mfu")
+    cr = _get(rows, "colocated", "W2", "cached_ratio")
+    t2, t1 = _get(rows, "colocated", "W2", "ttft_mean_s"), _get(rows, "colocated", "W1", "ttft_mean_s")
+    return [
+        {"what": "W1 output tok/s >= 5x transformers generate", "ok": w1 >= 5 * hf,
+         "value": f"{fmt(w1)} vs {fmt(hf)} ({fmt(w1 / hf if hf else float('nan'))}x)"},
+        {"what": "W3 decode MBU >= 0.6", "ok": mbu >= 0.6, "value": fmt(mbu)},
+        {"what": "W4 prefill MFU >= 0.5", "ok": mfu >= 0.5, "value": fmt(mfu)},
+        {"what": "W2 cached-token ratio >= 0.74", "ok": cr >= 0.74, "value": fmt(cr)},
+        {"what": "W2 mean TTFT <= W1 mean TTFT / 2", "ok": t2 <= t1 / 2, "value": f"{fmt(t2)} s vs {fmt(t1)} s"},
+    ]
+
+
+def results_md(r: dict) -> str:
+    c = r["ceilings"]
+    lines = [
+        "# Benchmark results", "",
+        f"- device: {r['device']}", f"- date: {r['date']}", f"- commit: {r['commit']} (plus uncommitted work)",
+        f"- command: `{r['command']}`", f"- torch {r['torch']}; total run {r['total_s']:.0f} s",
+        f"- ceilings (same call): {c['matmul_dtype']} {c['matmul_n']}^3 matmul "
+        f"{c['matmul_flops'] / 1e12:.1f} TFLOP/s; device copy {c['copy_bw'] / 1e9:.0f} GB/s (read+write)",
+        "",
+    ]
+    for k, v in r["notes"].items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "## Acceptance", ""]
+    for ch in r["acceptance"]:
+        lines.append(f"- [{'x' if ch['ok'] else ' '}] {ch['what']}: {ch['value']}")
+    lines += ["", "## Table", "", format_table(r["rows"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
