@@ -54,6 +54,15 @@ class PrefixCache:
             self.pages.move_to_end(k)
         return [self.pages[k] for k in hit]
 
+    def peek(self, tokens: list[int]) -> int:
+        """Tokens of `tokens` a prefill would take from the cache (no LRU update)."""
+        n = 0
+        for k in self.keys(tokens)[:(len(tokens) - 1) // self.ps]:
+            if k not in self.pages:
+                break
+            n += 1
+        return n * self.ps
+
     def insert(self, keys: list[int], seq_pages: list[int]) -> tuple[list[int], list[int]]:
         """Adopt copies of the given pages; returns (src, dst) page lists to copy."""
         src, dst = [], []
@@ -98,11 +107,12 @@ class ColocatedBench:
     def run(self, wl: Workload, num_requests: int | None = None) -> RunResult:
         r = self.runner
         alloc = PageAllocator(r.num_pages)
+        cache = PrefixCache(r, alloc, self.prefix_cache_pages, self.max_num_seqs) if self.prefix_cache_pages else None
         sched = DecodeScheduler(SchedulerConfig(
             page_size=r.page_size, num_pages=r.num_pages, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-            eos_token_ids=tuple(r.model_config.eos_token_ids)), alloc)
-        cache = PrefixCache(r, alloc, self.prefix_cache_pages, self.max_num_seqs) if self.prefix_cache_pages else None
+            eos_token_ids=tuple(r.model_config.eos_token_ids)), alloc,
+            cached_prefix=(lambda seq: cache.peek(seq.prompt_token_ids)) if cache is not None else None)
         sampler = Sampler(0)
         params = SamplingParams(temperature=0.0, max_tokens=wl.output_len, ignore_eos=True)
         prompts = wl.prompts(num_requests)

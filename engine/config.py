@@ -173,6 +173,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     attention_backend: str = "torch"
     seed: int = 0                                # dummy weight init
+    enforce_eager: bool = False                  # True: no CUDA graphs for decode (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

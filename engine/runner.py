@@ -47,8 +47,17 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.page_size = config.page_size
         self.num_pages = config.num_pages or self._auto_num_pages()
-        self.kv = KVCache(mc.num_layers, self.num_pages, self.page_size, mc.num_kv_heads,
+        self.graphs = None
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                      and config.attention_backend == "triton")
+        # With graphs, one scratch page beyond the pool takes the padding rows' K/V.
+        self.kv = KVCache(mc.num_layers, self.num_pages + int(use_graphs), self.page_size, mc.num_kv_heads,
                           mc.head_dim, self.dtype, self.device)
+        if use_graphs:
+            from engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
+            self.graphs.capture()
         log.info("model %s (%s, %s) on %s: %d KV pages of %d tokens, max_model_len %d",
                  self.model_path, mc.arch, self.dtype, self.device, self.num_pages,
                  self.page_size, self.max_model_len)
@@ -86,6 +95,11 @@ class ModelRunner:
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
             [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
             token_ids=list(chain.from_iterable(s.token_ids for s in seqs)))
+        if (self.graphs is not None and on_layer_done is None and meta.is_decode
+                and self.backend is self.graphs.backend):
+            logits = self.graphs.run(meta, ids)
+            if logits is not None:
+                return logits
         hidden = self.model(ids, meta, self.kv, self.backend, on_layer_done)
         last = meta.cu_seqlens[1:].long() - 1
         return self.model.compute_logits(hidden[last])

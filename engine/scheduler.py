@@ -35,6 +35,7 @@ seq never pushes out an older running one.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 from dataclasses import dataclass
 
 from engine.page_allocator import PageAllocator
@@ -97,13 +98,17 @@ class SchedulerOutput:
 
 
 class DecodeScheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator | None = None):
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator | None = None,
+                 cached_prefix: Callable[[Sequence], int] | None = None):
+        """cached_prefix(seq): leading tokens a prefix cache will supply when `seq` is
+        prefilled locally; only the rest counts against max_num_batched_tokens."""
         if allocator is None:
             allocator = PageAllocator(config.num_pages)
         elif allocator.num_total != config.num_pages:
             raise ValueError(f"allocator has {allocator.num_total} pages, config says {config.num_pages}")
         self.config = config
         self.allocator = allocator
+        self._cached_prefix = cached_prefix
         self._eos = frozenset(config.eos_token_ids)
         self._waiting: deque[Sequence] = deque()
         # Admitted seqs (AWAITING_KV, PREFILLING, RUNNING) in admission order.
@@ -169,7 +174,10 @@ class DecodeScheduler:
         while self._waiting and len(self._admitted) < cfg.max_num_seqs:
             seq = self._waiting[0]
             n_tok = seq.num_tokens
-            if not seq.remote_kv and prefill and prefill_tokens + n_tok > cfg.max_num_batched_tokens:
+            n_new = n_tok
+            if self._cached_prefix is not None and not seq.remote_kv:
+                n_new = max(1, n_tok - self._cached_prefix(seq))
+            if not seq.remote_kv and prefill and prefill_tokens + n_new > cfg.max_num_batched_tokens:
                 break
             need = pages_needed(n_tok, cfg.page_size)
             if alloc.num_free - decode_reserve < need:
@@ -183,7 +191,7 @@ class DecodeScheduler:
             else:
                 seq.status = S.PREFILLING
                 prefill.append(seq)
-                prefill_tokens += n_tok
+                prefill_tokens += n_new
 
         # b) decode: oldest first; on a page shortage preempt the newest RUNNING.
         decode: list[Sequence] = []

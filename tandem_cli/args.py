@@ -32,6 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -56,6 +57,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
 
 

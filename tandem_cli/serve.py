@@ -49,7 +49,7 @@ def engine_flags(args: argparse.Namespace, model: str) -> list[str]:
              "--kv-cache-memory", str(args.kv_cache_memory), "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens),
              "--attention-backend", args.attention_backend, "--seed", str(args.seed),
-             "--log-level", args.log_level]
+             "--log-level", args.log_level] + (["--enforce-eager"] if args.enforce_eager else [])
     for name, value in (("--device", args.device), ("--num-pages", args.num_pages),
                         ("--max-model-len", args.max_model_len)):
         if value is not None:

@@ -41,15 +41,19 @@ def hf_outputs(tiny_dirs):
     return outs
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_triton_greedy_matches_hf(arch, page_size, tiny_dirs, hf_outputs):
+def test_triton_greedy_matches_hf(arch, page_size, eager, tiny_dirs, hf_outputs):
     runner = make_runner(tiny_dirs[arch], page_size=page_size,
                          num_pages=(sum(PROMPT_LENS) + 8 * MAX_NEW) // page_size + 16,
-                         device="cuda", attention_backend="triton")
+                         device="cuda", attention_backend="triton", enforce_eager=eager, max_num_seqs=16)
     assert runner.backend.name == "triton"
+    assert (runner.graphs is None) == eager
     prompts = make_prompts(tiny_dirs[arch])
     ours = runner_greedy(runner, prompts, MAX_NEW)
     for i, (mine, ref) in enumerate(zip(ours, hf_outputs[arch])):
         assert mine == ref, f"{arch} prompt {i} (len {len(prompts[i])}) diverges"
     assert len({t for o in ours for t in o}) > 10
+    if not eager:  # decode steps replayed graphs, each bucket checked against eager once
+        assert runner.graphs.enabled and runner.graphs.verified

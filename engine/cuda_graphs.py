@@ -1,0 +1,126 @@
+"""CUDA graphs for decode steps (one new token per sequence).
+
+An eager decode step of an 8B model launches over a thousand small kernels;
+at large batch the Python launch cost alone rivals the memory-bound GPU time.
+Replaying a captured graph removes it. Lifecycle:
+
+  1. `DecodeGraphs(runner, max_batch)` allocates static input buffers sized for
+     `max_batch` sequences and `max_model_len` tokens, and needs one scratch
+     page beyond the caller-visible pool (padding rows write their K/V there).
+  2. `capture()` records one graph per batch-size bucket, largest first, all in
+     one memory pool. Each graph runs embed -> layers -> norm -> logits for a
+     bucket; grids are sized for `max_model_len` so any context fits.
+  3. `run(meta, ids)`: copy this step's inputs into the static buffers (padding
+     rows point at the scratch slot), replay the smallest bucket that fits, and
+     return a copy of the logits. The first replay of each bucket is checked
+     against an eager forward of the same batch; a mismatch disables graphs
+     (logged), so a capture problem costs speed, never correctness.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.attention.base import AttentionMetadata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", max_batch: int) -> None:
+        self.runner = runner
+        self.backend = runner.backend      # graphs are only valid for the backend captured
+        dev = runner.device
+        self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
+        B = max_batch
+        self.max_pages = -(-runner.max_model_len // runner.page_size)
+        self.scratch_slot = runner.num_pages * runner.page_size   # first slot of the scratch page
+        self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.slots = torch.full((B,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
+        self.start_pos = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((B, self.max_pages), dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verified: set[int] = set()
+        self.enabled = True
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            page_size=self.runner.page_size, positions=self.positions[:bs], slot_mapping=self.slots[:bs],
+            cu_seqlens=self.cu_seqlens[:bs + 1], start_pos=self.start_pos[:bs], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], start_pos_list=(0,) * bs, new_lens_list=(1,) * bs,
+            page_tables_list=((),) * bs, max_new_len=1, max_seq_len=self.runner.max_model_len)
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        r = self.runner
+        hidden = r.model(self.ids[:bs], meta, r.kv, r.backend, None)
+        return r.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        torch.cuda.synchronize()
+        for bs in sorted(self.buckets, reverse=True):
+            meta = self._meta(bs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile / warm up outside the capture
+                for _ in range(2):
+                    self._forward(bs, meta)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(bs, meta)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, out)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", ",".join(map(str, self.buckets)))
+
+    def bucket(self, batch: int) -> int | None:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        return None
+
+    def run(self, meta: AttentionMetadata, ids: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, vocab] for a decode batch, or None when no graph applies."""
+        B = meta.num_seqs
+        bs = self.bucket(B) if self.enabled else None
+        if bs is None or bs not in self.graphs:
+            return None
+        P = meta.block_tables.shape[1]
+        self.ids[:B].copy_(ids)
+        self.positions[:B].copy_(meta.positions)
+        self.slots[:B].copy_(meta.slot_mapping)
+        self.seq_lens[:B].copy_(meta.seq_lens)
+        self.block_tables[:B, :P].copy_(meta.block_tables)
+        if bs > B:
+            self.slots[B:bs].fill_(self.scratch_slot)
+            self.seq_lens[B:bs].fill_(1)
+        graph, out = self.graphs[bs]
+        graph.replay()
+        logits = out[:B].clone()
+        if bs not in self.verified:
+            self._verify(bs, meta, ids, logits)
+        return logits
+
+    def _verify(self, bs: int, meta: AttentionMetadata, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        r = self.runner
+        # Re-running eagerly rewrites the same K/V into the same slots: idempotent.
+        ref = r.model.compute_logits(r.model(ids, meta, r.kv, r.backend, None))
+        err = float((logits - ref).norm() / ref.norm().clamp_min(1e-6))
+        if not err < 2e-2:
+            self.enabled = False
+            log.error("decode CUDA graph for batch %d disagrees with eager (rel err %.3g): graphs disabled",
+                      bs, err)
+            logits.copy_(ref)
+        self.verified.add(bs)
