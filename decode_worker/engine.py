@@ -87,8 +87,10 @@ class DecodeEngine(EngineThread):
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def step(self) -> None:
+    def step(self) -> bool:
         out = self.scheduler.schedule()
+        if out.is_empty:
+            return False  # only requests waiting for KV or pages: sleep until a command
         self.counters.steps += 1
         self.counters.preemptions += len(out.preempted)
         for seq in out.reserved:
@@ -99,6 +101,7 @@ class DecodeEngine(EngineThread):
             self._run_prefill(out.prefill)
         if out.decode:
             self._run_decode(out.decode)
+        return True
 
     def _run_prefill(self, seqs: list[Sequence]) -> None:
         batch = [

@@ -118,7 +118,12 @@ class DecodeGraphs:
         # Re-running eagerly rewrites the same K/V into the same slots: idempotent.
         ref = r.model.compute_logits(r.model(ids, meta, r.kv, r.backend, None))
         err = float((logits - ref).norm() / ref.norm().clamp_min(1e-6))
-        if not err < 2e-2:
+        # fp32: the graph must agree closely. 16-bit: the graph's decode uses another
+        # split-KV count (sized for max_model_len), and rounding differences grow
+        # through deep random-weight stacks (eager triton vs the fp32 reference
+        # differs by ~0.06 on Llama-8B dummy weights); a wrong index gives ~1.
+        tol = 1e-3 if logits.dtype == torch.float32 and r.dtype == torch.float32 else 0.25
+        if not err < tol:
             self.enabled = False
             log.error("decode CUDA graph for batch %d disagrees with eager (rel err %.3g): graphs disabled",
                       bs, err)

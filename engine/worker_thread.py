@@ -7,6 +7,11 @@ a long forward pass never blocks RPCs. Lifecycle:
   2. The asyncio side calls `post(fn, *args)`: fn runs on the engine thread
      before its next step (commands are the only way state changes hands).
   3. While `has_work()` is true the thread alternates: drain inbox, `step()`.
+     A step that finds nothing to run (e.g. every request is waiting for KV
+     from a prefill worker) returns False, and the thread then sleeps on the
+     inbox until the next command instead of spinning (a spinning thread
+     would starve the event loop of the GIL and stall the very transfers it
+     waits for).
   4. Results go back with `reply(fn, *args)`, which schedules fn on the loop.
   5. `stop()` ends the loop after the current step and joins the thread.
 
@@ -52,7 +57,8 @@ class EngineThread:
     def has_work(self) -> bool:
         raise NotImplementedError
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Run one step; return False when there was nothing to run."""
         raise NotImplementedError
 
     def on_step_error(self, exc: BaseException) -> None:
@@ -75,15 +81,17 @@ class EngineThread:
                 return True
 
     def _run(self) -> None:
+        idle = False
         try:
             while not self._stopping:
-                if not self._drain(block=not self.has_work()):
+                if not self._drain(block=idle or not self.has_work()):
                     return
                 if self._stopping:
                     return
+                idle = False
                 if self.has_work():
                     try:
-                        self.step()
+                        idle = self.step() is False
                     except Exception as exc:  # noqa: BLE001 - reported to requests
                         log.exception("engine step failed")
                         self.on_step_error(exc)

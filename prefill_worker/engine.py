@@ -153,10 +153,10 @@ class PrefillEngine(EngineThread):
             tokens += n - job.cached_tokens
         return batch
 
-    def step(self) -> None:
+    def step(self) -> bool:
         batch = self._take_batch()
         if not batch:
-            return
+            return False  # nothing fits now; sleep until the next command
         ok = False
         try:
             seqs = [ForwardSeq(token_ids=j.prompt_token_ids[j.cached_tokens:], start_pos=j.cached_tokens,
@@ -184,3 +184,4 @@ class PrefillEngine(EngineThread):
         finally:
             for job in batch:
                 self._release(job, insert=ok)
+        return True
