@@ -197,6 +197,11 @@ class PrefillStub:
                 request_serializer=proto_dot_tandem__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.CacheEvents = channel.unary_stream(
+                '/tandem.v1.Prefill/CacheEvents',
+                request_serializer=proto_dot_tandem__pb2.CacheEventsRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem__pb2.CacheEvent.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/tandem.v1.Prefill/Abort',
                 request_serializer=proto_dot_tandem__pb2.AbortRequest.SerializeToString,
@@ -214,6 +219,13 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CacheEvents(self, request, context):
+        """A RESET, a snapshot of the cache as INSERTs, then changes as they happen.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +249,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=proto_dot_tandem__pb2.PrefillRequest.FromString,
                     response_serializer=proto_dot_tandem__pb2.PrefillResponse.SerializeToString,
+            ),
+            'CacheEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.CacheEvents,
+                    request_deserializer=proto_dot_tandem__pb2.CacheEventsRequest.FromString,
+                    response_serializer=proto_dot_tandem__pb2.CacheEvent.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -276,6 +293,33 @@ class Prefill:
             '/tandem.v1.Prefill/Prefill',
             proto_dot_tandem__pb2.PrefillRequest.SerializeToString,
             proto_dot_tandem__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CacheEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Prefill/CacheEvents',
+            proto_dot_tandem__pb2.CacheEventsRequest.SerializeToString,
+            proto_dot_tandem__pb2.CacheEvent.FromString,
             options,
             channel_credentials,
             insecure,

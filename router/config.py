@@ -21,16 +21,21 @@ class RouterConfig:
     max_model_len: int | None = None            # prompt tokens + max_tokens must fit; None = config.json's
                                                 # max_position_embeddings (see `resolved`)
     request_timeout_s: float = 600.0            # deadline of one whole Generate call (prefill + all decode steps)
+    etcd_endpoints: tuple[str, ...] = ()        # "host:port" of etcd; () = the static address lists above
+    etcd_prefix: str = "/tandem"                # key prefix of this cluster's members
+    placement: str = "cache_aware"              # "round_robin" | "least_load" | "cache_aware"
 
     def __post_init__(self) -> None:
-        if not self.decode_addresses:
-            raise ValueError("RouterConfig.decode_addresses must name at least one decode worker")
+        if not self.decode_addresses and not self.etcd_endpoints:
+            raise ValueError("RouterConfig needs decode_addresses or etcd_endpoints")
+        if self.placement not in ("round_robin", "least_load", "cache_aware"):
+            raise ValueError(f"unknown placement policy {self.placement!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         # Normalise sequences handed in as lists so the dataclass stays hashable.
-        for name in ("decode_addresses", "prefill_addresses", "served_model_names"):
+        for name in ("decode_addresses", "prefill_addresses", "served_model_names", "etcd_endpoints"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property

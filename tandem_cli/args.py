@@ -67,6 +67,16 @@ def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def add_cluster_args(p: argparse.ArgumentParser, worker: bool) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--etcd", default="", help="comma-separated etcd endpoints host:port (empty: static members)")
+    g.add_argument("--etcd-prefix", default="/tandem", help="key prefix of this cluster in etcd")
+    if worker:
+        g.add_argument("--member-ttl", type=float, default=10.0, help="etcd lease TTL in seconds")
+        g.add_argument("--metrics-port", type=int, default=None,
+                       help="port of this worker's Prometheus /metrics (default: --port + 1000; 0 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,19 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one worker does prefill and decode (no KV transfer)")
     serve.add_argument("--worker-base-port", type=int, default=0, help="0 = pick free ports")
 
+    serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
+    serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
+
     router = sub.add_parser("router", help="run the OpenAI-compatible gateway")
     add_server_args(router, default_port=8000)
     router.add_argument("--model", required=True, help="checkpoint dir (for tokenizer and config)")
     router.add_argument("--served-model-name", action="append", default=None)
     router.add_argument("--api-key", default=None)
     router.add_argument("--max-model-len", type=int, default=None)
-    router.add_argument("--decode", required=True, help="comma-separated decode worker addresses")
+    router.add_argument("--decode", default="", help="comma-separated decode worker addresses (static members)")
     router.add_argument("--prefill", default="", help="comma-separated prefill worker addresses (empty: colocated)")
     router.add_argument("--request-timeout", type=float, default=600.0)
+    router.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
+    add_cluster_args(router, worker=False)
 
     for role, port in (("prefill", 50061), ("decode", 50051)):
         w = sub.add_parser(role, help=f"run one {role} worker")
         add_engine_args(w)
         add_server_args(w, default_port=port)
         w.add_argument("--advertise-host", default=None, help="host other workers use to reach this one")
+        add_cluster_args(w, worker=True)
     return parser

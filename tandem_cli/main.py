@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
             decode_addresses=tuple(a for a in args.decode.split(",") if a),
             prefill_addresses=tuple(a for a in args.prefill.split(",") if a),
             request_timeout_s=args.request_timeout,
+            etcd_endpoints=tuple(a for a in args.etcd.split(",") if a),
+            etcd_prefix=args.etcd_prefix, placement=args.placement,
         ))
         return
     config = engine_config_from_args(args)
