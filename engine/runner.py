@@ -40,6 +40,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, mc)
         self.model = load_model(self.model_path, mc, self.dtype, self.device,
                                 config.load_format, config.seed)
+        self.model.fuse_projections()
         self.backend = get_attention_backend(config.attention_backend)
         limit = mc.max_position_embeddings
         if mc.sliding_window is not None:  # sliding-window attention is not implemented
