@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install serve test proto
+.PHONY: install serve test proto etcd
 
 install:
 	@# CPU machines: take the CPU build of torch that lies on disk before the project,
@@ -14,8 +14,18 @@ install:
 serve: install
 	tandem serve
 
-test: install
+test: install etcd
 	$(PYTHON) -m pytest -q
+
+# The membership tests run a real etcd (Debian package etcd-server). Installed here when
+# missing and we are root with apt-get (CI); otherwise those tests skip and say why.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; \
+		else \
+			echo "warning: no etcd binary and cannot apt-get install etcd-server: membership tests will skip"; \
+		fi; }
 
 proto:
 	$(PYTHON) -m proto.gen

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from decode_worker.engine import DecodeEngine
 from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
 from engine.grpc_util import make_server, wait_for_shutdown
+from engine.metrics import start_metrics_server
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler, SchedulerConfig
 from kvtransfer.base import get_backend
+from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
@@ -29,21 +32,37 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
 
 
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
-                       kv_backend: str = "grpc") -> None:
+                       kv_backend: str = "grpc", registry_config=None, metrics_address: str = "") -> None:
+    """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving."""
+    start_epoch_ms = int(time.time() * 1000)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, make_decode_engine, config, loop)
     engine.start()
     kv = engine.runner.kv
     receiver = get_backend(kv_backend).receiver_cls(kv.k, kv.v, engine.runner.page_size, advertise)
     server = make_server()
-    pbg.add_DecodeServicer_to_server(DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise)), server)
+    servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise))
+    pbg.add_DecodeServicer_to_server(servicer, server)
     receiver.add_to_server(server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
+    start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
+    registry = None
+    if registry_config is not None:
+        from membership.registry import Registry
+
+        registry = servicer.registry = Registry(registry_config, pb.MemberInfo(
+            role="decode", model=config.model, grpc_address=advertise, kv_address=advertise,
+            metrics_address=metrics_address, num_pages=engine.runner.num_pages,
+            page_size=engine.runner.page_size, max_batch=config.max_num_seqs, start_epoch_ms=start_epoch_ms))
+        await registry.start()
     try:
         await wait_for_shutdown()
     finally:
+        if registry is not None:
+            await registry.stop()  # revoke first: the router stops placing work here
         await server.stop(grace=2)
         engine.stop()

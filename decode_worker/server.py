@@ -10,6 +10,10 @@ Generate(request) lifecycle, one coroutine per request:
   4. `finally`: if the request did not finish (client cancelled, prefill or
      transfer failed, timeout) abort it everywhere: engine pages, the KV
      transfer and the Prefill call.
+
+Metrics (`engine.metrics.WorkerMetrics`, served on the worker's metrics port):
+engine state is read at scrape time (`metrics_snapshot`); steps and transfers
+are observed through the engine's and receiver's hooks.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 
 from decode_worker.engine import DecodeEngine
+from engine.metrics import WorkerMetrics, WorkerSnapshot
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from kvtransfer.base import TransferState
@@ -63,13 +68,30 @@ class _Sink:
 
 
 class DecodeServicer(pbg.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, receiver, config: DecodeServerConfig) -> None:
+    registry = None  # membership.registry.Registry (--etcd): no new work while not registered
+    def __init__(self, engine: DecodeEngine, receiver, config: DecodeServerConfig,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.receiver = receiver
         self.config = config
         self._prefill_channels: dict[str, grpc.aio.Channel] = {}
         self.cached_prompt_tokens = 0
         self.computed_prompt_tokens = 0
+        self.metrics = metrics or WorkerMetrics(role="decode", address=config.address)
+        self.metrics.attach(self.metrics_snapshot, engine=engine, transport=receiver)
+
+    def metrics_snapshot(self) -> WorkerSnapshot:
+        """Read at scrape time, off the event loop (see engine/metrics.py)."""
+        st, c = self.engine.stats(), self.engine.counters
+        return WorkerSnapshot(
+            kv_pages_total=st["num_pages"], kv_pages_free=st["free_pages"], waiting_requests=st["waiting"],
+            running_requests=st["running"],
+            prompt_tokens_computed=c.prefilled_tokens,  # local prefills (colocated, recompute after preemption)
+            generated_tokens=c.decoded_tokens, preemptions=c.preemptions,
+            kv_transfers_active=self.receiver.active_transfers,
+            kv_transfer_bytes=getattr(self.receiver, "bytes_received", 0),
+            kv_transfer_chunks=getattr(self.receiver, "chunks_received", 0),
+        )
 
     def _prefill_stub(self, address: str) -> pbg.PrefillStub:
         ch = self._prefill_channels.get(address)
@@ -79,6 +101,8 @@ class DecodeServicer(pbg.DecodeServicer):
         return pbg.PrefillStub(ch)
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        if self.registry is not None and not self.registry.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not registered in etcd (lease lapsed); no new work")
         rid = request.request_id or uuid.uuid4().hex
         params = SamplingParams.from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
@@ -147,6 +171,8 @@ class DecodeServicer(pbg.DecodeServicer):
             raise _PrefillFailed(f"prefill worker {request.prefill_address} failed: "
                                  f"{exc.code().name}: {exc.details()}") from exc
         state = await self.receiver.wait(transfer_id, self.config.kv_transfer_timeout_s)
+        if not state.terminal:
+            self.metrics.transfer_failed("timeout")
         if state != TransferState.DONE:
             raise _PrefillFailed(f"KV transfer {transfer_id} ended in state {state.name}: "
                                  f"{self.receiver.error(transfer_id)}")

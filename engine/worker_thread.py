@@ -14,6 +14,8 @@ a long forward pass never blocks RPCs. Lifecycle:
      waits for).
   4. Results go back with `reply(fn, *args)`, which schedules fn on the loop.
   5. `stop()` ends the loop after the current step and joins the thread.
+  `step_observer(seconds)`, when set (metrics), is called on the engine thread
+  after every step that ran work.
 
 Subclasses implement `has_work()` and `step()` and keep all engine state
 private to the thread.
@@ -24,6 +26,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = False
         self.fatal_error: BaseException | None = None
+        self.step_observer: Callable[[float], None] | None = None
 
     # -- asyncio side -------------------------------------------------------
     def start(self) -> None:
@@ -91,7 +95,10 @@ class EngineThread:
                 idle = False
                 if self.has_work():
                     try:
+                        t0 = time.perf_counter()
                         idle = self.step() is False
+                        if not idle and self.step_observer is not None:
+                            self.step_observer(time.perf_counter() - t0)
                     except Exception as exc:  # noqa: BLE001 - reported to requests
                         log.exception("engine step failed")
                         self.on_step_error(exc)

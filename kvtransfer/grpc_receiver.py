@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import torch
@@ -17,12 +20,16 @@ from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
 from kvtransfer.grpc_common import _INLINE_CRC_BYTES, _LIVE, _Code, dtype_name, _chunk_crc
 
-class _Reject(Exception):
-    """A chunk is refused with `code`; `fail` (a verified transfer) is marked FAILED too."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, code: grpc.StatusCode, msg: str, fail: "_Transfer | None" = None) -> None:
+class _Reject(Exception):
+    """A chunk is refused with `code`; `fail` (a verified transfer) is marked FAILED too,
+    with `reason` (a short metrics label)."""
+
+    def __init__(self, code: grpc.StatusCode, msg: str, fail: "_Transfer | None" = None,
+                 reason: str = "invalid_chunk") -> None:
         super().__init__(msg)
-        self.code, self.msg, self.fail = code, msg, fail
+        self.code, self.msg, self.fail, self.reason = code, msg, fail, reason
 
 
 @dataclass
@@ -38,10 +45,14 @@ class _Transfer:
     error: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_write: object | None = None         # CUDA event after the latest pool write
+    opened_at: float = field(default_factory=time.monotonic)
 
 
 class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
-    """Receives KV chunks into `k_layers[l]` / `v_layers[l]` ([num_pages, page_size, kvh, hd])."""
+    """Receives KV chunks into `k_layers[l]` / `v_layers[l]` ([num_pages, page_size, kvh, hd]).
+
+    `on_transfer_end(state, seconds, reason)`, when set, is called on the event loop as each
+    transfer ends (DONE / FAILED / ABORTED; seconds since `open`; reason: a short label for FAILED)."""
 
     def __init__(self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor],
                  page_size: int, address: str = "") -> None:
@@ -59,6 +70,7 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
         self.bytes_received = 0
         self.chunks_received = 0
         self.chunks_rejected = 0
+        self.on_transfer_end: Callable[[TransferState, float, str], None] | None = None
         self._transfers: dict[str, _Transfer] = {}
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -116,10 +128,15 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
     def active_transfers(self) -> int:
         return sum(t.state in _LIVE for t in self._transfers.values())
 
-    def _finish(self, t: _Transfer, state: TransferState, error: str | None = None) -> None:
+    def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
         if t.state in _LIVE:
             t.state, t.error = state, error
             t.done.set()
+            if self.on_transfer_end is not None:
+                try:
+                    self.on_transfer_end(state, time.monotonic() - t.opened_at, reason)
+                except Exception:  # noqa: BLE001 - an observer must not break the transfer
+                    log.exception("on_transfer_end hook failed")
 
     # -- gRPC servicer ------------------------------------------------------
     async def Push(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PushAck:
@@ -135,7 +152,7 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
                 except _Reject as r:
                     self.chunks_rejected += 1
                     if r.fail is not None:
-                        self._finish(r.fail, TransferState.FAILED, r.msg)
+                        self._finish(r.fail, TransferState.FAILED, r.msg, r.reason)
                     await context.abort(r.code, r.msg)
                 tid = t.transfer_id
                 chunks += 1
@@ -143,7 +160,8 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
         except asyncio.CancelledError:  # the sender went away or cancelled
             t = self._transfers.get(tid or "")
             if t is not None:
-                self._finish(t, TransferState.FAILED, "Push stream broken before the transfer completed")
+                self._finish(t, TransferState.FAILED, "Push stream broken before the transfer completed",
+                             "stream_broken")
             raise
         if tid is None:
             await context.abort(_Code.INVALID_ARGUMENT, "empty Push stream")
@@ -152,7 +170,8 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
             await context.abort(_Code.NOT_FOUND, f"transfer {tid!r} was closed")
         if t.state is not TransferState.DONE:
             left = t.pages_left
-            self._finish(t, TransferState.FAILED, f"Push stream ended with {left} layer-pages missing")
+            self._finish(t, TransferState.FAILED, f"Push stream ended with {left} layer-pages missing",
+                         "incomplete")
             await context.abort(_Code.FAILED_PRECONDITION, f"transfer is {t.state.value}; {left} layer-pages missing")
         return pb.PushAck(transfer_id=tid, chunks=chunks, bytes=nbytes)
 
@@ -191,7 +210,7 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
         else:
             crc = _chunk_crc(chunk.k, chunk.v)
         if crc != chunk.crc32:
-            raise _Reject(_Code.INVALID_ARGUMENT, "crc32 mismatch", t)
+            raise _Reject(_Code.INVALID_ARGUMENT, "crc32 mismatch", t, reason="crc_mismatch")
         self._check(chunk)                                # state may have moved while hashing
         self._write(t, chunk)                             # no await between check and write
         self.bytes_received += payload

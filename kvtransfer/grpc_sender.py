@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import time
+from typing import Callable
 
 import grpc
 import torch
@@ -14,6 +17,8 @@ from kvtransfer.base import (Destination, KVSender, SendHandle,
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
 from kvtransfer.grpc_common import GRPC_OPTIONS, DEFAULT_MAX_CHUNK_BYTES, dtype_name, tensor_bytes, _chunk_crc
+
+log = logging.getLogger(__name__)
 
 def _serialise(dst: Destination, layer: int, page_offset: int, k: torch.Tensor, v: torch.Tensor,
                ready: object | None, max_chunk_bytes: int) -> list[pb.KVChunk]:
@@ -54,6 +59,8 @@ class GrpcSendHandle(SendHandle):
         self._queue: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
         self._state = TransferState.PENDING
         self._error: str | None = None
+        self._reason = ""                    # short label of a failure (metrics)
+        self._started = time.monotonic()
         self._finished = False
         self._call = pbg.KVReceiverStub(channel).Push(self._requests(), timeout=sender.deadline_s)
         self._task = self._loop.create_task(self._run())
@@ -116,9 +123,9 @@ class GrpcSendHandle(SendHandle):
             self._state = TransferState.ABORTED
             self._call.cancel()
 
-    def _fail(self, error: str) -> None:
+    def _fail(self, error: str, reason: str) -> None:
         if not self._state.terminal:
-            self._state, self._error = TransferState.FAILED, error
+            self._state, self._error, self._reason = TransferState.FAILED, error, reason
 
     async def _requests(self):
         while True:
@@ -128,7 +135,7 @@ class GrpcSendHandle(SendHandle):
             try:
                 chunks = await fut
             except Exception as e:  # noqa: BLE001 - reported through the handle
-                self._fail(f"serialising KV failed: {e!r}")
+                self._fail(f"serialising KV failed: {e!r}", "serialise")
                 self._call.cancel()
                 return
             for c in chunks:
@@ -136,6 +143,8 @@ class GrpcSendHandle(SendHandle):
                     self._state = TransferState.IN_PROGRESS
                 self.chunks_sent += 1
                 self.bytes_sent += len(c.k) + len(c.v)
+                self._sender.chunks_streamed += 1
+                self._sender.bytes_streamed += len(c.k) + len(c.v)
                 yield c
 
     async def _run(self) -> None:
@@ -145,17 +154,20 @@ class GrpcSendHandle(SendHandle):
             if asyncio.current_task().cancelling():
                 self._abort()
                 raise
-            self._fail("Push call cancelled")
+            self._fail("Push call cancelled", "cancelled")
         except grpc.aio.AioRpcError as e:
-            self._fail(f"{e.code().name}: {e.details()}")
+            self._fail(f"{e.code().name}: {e.details()}", f"rpc_{e.code().name.lower()}")
         else:
             if ack.chunks != self.chunks_sent or ack.bytes != self.bytes_sent:
-                self._fail(f"ack for {ack.chunks} chunks/{ack.bytes} B, sent {self.chunks_sent}/{self.bytes_sent}")
+                self._fail(f"ack for {ack.chunks} chunks/{ack.bytes} B, sent {self.chunks_sent}/{self.bytes_sent}",
+                           "ack_mismatch")
             elif not self._state.terminal:
                 self._state = TransferState.DONE
                 self._sender.bytes_sent += self.bytes_sent
         finally:
             self._sender._handles.discard(self)
+            if self._state.terminal:
+                self._sender._transfer_ended(self._state, time.monotonic() - self._started, self._reason)
             # release any queued serialisations
             while not self._queue.empty():
                 fut = self._queue.get_nowait()
@@ -164,18 +176,35 @@ class GrpcSendHandle(SendHandle):
 
 
 class GrpcKVSender(KVSender):
-    """Streams transfers to GrpcKVReceivers. Bound to the event loop of its first `start()`."""
+    """Streams transfers to GrpcKVReceivers. Bound to the event loop of its first `start()`.
+
+    `on_transfer_end(state, seconds, reason)`, when set, is called on the event loop as each
+    transfer ends (DONE / FAILED / ABORTED; seconds since `start`; reason: a short label for FAILED)."""
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, deadline_s: float | None = None,
                  serialise_threads: int = 4, channel_options: list | None = None) -> None:
         self.max_chunk_bytes = max_chunk_bytes
         self.deadline_s = deadline_s          # per-transfer RPC deadline (None: none)
-        self.bytes_sent = 0
+        self.bytes_sent = 0        # K+V bytes of transfers that completed
+        self.bytes_streamed = 0    # K+V bytes of every chunk handed to gRPC
+        self.chunks_streamed = 0
+        self.on_transfer_end: Callable[[TransferState, float, str], None] | None = None
         self._options = list(GRPC_OPTIONS if channel_options is None else channel_options)
         self._executor = concurrent.futures.ThreadPoolExecutor(serialise_threads, thread_name_prefix="kv-ser")
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._handles: set[GrpcSendHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def active_transfers(self) -> int:
+        return len(self._handles)
+
+    def _transfer_ended(self, state: TransferState, seconds: float, reason: str) -> None:
+        if self.on_transfer_end is not None:
+            try:
+                self.on_transfer_end(state, seconds, reason)
+            except Exception:  # noqa: BLE001 - an observer must not break the transfer
+                log.exception("on_transfer_end hook failed")
 
     def start(self, dst) -> GrpcSendHandle:
         dst = Destination.coerce(dst)

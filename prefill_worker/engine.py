@@ -16,6 +16,12 @@ Per request (driven by prefill_worker/server.py):
      failed pass frees the job's own pages instead.
   4. `abort(request_id)` drops a queued job; a job already computed has its
      sender aborted by the server.
+
+Cache events (for the router's cache-aware placement): `subscribe_cache_events(cb)`
+runs on the engine thread, so the snapshot and the live changes after it neither
+overlap nor leave a gap: cb gets ("reset", []), ("insert", <every cached full
+page>), then each ("insert" | "evict", hashes) as the radix tree changes, always
+on the event loop and in order. `unsubscribe_cache_events(cb)` stops them.
 """
 from __future__ import annotations
 
@@ -75,6 +81,31 @@ class PrefillEngine(EngineThread):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.counters = PrefillCounters()
         self._queue: deque[PrefillJob] = deque()
+        self._cache_subscribers: list[Callable[[str, list[int]], None]] = []  # engine thread only
+
+    # -- cache events (see the module docstring) ------------------------------
+    def subscribe_cache_events(self, callback: Callable[[str, list[int]], None]) -> None:
+        self.post(self._subscribe, callback)
+
+    def unsubscribe_cache_events(self, callback: Callable[[str, list[int]], None]) -> None:
+        self.post(self._unsubscribe, callback)
+
+    def _subscribe(self, callback: Callable[[str, list[int]], None]) -> None:
+        self.reply(callback, "reset", [])
+        snapshot = self.cache.full_page_hashes()
+        if snapshot:
+            self.reply(callback, "insert", snapshot)
+        self._cache_subscribers.append(callback)
+        self.cache.listener = self._on_cache_event  # hashes are computed only while someone listens
+
+    def _unsubscribe(self, callback: Callable[[str, list[int]], None]) -> None:
+        self._cache_subscribers = [c for c in self._cache_subscribers if c is not callback]
+        if not self._cache_subscribers:
+            self.cache.listener = None
+
+    def _on_cache_event(self, kind: str, hashes: list[int]) -> None:
+        for callback in self._cache_subscribers:
+            self.reply(callback, kind, hashes)
 
     def submit(self, job: PrefillJob) -> None:
         self.post(self._queue.append, job)

@@ -3,34 +3,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from engine.config import EngineConfig
 from engine.grpc_util import make_server, wait_for_shutdown
+from engine.metrics import start_metrics_server
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from kvtransfer.base import get_backend
 from prefill_worker.engine import PrefillEngine
 from prefill_worker.server import PrefillServicer
+from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
 
-async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: str = "grpc") -> None:
+async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: str = "grpc",
+                        advertise: str = "", registry_config=None, metrics_address: str = "") -> None:
+    """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving."""
+    start_epoch_ms = int(time.time() * 1000)
+    advertise = advertise or f"{host}:{port}"
     loop = asyncio.get_running_loop()
     runner = await loop.run_in_executor(None, ModelRunner, config)
     engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens)
     engine.start()
     sender = get_backend(kv_backend).sender_cls()
     server = make_server()
-    pbg.add_PrefillServicer_to_server(PrefillServicer(engine, sender), server)
+    servicer = PrefillServicer(engine, sender)
+    pbg.add_PrefillServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
+    start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
+    registry = None
+    if registry_config is not None:
+        from membership.registry import Registry
+
+        registry = servicer.registry = Registry(registry_config, pb.MemberInfo(
+            role="prefill", model=config.model, grpc_address=advertise, kv_address=advertise,
+            metrics_address=metrics_address, num_pages=runner.num_pages, page_size=runner.page_size,
+            max_batch=config.max_num_seqs, start_epoch_ms=start_epoch_ms))
+        await registry.start()
     try:
         await wait_for_shutdown()
     finally:
+        if registry is not None:
+            await registry.stop()  # revoke first: the router stops placing work here
         await server.stop(grace=2)
         await sender.close()
         engine.stop()

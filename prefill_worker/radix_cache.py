@@ -39,16 +39,29 @@ Request lifecycle and locking rules
    at the positions given); or, on failure, unlock and free the own pages.
 Locks are counted (a path may be locked by many requests); ``evict`` only
 removes unlocked leaves, least recently matched first, whole nodes at a time.
+
+Cache events
+------------
+When ``listener`` is set, every change to the set of cached *full* pages is
+reported as ``listener(kind, hashes)`` with kind ``"insert"`` (a new leaf's
+full pages) or ``"evict"`` (a removed leaf's full pages), hashes being
+``engine.prefix_hash.block_hashes`` of the page-aligned token path from the
+root. Splits change no page and report nothing; partial pages are never
+reported. ``full_page_hashes()`` is the matching snapshot. Both run on the
+thread that owns the cache.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine.page_allocator import PageAllocator
+from engine.prefix_hash import block_hashes
+
+CacheListener = Callable[[str, list[int]], None]  # (kind "insert" | "evict", block hashes)
 
 
 class RadixNode:
@@ -130,6 +143,7 @@ class RadixCache(PrefixCache):
         self._owner: dict[int, RadixNode] = {}  # page -> the node holding it
         self._protected = 0                      # pages of nodes with ref > 0
         self._clock = itertools.count(1)
+        self.listener: CacheListener | None = None  # see "Cache events" in the module docstring
 
     # -- accounting (plain ints: safe to read from another thread) --------------
     @property
@@ -250,6 +264,9 @@ class RadixCache(PrefixCache):
         for p in new:
             self._owner[p] = leaf
         self._touch(leaf)
+        if self.listener is not None and len(leaf.key) >= ps:
+            full = len(leaf.key) // ps
+            self.listener("insert", block_hashes(token_ids[:pos + full * ps], ps)[k:])
         return self._finish(pos, len(new), to_free)
 
     def _finish(self, cached: int, adopted: int, to_free: list[int]) -> InsertResult:
@@ -309,6 +326,11 @@ class RadixCache(PrefixCache):
 
     def _remove_leaf(self, leaf: RadixNode) -> int:
         assert not leaf.children and leaf.ref == 0
+        ps = self.page_size
+        if self.listener is not None and len(leaf.key) >= ps:
+            prefix = self._path_tokens(leaf.parent)
+            full = len(leaf.key) // ps
+            self.listener("evict", block_hashes(prefix + leaf.key[:full * ps], ps)[len(prefix) // ps:])
         del leaf.parent.children[leaf.key[:self.page_size]]
         for p in leaf.pages:
             del self._owner[p]
@@ -317,6 +339,28 @@ class RadixCache(PrefixCache):
         return len(leaf.pages)
 
     # -- inspection ---------------------------------------------------------------
+    @staticmethod
+    def _path_tokens(node: RadixNode) -> tuple[int, ...]:
+        """Tokens from the root down to the end of node."""
+        keys: list[tuple[int, ...]] = []
+        while node is not None:
+            keys.append(node.key)
+            node = node.parent
+        return tuple(t for key in reversed(keys) for t in key)
+
+    def full_page_hashes(self) -> list[int]:
+        """Block hashes of every full page in the tree, parents before children (snapshot)."""
+        ps, out = self.page_size, []
+        stack: list[tuple[RadixNode, tuple[int, ...]]] = [(self.root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            path = prefix + node.key
+            if node is not self.root and len(node.key) >= ps:
+                full = len(node.key) // ps
+                out.extend(block_hashes(path[:len(prefix) + full * ps], ps)[len(prefix) // ps:])
+            stack.extend((c, path) for c in node.children.values())
+        return out
+
     def _nodes(self) -> Iterator[RadixNode]:
         stack = [self.root]
         while stack:

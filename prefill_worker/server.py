@@ -9,6 +9,13 @@ Prefill(request) lifecycle, one coroutine per request:
      with the first token;
   4. if the caller cancels (decode aborted) or anything fails, drop the job
      and abort the sender so no late chunk lands in freed pages.
+
+CacheEvents() (the router subscribes once per worker): a RESET, the radix
+tree's full pages as INSERTs, then INSERT/EVICT as the tree changes. Each
+subscriber has a bounded queue fed on the event loop by the engine thread's
+replies; a subscriber that falls behind by more than `max_pending_events`
+events has its stream ended (it reconnects and gets a fresh snapshot) rather
+than growing memory without bound.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import logging
 
 import grpc
 
+from engine.metrics import WorkerMetrics, WorkerSnapshot
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import TransferState
 from prefill_worker.engine import PrefillEngine, PrefillJob
@@ -27,13 +35,38 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(pbg.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, sender, kv_send_timeout_s: float = 120.0) -> None:
+    registry = None  # membership.registry.Registry (--etcd): no new work while not registered
+    max_pending_events = 10_000  # per CacheEvents subscriber (see the module docstring)
+    _SNAPSHOT_CHUNK = 4096        # block hashes per CacheEvent message
+    _EVENT_KINDS = {"reset": pb.CacheEvent.RESET, "insert": pb.CacheEvent.INSERT, "evict": pb.CacheEvent.EVICT}
+
+    def __init__(self, engine: PrefillEngine, sender, kv_send_timeout_s: float = 120.0,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.sender = sender
         self.kv_send_timeout_s = kv_send_timeout_s
         self._loop = asyncio.get_event_loop()
+        # Prometheus metrics: engine state read at scrape time, batches and transfers via hooks.
+        self.metrics = metrics or WorkerMetrics(role="prefill")
+        self.metrics.attach(self.metrics_snapshot, engine=engine, transport=sender)
+
+    def metrics_snapshot(self) -> WorkerSnapshot:
+        """Read at scrape time, off the event loop (see engine/metrics.py)."""
+        e = self.engine
+        return WorkerSnapshot(
+            kv_pages_total=e.allocator.num_total, kv_pages_free=e.allocator.num_free,
+            waiting_requests=e.num_waiting,
+            prompt_tokens_cached=e.counters.cached_prompt_tokens,
+            prompt_tokens_computed=e.counters.computed_prompt_tokens,
+            prefix_cache_pages=e.cache.num_pages, prefix_cache_evictable_pages=e.cache.evictable_pages,
+            kv_transfers_active=getattr(self.sender, "active_transfers", 0),
+            kv_transfer_bytes=getattr(self.sender, "bytes_streamed", 0),
+            kv_transfer_chunks=getattr(self.sender, "chunks_streamed", 0),
+        )
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        if self.registry is not None and not self.registry.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not registered in etcd (lease lapsed); no new work")
         prompt = list(request.prompt_token_ids)
         runner = self.engine.runner
         if not prompt:
@@ -62,6 +95,8 @@ class PrefillServicer(pbg.PrefillServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, error)
             handle.finish()
             state = await handle.wait(self.kv_send_timeout_s)
+            if not state.terminal:
+                self.metrics.transfer_failed("timeout")
             if state != TransferState.DONE:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer ended in state {state.name}")
             ok = True
@@ -71,6 +106,35 @@ class PrefillServicer(pbg.PrefillServicer):
             if not ok:
                 self.engine.abort(request.request_id)
                 handle.abort()
+
+    async def CacheEvents(self, request: pb.CacheEventsRequest, context):
+        queue: asyncio.Queue[tuple[str, list[int]] | None] = asyncio.Queue()
+        overflowed = False
+
+        def on_event(kind: str, hashes: list[int]) -> None:  # event loop, in engine order
+            nonlocal overflowed
+            if overflowed:
+                return
+            if queue.qsize() >= self.max_pending_events:
+                overflowed = True
+                queue.put_nowait(None)
+                return
+            queue.put_nowait((kind, hashes))
+
+        self.engine.subscribe_cache_events(on_event)
+        page_size = self.engine.runner.page_size
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    log.warning("cache event subscriber fell behind; ending its stream")
+                    return
+                kind, hashes = item
+                for i in range(0, max(len(hashes), 1), self._SNAPSHOT_CHUNK):
+                    yield pb.CacheEvent(kind=self._EVENT_KINDS[kind], page_size=page_size,
+                                        block_hashes=hashes[i:i + self._SNAPSHOT_CHUNK])
+        finally:
+            self.engine.unsubscribe_cache_events(on_event)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         self.engine.abort(request.request_id)

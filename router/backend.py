@@ -1,18 +1,27 @@
-"""gRPC client pool from the router to the decode workers (proto.Decode).
+"""gRPC client pool from the router to the workers (proto.Decode, proto.Prefill).
 
 Lifecycle:
-  1. `DecodeClient(decode_addresses, prefill_addresses, request_timeout_s)`:
+  1. `DecodeClient(decode_addresses, prefill_addresses, request_timeout_s, placement)`:
      no I/O; safe to build outside an event loop.
-  2. The first `generate()` inside an event loop opens one grpc.aio channel
-     per decode worker, bound to that loop (a different loop, e.g. a second
-     TestClient, gets fresh channels).
-  3. `generate()` places the request (round robin over decode workers and,
-     when disaggregated, over prefill workers -> GenerateRequest.prefill_address)
-     and yields the worker's GenerateResponse messages until one carries a
+  2. The first `generate()` / `stats()` / `start()` inside an event loop opens
+     grpc.aio channels bound to that loop (a different loop, e.g. a second
+     TestClient, gets fresh channels and tasks) and starts the background
+     tasks: a Stats poll of every worker each `stats_interval_s`, and (policy
+     cache_aware) one CacheEvents subscription per prefill worker feeding
+     `router.cache_index.CacheIndex`, reconnecting with backoff.
+  3. `generate()` places the request with `router.placement.Placement`: a
+     decode worker with room for the prompt (waiting, up to the request
+     timeout, while none has room) and, when disaggregated, a prefill worker
+     (-> GenerateRequest.prefill_address). The router counts its own in-flight
+     requests per worker (prefill: until the first token; decode: until the
+     end). It yields the worker's GenerateResponse messages until one carries a
      finish reason. Closing or cancelling the iterator cancels the Generate
      call in a `finally`; that cancellation is how the decode worker learns to
      abort the request and free its KV pages.
-  4. `await close()` on app shutdown.
+  4. `set_members(decode, prefill)` (membership changes) swaps the pools at
+     runtime: subscriptions start/stop, state of departed workers is dropped;
+     requests already placed finish where they are.
+  5. `await close()` on app shutdown.
 
 Failures never hang and never leak as raw gRPC errors: they raise
 `BackendError` (503 unreachable/overloaded, 504 past request_timeout_s, 500
@@ -22,15 +31,22 @@ skipped and the next decode worker tried (each at most once per request).
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
+from router.cache_index import CacheIndex
 from router.errors import BackendError
+from router.placement import Placement, PlacementConfig, WorkerLoad
+
+log = logging.getLogger(__name__)
+_EVENT_KIND = {pb.CacheEvent.RESET: "reset", pb.CacheEvent.INSERT: "insert", pb.CacheEvent.EVICT: "evict"}
 
 _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -47,54 +63,218 @@ _STATUS_BY_CODE = {
 }
 
 
+@dataclass
+class _Worker:
+    """The router's running account of one worker."""
+    stats: pb.StatsResponse | None = None
+    stats_sent_at: float = 0.0                                        # when that Stats call was made
+    in_flight: dict[str, tuple[int, float]] = field(default_factory=dict)  # request id -> (prompt tokens, placed at)
+
+    def load(self, address: str) -> WorkerLoad:
+        st = self.stats
+        page_size = st.page_size if st is not None and st.page_size > 0 else None
+        pending = 0
+        if page_size:
+            pending = sum(-(-n // page_size) + 1 for n, t in self.in_flight.values() if t >= self.stats_sent_at)
+        return WorkerLoad(
+            address=address, in_flight=len(self.in_flight),
+            in_flight_tokens=sum(n for n, _ in self.in_flight.values()),
+            free_pages=st.free_pages if st is not None else None,
+            num_pages=st.num_pages if st is not None else None, page_size=page_size,
+            running=st.running if st is not None else 0, waiting=st.waiting if st is not None else 0,
+            pending_pages=pending)
+
+
 class DecodeClient:
-    """Round-robin pool of channels to decode workers; see the module docstring."""
+    """Pool of channels to decode (and prefill) workers with placement; see the module docstring."""
 
     def __init__(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str] = (),
-                 request_timeout_s: float = 600.0) -> None:
-        if not decode_addresses:
-            raise ValueError("DecodeClient needs at least one decode address")
-        self.decode_addresses = tuple(decode_addresses)
+                 request_timeout_s: float = 600.0, placement: str | PlacementConfig = "cache_aware",
+                 stats_interval_s: float = 0.5) -> None:
+        self.decode_addresses = tuple(decode_addresses)   # may be empty until set_members (etcd)
         self.prefill_addresses = tuple(prefill_addresses)
         self.request_timeout_s = request_timeout_s
-        self._decode_rr = itertools.cycle(range(len(self.decode_addresses)))
-        self._prefill_rr = itertools.cycle(range(len(self.prefill_addresses))) if self.prefill_addresses else None
+        self.stats_interval_s = stats_interval_s
+        config = placement if isinstance(placement, PlacementConfig) else PlacementConfig(policy=placement)
+        self.placement = Placement(config)
+        self.cache_index = CacheIndex()
+        self.placed: dict[str, int] = {}                  # requests placed per worker address (cumulative)
+        self._workers: dict[str, _Worker] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pbg.DecodeStub] = {}
+        self._prefill_stubs: dict[str, pbg.PrefillStub] = {}
+        self._poller: asyncio.Task | None = None
+        self._subscriptions: dict[str, asyncio.Task] = {}
 
     @classmethod
     def from_config(cls, config) -> "DecodeClient":
         """Build from a `router.config.RouterConfig`."""
-        return cls(config.decode_addresses, config.prefill_addresses, config.request_timeout_s)
+        return cls(config.decode_addresses, config.prefill_addresses, config.request_timeout_s,
+                   placement=getattr(config, "placement", "cache_aware"))
+
+    # ---- membership ---------------------------------------------------------
+
+    def set_members(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str]) -> None:
+        """Replace the worker pools (call on the router's event loop, or before it runs)."""
+        self.decode_addresses = tuple(dict.fromkeys(decode_addresses))
+        self.prefill_addresses = tuple(dict.fromkeys(prefill_addresses))
+        keep = set(self.decode_addresses) | set(self.prefill_addresses)
+        for address in [a for a in self._workers if a not in keep]:
+            if not self._workers[address].in_flight:
+                del self._workers[address]
+        for address in [a for a in self.cache_index.workers if a not in self.prefill_addresses]:
+            self.cache_index.remove(address)
+        if self._loop is not None and not self._loop.is_closed():
+            self._sync_subscriptions()
 
     # ---- placement ----------------------------------------------------------
 
-    def next_decode(self) -> str:
-        return self.decode_addresses[next(self._decode_rr)]
+    def _worker(self, address: str) -> _Worker:
+        return self._workers.setdefault(address, _Worker())
 
-    def next_prefill(self) -> str:
-        """A prefill worker address, or "" in colocated mode (decode prefills itself)."""
-        if self._prefill_rr is None:
+    def _choose_prefill(self, request_id: str, prompt_ids: Sequence[int]) -> str:
+        """A prefill worker address (now counted in flight there), or "" in colocated mode
+        (decode prefills itself)."""
+        if not self.prefill_addresses:
             return ""
-        return self.prefill_addresses[next(self._prefill_rr)]
+        loads = [self._worker(a).load(a) for a in self.prefill_addresses]
+        matched = self.cache_index.match(prompt_ids) if self.placement.config.policy == "cache_aware" else {}
+        choice = self.placement.choose_prefill(loads, matched, len(prompt_ids))
+        self._track(choice.address, request_id, self.placement.prefill_cost(len(prompt_ids), choice.matched_tokens))
+        return choice.address
 
-    # ---- channels -------------------------------------------------------------
+    async def _choose_decode(self, prompt_tokens: int, exclude: set[str], deadline: float) -> str:
+        """A decode worker with room; waits while every worker is full (until deadline)."""
+        headroom = self.placement.config.decode_headroom_pages
+        while True:
+            addresses = [a for a in self.decode_addresses if a not in exclude]
+            if not addresses:
+                raise BackendError(503, "no decode worker available", code="worker_unavailable")
+            loads = [self._worker(a).load(a) for a in addresses]
+            choice = self.placement.choose_decode(loads, prompt_tokens)
+            if choice is not None:
+                return choice.address
+            if not any(w.could_ever_fit(prompt_tokens, headroom) for w in loads):
+                # too big for every pool: let a worker give its own error
+                return min(loads, key=lambda w: w.batch).address
+            if time.monotonic() >= deadline:
+                raise BackendError(503, "no decode worker has free KV pages for the prompt",
+                                   code="worker_overloaded")
+            await asyncio.sleep(0.05)
 
-    def _stub(self, address: str) -> pbg.DecodeStub:
+    def _track(self, address: str, request_id: str, tokens: int) -> None:
+        self._worker(address).in_flight[request_id] = (tokens, time.monotonic())
+        self.placed[address] = self.placed.get(address, 0) + 1
+
+    def _untrack(self, address: str, request_id: str) -> None:
+        w = self._workers.get(address)
+        if w is not None:
+            w.in_flight.pop(request_id, None)
+            if not w.in_flight and address not in self.decode_addresses and address not in self.prefill_addresses:
+                del self._workers[address]
+
+    # ---- channels and background tasks ------------------------------------------
+
+    def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            # Channels are bound to the loop that created them; old ones die with their loop.
-            self._loop, self._channels, self._stubs = loop, {}, {}
+            # Channels and tasks are bound to the loop that created them; old ones die with their loop.
+            self._loop, self._channels, self._stubs, self._prefill_stubs = loop, {}, {}, {}
+            self._poller, self._subscriptions = None, {}
+            self._start_tasks()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        self._bind_loop()
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return channel
+
+    def _stub(self, address: str) -> pbg.DecodeStub:
         stub = self._stubs.get(address)
-        if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-            self._channels[address] = channel
-            stub = self._stubs[address] = pbg.DecodeStub(channel)
+        if stub is None or self._loop is not asyncio.get_running_loop():
+            stub = pbg.DecodeStub(self._channel(address))
+            self._stubs[address] = stub
         return stub
 
+    def _prefill_stub(self, address: str) -> pbg.PrefillStub:
+        stub = self._prefill_stubs.get(address)
+        if stub is None or self._loop is not asyncio.get_running_loop():
+            stub = pbg.PrefillStub(self._channel(address))
+            self._prefill_stubs[address] = stub
+        return stub
+
+    async def start(self) -> None:
+        """Open channels and start the background tasks now (otherwise the first call does)."""
+        self._bind_loop()
+
+    def _start_tasks(self) -> None:
+        self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
+        self._sync_subscriptions()
+
+    def _sync_subscriptions(self) -> None:
+        wanted = set(self.prefill_addresses) if self.placement.config.policy == "cache_aware" else set()
+        for address in [a for a in self._subscriptions if a not in wanted]:
+            self._subscriptions.pop(address).cancel()
+        for address in wanted - set(self._subscriptions):
+            self._subscriptions[address] = self._loop.create_task(self._follow_cache_events(address))
+
+    async def _poll_stats(self) -> None:
+        """Refresh every worker's Stats each stats_interval_s (failures keep the last ones)."""
+        async def one(address: str, prefill: bool) -> None:
+            sent = time.monotonic()
+            try:
+                stub = self._prefill_stub(address) if prefill else self._stub(address)
+                st = await stub.Stats(pb.StatsRequest(), timeout=max(1.0, 2 * self.stats_interval_s))
+            except Exception:  # noqa: BLE001 - unreachable worker: generate() reports it
+                return
+            w = self._workers.get(address)
+            if w is not None or address in self.decode_addresses or address in self.prefill_addresses:
+                w = self._worker(address)
+                w.stats, w.stats_sent_at = st, sent
+                if prefill:
+                    self.cache_index.set_page_size(address, st.page_size)
+
+        while True:
+            await asyncio.gather(*(one(a, False) for a in self.decode_addresses),
+                                 *(one(a, True) for a in self.prefill_addresses))
+            await asyncio.sleep(self.stats_interval_s)
+
+    async def _follow_cache_events(self, address: str) -> None:
+        """Mirror one prefill worker's CacheEvents stream into the cache index, reconnecting."""
+        backoff = 0.2
+        while True:
+            call = None
+            try:
+                call = self._prefill_stub(address).CacheEvents(pb.CacheEventsRequest())
+                async for event in call:
+                    backoff = 0.2
+                    self.cache_index.apply(address, _EVENT_KIND.get(event.kind, "reset"),
+                                           event.block_hashes, event.page_size)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - worker down or restarting: retry
+                log.debug("cache events from %s: %s", address, exc)
+            finally:
+                if call is not None:
+                    call.cancel()
+                self.cache_index.forget(address)  # stale until the next RESET
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
     async def close(self) -> None:
-        channels, self._channels, self._stubs, self._loop = self._channels, {}, {}, None
+        tasks = [t for t in (self._poller, *self._subscriptions.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled, or bound to a dead loop
+                pass
+        channels, self._channels, self._stubs, self._prefill_stubs, self._loop = \
+            self._channels, {}, {}, {}, None
+        self._poller, self._subscriptions = None, {}
         for channel in channels.values():
             try:
                 await channel.close(grace=None)
@@ -109,19 +289,30 @@ class DecodeClient:
         (FINISH_STOP or FINISH_LENGTH). FINISH_ERROR / FINISH_ABORT and gRPC
         failures raise BackendError. Close the iterator (e.g. with
         `contextlib.aclosing`) to cancel the request on the worker."""
-        attempts = 0
+        self._bind_loop()
+        deadline = time.monotonic() + self.request_timeout_s
+        tried: set[str] = set()
+        n = len(prompt_ids)
         while True:
-            address = self.next_decode()
+            address = await self._choose_decode(n, tried, deadline)
+            tried.add(address)
+            self._track(address, request_id, n)
+            prefill = self._choose_prefill(request_id, prompt_ids)
             request = pb.GenerateRequest(
                 request_id=request_id,
                 prompt_token_ids=list(prompt_ids),
                 sampling=params.to_proto(),
-                prefill_address=self.next_prefill(),
+                prefill_address=prefill,
             )
-            call = self._stub(address).Generate(request, timeout=self.request_timeout_s)
+            if prefill:
+                self.cache_index.note_routed(prefill, prompt_ids)
+            call = self._stub(address).Generate(request, timeout=max(0.001, deadline - time.monotonic()))
             received = False
             try:
                 async for response in call:
+                    if not received and prefill:  # the first token means the prefill is done
+                        self._untrack(prefill, request_id)
+                        self.cache_index.settle(prefill, prompt_ids)
                     received = True
                     reason = response.finish_reason
                     if reason == pb.FINISH_ERROR:
@@ -137,13 +328,17 @@ class DecodeClient:
                 raise BackendError(502, f"decode worker {address} ended request {request_id} "
                                         "without a finish reason", code="worker_error")
             except grpc.aio.AioRpcError as exc:
-                attempts += 1
                 if (exc.code() == grpc.StatusCode.UNAVAILABLE and not received
-                        and attempts < len(self.decode_addresses)):
+                        and any(a not in tried for a in self.decode_addresses)):
                     continue  # nothing reached that worker: try the next one
                 raise _backend_error(exc, address, request_id) from None
             finally:
                 call.cancel()  # no-op once finished; otherwise tells the worker to abort
+                self._untrack(address, request_id)
+                if prefill:
+                    if not received:
+                        self.cache_index.settle(prefill, prompt_ids)
+                    self._untrack(prefill, request_id)
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, pb.StatsResponse | str]:
         """Stats of every decode worker by address (an error string where it failed)."""

@@ -14,6 +14,9 @@ Lifecycle of one request:
      a later failure is a final SSE `{"error": ...}` event.
   Whenever the request ends early (stop string, client disconnect, error) the
   backend iterator is closed, which cancels the gRPC call on the worker.
+  Metrics (router/metrics.py, GET /metrics): the ASGI middleware counts every
+  request by route and status; `_text_deltas` feeds the request's RequestTimer
+  (time to first token, inter-token gaps, end-to-end latency).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError, bad_request, install_error_handlers
+from router.metrics import MetricsMiddleware, RequestTimer, RouterMetrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
 
 _FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
@@ -77,10 +81,12 @@ class _Job:
 class _Gateway:
     """Everything the route handlers share: config, tokenizer, backend client."""
 
-    def __init__(self, config: RouterConfig, tokenizer: Any, client: DecodeClient) -> None:
+    def __init__(self, config: RouterConfig, tokenizer: Any, client: DecodeClient,
+                 metrics: RouterMetrics | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.client = client
+        self.metrics = metrics or RouterMetrics()
         self.vocab_size = len(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -145,8 +151,8 @@ class _Gateway:
     # ---- generation -------------------------------------------------------------
 
     async def _text_deltas(self, job: _Job, responses: AsyncIterator[pb.GenerateResponse],
-                           usage: _Usage, all_ids: list[int] | None = None
-                           ) -> AsyncIterator[tuple[str, str | None]]:
+                           usage: _Usage, all_ids: list[int] | None = None,
+                           timer: RequestTimer | None = None) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish_reason or None); the last item has a finish reason.
         Closes `responses` (cancelling the gRPC call) before reporting a stop-string hit."""
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
@@ -155,6 +161,8 @@ class _Gateway:
         async with aclosing(responses):
             async for resp in responses:
                 ids = list(resp.token_ids)
+                if timer is not None:
+                    timer.on_tokens(len(ids))
                 if all_ids is not None:
                     all_ids.extend(ids)
                 usage.completion_tokens += len(ids)
@@ -166,6 +174,8 @@ class _Gateway:
                 if finished:
                     text += detok.flush()
                 safe, stopped = matcher.feed(text)
+                if (stopped or finished) and timer is not None:
+                    timer.on_finish(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
                 if stopped:
                     await responses.aclose()  # frees the pages on the worker now
                     yield safe, "stop"
@@ -180,12 +190,13 @@ class _Gateway:
     async def complete(self, request: Request, job: _Job, chat: bool) -> Response:
         usage = _Usage(prompt_tokens=len(job.prompt_ids))
         token_ids: list[int] = []
+        timer = self.metrics.timer(request.scope)
 
         async def collect() -> tuple[str, str]:
             parts: list[str] = []
             finish = "stop"
             responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
-            async for delta, reason in self._text_deltas(job, responses, usage, token_ids):
+            async for delta, reason in self._text_deltas(job, responses, usage, token_ids, timer):
                 parts.append(delta)
                 finish = reason or finish
             return "".join(parts), finish
@@ -208,6 +219,7 @@ class _Gateway:
 
     async def stream(self, request: Request, job: _Job, chat: bool) -> Response:
         usage = _Usage(prompt_tokens=len(job.prompt_ids))
+        timer = self.metrics.timer(request.scope)
         responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
 
         async def first() -> pb.GenerateResponse:
@@ -242,7 +254,7 @@ class _Gateway:
             try:
                 if chat:
                     yield chunk(None, None, role=True)
-                async for delta, reason in self._text_deltas(job, replay(), usage):
+                async for delta, reason in self._text_deltas(job, replay(), usage, timer=timer):
                     if delta or reason:
                         yield chunk(delta, reason)
                 if job.include_usage:
@@ -328,19 +340,37 @@ def _input_ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient) -> FastAPI:
+def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
+               metrics: RouterMetrics | None = None) -> FastAPI:
     """The gateway app. `tokenizer` is a HF (fast) tokenizer with a chat template;
-    `client` is closed on app shutdown."""
+    `client` is closed on app shutdown. `metrics` (default: a fresh registry) is
+    served at GET /metrics and kept in `app.state.metrics`."""
     config = config.resolved()
-    gw = _Gateway(config, tokenizer, client)
+    metrics = metrics or RouterMetrics()
+    gw = _Gateway(config, tokenizer, client, metrics)
+    if not config.etcd_endpoints:  # static members; an etcd view calls metrics.set_members itself
+        metrics.set_members("decode", "static", len(config.decode_addresses))
+        metrics.set_members("prefill", "static", len(config.prefill_addresses))
+
+    membership = None
+    if config.etcd_endpoints:  # etcd membership view feeds client.set_members (router/members.py)
+        from router.members import RouterMembership
+
+        membership = RouterMembership.from_config(config, client)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if membership is not None:
+            await membership.start()
         yield
+        if membership is not None:
+            await membership.stop()
         await client.close()
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.metrics = metrics
 
     async def require_api_key(request: Request) -> None:
         if config.api_key is None:
@@ -374,8 +404,15 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient) -> Fa
 
     app.include_router(v1)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> dict[str, Any]:
+        if membership is not None:
+            return {"status": "ok", "membership": membership.snapshot()}
         return {"status": "ok"}
 
     return app

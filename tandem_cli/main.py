@@ -32,15 +32,26 @@ def main(argv: list[str] | None = None) -> None:
         ))
         return
     config = engine_config_from_args(args)
-    advertise = f"{args.advertise_host or args.host}:{args.port}"
+    advertise_host = args.advertise_host or args.host
+    advertise = f"{advertise_host}:{args.port}"
+    registry_config = None
+    if args.etcd:
+        from membership.registry import RegistryConfig
+
+        registry_config = RegistryConfig(endpoints=tuple(a for a in args.etcd.split(",") if a),
+                                         prefix=args.etcd_prefix, ttl_s=args.member_ttl)
+    metrics_port = args.port + 1000 if args.metrics_port is None else args.metrics_port
+    metrics_address = f"{advertise_host}:{metrics_port}" if metrics_port else ""
     if args.command == "decode":
         from decode_worker.main import serve_decode
 
-        asyncio.run(serve_decode(config, args.host, args.port, advertise))
+        asyncio.run(serve_decode(config, args.host, args.port, advertise,
+                                 registry_config=registry_config, metrics_address=metrics_address))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 
-        asyncio.run(serve_prefill(config, args.host, args.port))
+        asyncio.run(serve_prefill(config, args.host, args.port, advertise=advertise,
+                                  registry_config=registry_config, metrics_address=metrics_address))
 
 
 if __name__ == "__main__":

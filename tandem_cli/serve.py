@@ -5,6 +5,8 @@ Lifecycle:
   2. pick free loopback ports, start the decode and prefill workers (or one
      colocated worker) and wait until their gRPC servers answer Stats;
   3. start the router with the static member list and wait for /health;
+     with --etcd HOST:PORT the workers register there instead and the router
+     follows etcd (no static list); serve waits until /health lists them;
   4. print the URL; on Ctrl-C / SIGTERM, or when any child exits, stop every
      child (SIGTERM, then SIGKILL after a grace period).
 """
@@ -87,6 +89,25 @@ def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"router not ready after {timeout:.0f}s")
 
 
+def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the router's /health lists members of `roles` roles (etcd mode)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                members = json.loads(r.read()).get("membership", {}).get("members", {})
+            if sum(1 for addrs in members.values() if addrs) >= roles:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"workers not registered in etcd after {timeout:.0f}s")
+
+
 def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -121,17 +142,21 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         decode_port = args.worker_base_port or free_port()
         decode_addr = f"127.0.0.1:{decode_port}"
-        procs.append(subprocess.Popen(cli + ["decode", "--port", str(decode_port)] + engine_flags(args, model)))
+        etcd = ["--etcd", args.etcd] if args.etcd else []
+        procs.append(subprocess.Popen(cli + ["decode", "--port", str(decode_port)] + engine_flags(args, model)
+                                      + etcd))
         prefill_addr = ""
         if not args.colocated:
             prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
             prefill_addr = f"127.0.0.1:{prefill_port}"
-            procs.append(subprocess.Popen(cli + ["prefill", "--port", str(prefill_port)] + engine_flags(args, model)))
+            procs.append(subprocess.Popen(cli + ["prefill", "--port", str(prefill_port)] + engine_flags(args, model)
+                                          + etcd))
         wait_grpc_ready(decode_addr, procs[0], timeout=600)
         if prefill_addr:
             wait_grpc_ready(prefill_addr, procs[1], timeout=600)
         router_cmd = cli + ["router", "--model", model, "--host", args.host, "--port", str(args.port),
-                            "--decode", decode_addr, "--prefill", prefill_addr, "--log-level", args.log_level]
+                            "--log-level", args.log_level]
+        router_cmd += etcd or ["--decode", decode_addr, "--prefill", prefill_addr]
         for name in args.served_model_name or []:
             router_cmd += ["--served-model-name", name]
         if args.api_key:
@@ -141,6 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
         procs.append(subprocess.Popen(router_cmd))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         wait_http_ready(f"http://{host}:{args.port}/health", procs[-1], timeout=120)
+        if etcd:
+            wait_members(f"http://{host}:{args.port}/health", 1 if args.colocated else 2, procs[-1], timeout=60)
         names = ", ".join(args.served_model_name or [model])
         print(f"Tandem is serving {names} at http://{host}:{args.port}/v1 "
               f"({'colocated' if args.colocated else '1 prefill + 1 decode'}); Ctrl-C stops it.", flush=True)

@@ -44,10 +44,21 @@ class Cluster:
         self.decode_addr = f"127.0.0.1:{free_port()}"
         self.prefill_addr = "" if colocated else f"127.0.0.1:{free_port()}"
         self.http_port = free_port()
+        self.decode_metrics_port = free_port()
+        self.prefill_metrics_port = 0 if colocated else free_port()
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/v1"
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Prometheus /metrics URL of every process, by role ("router", "decode", "prefill")."""
+        urls = {"router": f"http://127.0.0.1:{self.http_port}/metrics",
+                "decode": f"http://127.0.0.1:{self.decode_metrics_port}/metrics"}
+        if self.prefill_metrics_port:
+            urls["prefill"] = f"http://127.0.0.1:{self.prefill_metrics_port}/metrics"
+        return urls
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -63,9 +74,11 @@ class Cluster:
 
     def start(self) -> "Cluster":
         try:
-            decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1])])
+            decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1]),
+                                            "--metrics-port", str(self.decode_metrics_port)])
             if self.prefill_addr:
-                prefill = self._spawn("prefill", ["prefill", *self._worker_args(self.prefill_addr.split(":")[1])])
+                prefill = self._spawn("prefill", ["prefill", *self._worker_args(self.prefill_addr.split(":")[1]),
+                                                  "--metrics-port", str(self.prefill_metrics_port)])
                 self._wait_grpc(self.prefill_addr, prefill)
             self._wait_grpc(self.decode_addr, decode)
             args = ["router", "--model", str(self.model_dir), "--port", str(self.http_port),

@@ -1,0 +1,194 @@
+"""Worker side of membership: one key under a lease, kept alive.
+
+Lifecycle of a `Registry`:
+  1. `Registry(config, info)`: no I/O.
+  2. `await start()`: starts the keepalive task and waits (up to one TTL) for
+     the first registration: grant a lease of `ttl_s`, put
+     `{prefix}/members/{role}/{grpc_address}` = MemberInfo (with that lease id)
+     attached to it. `serving` becomes True. If etcd is not reachable yet the
+     task keeps trying in the background and `serving` stays False.
+  3. keepalive, every ttl/3: refresh the lease.
+     - reply TTL > 0: still registered;
+     - reply TTL <= 0 (lease revoked behind our back, or expired during a long
+       pause), or no successful refresh for a whole TTL (partition): LAPSED.
+       `serving` turns False at once and `on_lapse(reason)` callbacks run: the
+       router has dropped (or is dropping) us, so the worker refuses new work.
+       Then it registers again under a new lease (retrying with backoff) and
+       `serving` turns True; the process carries on, no restart.
+  4. `await stop()`: cancel the task, revoke the lease (the key goes at once,
+     so the router stops placing work here before the gRPC server stops),
+     close the client.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from membership import close_quietly, make_client, member_key, parse_endpoints
+from proto import tandem_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    endpoints: tuple[str, ...]        # etcd "host:port"; tried in turn after a failure
+    prefix: str = "/tandem"           # cluster key prefix (RouterConfig.etcd_prefix)
+    ttl_s: float = 10.0               # lease TTL; etcd rounds up to whole seconds
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
+        parse_endpoints(self.endpoints)  # fail at construction on a bad endpoint
+        if self.ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+
+    @property
+    def lease_ttl(self) -> int:
+        return max(1, math.ceil(self.ttl_s))
+
+
+class Registry:
+    """Keeps one worker registered; see the module docstring."""
+
+    def __init__(self, config: RegistryConfig, info: pb.MemberInfo) -> None:
+        self.config = config
+        self.info = pb.MemberInfo()
+        self.info.CopyFrom(info)
+        if not self.info.start_epoch_ms:
+            self.info.start_epoch_ms = int(time.time() * 1000)
+        if not self.info.member_id:
+            self.info.member_id = f"{info.role}@{info.grpc_address}"
+        self.key = member_key(config.prefix, info.role, info.grpc_address)
+        self.lease_id = 0                      # current lease; 0 = not registered
+        self.registrations = 0                 # how many times a lease was granted + key put
+        self.lapses = 0
+        self._serving = False
+        self._on_lapse: list[Callable[[str], None]] = []
+        self._endpoints = parse_endpoints(config.endpoints)
+        self._endpoint_index = 0
+        self._client = None
+        self._task: asyncio.Task | None = None
+        self._registered = asyncio.Event()
+
+    # ---- what the worker checks ---------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """False while not registered (before the first registration, after a lapse):
+        the worker must not take new work then."""
+        return self._serving
+
+    def on_lapse(self, callback: Callable[[str], None]) -> None:
+        """`callback(reason)` runs on the event loop when the lease lapses."""
+        self._on_lapse.append(callback)
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self, wait_s: float | None = None) -> bool:
+        """Start keeping the worker registered; True once registered within `wait_s`
+        (default one TTL), False if it is still trying in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"registry {self.key}")
+        try:
+            await asyncio.wait_for(self._registered.wait(), wait_s if wait_s is not None else self.config.ttl_s)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("not registered in etcd %s yet; still trying", ",".join(self.config.endpoints))
+            return False
+
+    async def stop(self) -> None:
+        """Revoke the lease (the key goes at once) and close the client."""
+        self._serving = False
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.lease_id and self._client is not None:
+            try:
+                await asyncio.wait_for(self._client.revoke_lease(self.lease_id), self.config.ttl_s)
+                log.info("revoked lease %x of %s", self.lease_id, self.key)
+            except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
+                log.warning("could not revoke lease %x (%s); it expires in %ds", self.lease_id, exc,
+                            self.config.lease_ttl)
+        self.lease_id = 0
+        await close_quietly(self._client)
+        self._client = None
+
+    # ---- the keepalive task ---------------------------------------------------------
+
+    async def _run(self) -> None:
+        interval = self.config.ttl_s / 3
+        backoff = 0.2
+        last_ok = 0.0
+        while True:
+            if not self._serving:
+                try:
+                    await self._register()
+                    last_ok, backoff = time.monotonic(), 0.2
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - etcd down or unreachable: retry
+                    log.warning("registering %s in etcd failed (%s); retrying in %.1fs", self.key, exc, backoff)
+                    await self._reconnect()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, interval)
+                    continue
+            await asyncio.sleep(max(0.0, last_ok + interval - time.monotonic()))
+            if time.monotonic() - last_ok > self.config.lease_ttl:
+                # We did not run for a whole TTL (a long pause): the lease is gone or
+                # about to be; refuse work before even asking etcd.
+                self._lapse(f"no keepalive for {time.monotonic() - last_ok:.1f}s")
+                continue
+            try:
+                reply = await self._ensure_client().refresh_lease(self.lease_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd down or unreachable
+                if time.monotonic() - last_ok > self.config.lease_ttl:
+                    self._lapse(f"etcd unreachable for a whole TTL ({exc})")
+                else:
+                    log.warning("lease keepalive failed (%s); retrying", exc)
+                    await self._reconnect()
+                    await asyncio.sleep(min(interval, 0.5))
+                continue
+            if reply is None or reply.TTL <= 0:
+                self._lapse("lease expired or revoked")
+                continue
+            last_ok = time.monotonic()
+
+    async def _register(self) -> None:
+        client = self._ensure_client()
+        lease = await client.lease(self.config.lease_ttl)
+        self.info.lease_id = lease.id
+        await client.put(self.key.encode(), self.info.SerializeToString(), lease=lease.id)
+        self.lease_id = lease.id
+        self.registrations += 1
+        self._serving = True
+        self._registered.set()
+        log.info("registered %s under lease %x (TTL %ds)%s", self.key, lease.id, self.config.lease_ttl,
+                 "" if self.registrations == 1 else f", registration #{self.registrations}")
+
+    def _lapse(self, reason: str) -> None:
+        self._serving = False
+        self.lapses += 1
+        log.warning("lease %x of %s lapsed: %s; refusing new work and registering again",
+                    self.lease_id, self.key, reason)
+        for callback in self._on_lapse:
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop re-registration
+                log.exception("on_lapse callback failed")
+
+    def _ensure_client(self):
+        if self._client is None:
+            self._client = make_client(self._endpoints[self._endpoint_index], timeout_s=self.config.ttl_s / 2)
+        return self._client
+
+    async def _reconnect(self) -> None:
+        """Drop the client; the next attempt uses the next endpoint."""
+        await close_quietly(self._client)
+        self._client = None
+        self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
