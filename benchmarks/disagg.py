@@ -22,6 +22,7 @@ from benchmarks.workloads import Workload
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
+from tandem_cli.procs import stop_all
 from tests.cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +70,7 @@ class DisaggCluster:
         return self
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, grace=20)
         self.procs.clear()
 
     def run(self, wl: Workload, num_requests: int, timeout_s: float) -> RunResult:

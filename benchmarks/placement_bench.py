@@ -36,6 +36,7 @@ import grpc
 
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
+from tandem_cli.procs import stop_all
 from tests.cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,15 +145,7 @@ class BenchCluster:
         return out
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, grace=10)
         self.procs.clear()
 
     def __enter__(self) -> "BenchCluster":

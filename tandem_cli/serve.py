@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready, wait_members
 
 DEMO_NOTE = ("NOTE: serving the built-in demo model. Its weights are random: it produces noise, "
              "not language. Pass --model DIR to serve a real checkpoint.")
@@ -39,12 +39,6 @@ def demo_model_dir() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def engine_flags(args: argparse.Namespace, model: str) -> list[str]:
     flags = ["--model", model, "--load-format", args.load_format, "--dtype", args.dtype,
              "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
@@ -57,68 +51,6 @@ def engine_flags(args: argparse.Namespace, model: str) -> list[str]:
         if value is not None:
             flags += [name, str(value)]
     return flags
-
-
-def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float) -> None:
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker at {address} exited with code {proc.returncode}")
-            try:
-                grpc.channel_ready_future(ch).result(timeout=0.5)
-                return
-            except grpc.FutureTimeoutError:
-                continue
-    raise TimeoutError(f"worker at {address} not ready after {timeout:.0f}s")
-
-
-def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"router exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"router not ready after {timeout:.0f}s")
-
-
-def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -> None:
-    """Wait until the router's /health lists members of `roles` roles (etcd mode)."""
-    import json
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"router exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                members = json.loads(r.read()).get("membership", {}).get("members", {})
-            if sum(1 for addrs in members.values() if addrs) >= roles:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"workers not registered in etcd after {timeout:.0f}s")
-
-
-def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ process, waits until they answer, and stops them on exit.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import grpc
 
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
+from tandem_cli.procs import free_port, stop_all  # noqa: F401 - tests import free_port from here
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -125,15 +119,7 @@ class Cluster:
             return pbg.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=2)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs, grace=10)
         self.procs.clear()
 
     def __enter__(self) -> "Cluster":

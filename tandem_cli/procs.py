@@ -1,0 +1,78 @@
+"""Child-process plumbing shared by `tandem serve`, the benchmarks and the tests:
+free loopback ports, readiness waits (gRPC channel ready, HTTP 200) and a
+SIGTERM-then-SIGKILL stop of a process group."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker at {address} exited with code {proc.returncode}")
+            try:
+                grpc.channel_ready_future(ch).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+    raise TimeoutError(f"worker at {address} not ready after {timeout:.0f}s")
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"router not ready after {timeout:.0f}s")
+
+
+def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the router's /health lists members of `roles` roles (etcd mode)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                members = json.loads(r.read()).get("membership", {}).get("members", {})
+            if sum(1 for addrs in members.values() if addrs) >= roles:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"workers not registered in etcd after {timeout:.0f}s")
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
