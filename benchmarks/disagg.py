@@ -22,7 +22,7 @@ from benchmarks.workloads import Workload
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
-from tandem_cli.procs import stop_all
+from tandem_cli.procs import stop_all, wait_grpc_ready
 from tests.cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,19 +54,8 @@ class DisaggCluster:
             out = open(self.log_dir / f"{name}.log", "w")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args],
                                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
         for addr, proc in ((self.prefill_addr, self.procs[0]), (self.decode_addr, self.procs[1])):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker {addr} exited with {proc.returncode}; see {self.log_dir}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(addr)
-                with grpc.insecure_channel(addr) as ch:
-                    try:
-                        grpc.channel_ready_future(ch).result(timeout=1)
-                        break
-                    except grpc.FutureTimeoutError:
-                        pass
+            wait_grpc_ready(addr, proc, timeout)  # raises with the exit code; logs in self.log_dir
         return self
 
     def stop(self) -> None:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import grpc
 
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
-from tandem_cli.procs import stop_all
+from tandem_cli.procs import stop_all, wait_grpc_ready, wait_http_ready
 from tests.cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,33 +103,13 @@ class BenchCluster:
                        for i, a in enumerate(self.prefill)]
             workers.append((self.decode, self._spawn("decode", self._worker("decode", self.decode,
                                                                             self.decode_pages))))
-            deadline = time.monotonic() + timeout
             for address, proc in workers:
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"worker {address} exited; see {self.log_dir}")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(address)
-                    with grpc.insecure_channel(address) as ch:
-                        try:
-                            grpc.channel_ready_future(ch).result(timeout=0.5)
-                            break
-                        except grpc.FutureTimeoutError:
-                            pass
+                wait_grpc_ready(address, proc, timeout)
             router = self._spawn("router", ["router", "--model", str(self.model_dir), "--port", str(self.http_port),
                                             "--decode", self.decode, "--prefill", ",".join(self.prefill),
                                             "--served-model-name", "tiny", "--placement", self.placement,
                                             "--log-level", "warning"])
-            while True:
-                if router.poll() is not None:
-                    raise RuntimeError(f"router exited; see {self.log_dir}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("router")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=1):
-                        break
-                except OSError:
-                    time.sleep(0.2)
+            wait_http_ready(f"http://127.0.0.1:{self.http_port}/health", router, timeout)
             time.sleep(1.0)  # let the router's CacheEvents subscriptions and first Stats poll land
         except BaseException:
             self.stop()

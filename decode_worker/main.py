@@ -14,7 +14,7 @@ from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler, SchedulerConfig
 from kvtransfer.base import get_backend
-from proto import tandem_pb2 as pb
+from membership.registry import register_worker
 from proto import tandem_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,8 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
-    registry = None
-    if registry_config is not None:
-        from membership.registry import Registry
-
-        registry = servicer.registry = Registry(registry_config, pb.MemberInfo(
-            role="decode", model=config.model, grpc_address=advertise, kv_address=advertise,
-            metrics_address=metrics_address, num_pages=engine.runner.num_pages,
-            page_size=engine.runner.page_size, max_batch=config.max_num_seqs, start_epoch_ms=start_epoch_ms))
-        await registry.start()
+    registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
+                                     metrics_address, start_epoch_ms)
     try:
         await wait_for_shutdown()
     finally:

@@ -192,3 +192,17 @@ class Registry:
         await close_quietly(self._client)
         self._client = None
         self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
+
+
+async def register_worker(registry_config: "RegistryConfig | None", servicer, role: str, engine_config,
+                          runner, advertise: str, metrics_address: str, start_epoch_ms: int) -> "Registry | None":
+    """Register a started worker in etcd (None when no etcd is configured). The
+    servicer gets `.registry`, whose `serving` flag gates new work."""
+    if registry_config is None:
+        return None
+    registry = servicer.registry = Registry(registry_config, pb.MemberInfo(
+        role=role, model=engine_config.model, grpc_address=advertise, kv_address=advertise,
+        metrics_address=metrics_address, num_pages=runner.num_pages, page_size=runner.page_size,
+        max_batch=engine_config.max_num_seqs, start_epoch_ms=start_epoch_ms))
+    await registry.start()
+    return registry

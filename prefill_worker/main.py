@@ -13,7 +13,7 @@ from engine.sampler import Sampler
 from kvtransfer.base import get_backend
 from prefill_worker.engine import PrefillEngine
 from prefill_worker.server import PrefillServicer
-from proto import tandem_pb2 as pb
+from membership.registry import register_worker
 from proto import tandem_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,8 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
-    registry = None
-    if registry_config is not None:
-        from membership.registry import Registry
-
-        registry = servicer.registry = Registry(registry_config, pb.MemberInfo(
-            role="prefill", model=config.model, grpc_address=advertise, kv_address=advertise,
-            metrics_address=metrics_address, num_pages=runner.num_pages, page_size=runner.page_size,
-            max_batch=config.max_num_seqs, start_epoch_ms=start_epoch_ms))
-        await registry.start()
+    registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,
+                                     metrics_address, start_epoch_ms)
     try:
         await wait_for_shutdown()
     finally:

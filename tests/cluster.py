@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
-from tandem_cli.procs import free_port, stop_all  # noqa: F401 - tests import free_port from here
+from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready  # noqa: F401 - tests import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,27 +86,10 @@ class Cluster:
         return self
 
     def _wait_grpc(self, address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"worker {address} exited with {proc.returncode}"
-            with grpc.insecure_channel(address) as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=0.5)
-                    return
-                except grpc.FutureTimeoutError:
-                    pass
-        raise TimeoutError(address)
+        wait_grpc_ready(address, proc, timeout)
 
     def _wait_http(self, url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"router exited with {proc.returncode}"
-            try:
-                with urllib.request.urlopen(url, timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(url)
+        wait_http_ready(url, proc, timeout)
 
     def prefill_stats(self) -> pb.StatsResponse:
         with grpc.insecure_channel(self.prefill_addr) as ch:
