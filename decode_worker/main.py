@@ -8,7 +8,7 @@ import time
 from decode_worker.engine import DecodeEngine
 from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
-from engine.grpc_util import make_server, wait_for_shutdown
+from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import start_metrics_server
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
@@ -52,10 +52,4 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
              engine.runner.num_pages, engine.runner.page_size)
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
                                      metrics_address, start_epoch_ms)
-    try:
-        await wait_for_shutdown()
-    finally:
-        if registry is not None:
-            await registry.stop()  # revoke first: the router stops placing work here
-        await server.stop(grace=2)
-        engine.stop()
+    await serve_until_shutdown(server, registry, engine.stop)

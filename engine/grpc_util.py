@@ -24,3 +24,19 @@ async def wait_for_shutdown() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def serve_until_shutdown(server: grpc.aio.Server, registry, *cleanups) -> None:
+    """Run until SIGINT/SIGTERM, then: revoke the etcd registration first (the
+    router stops placing work here), stop the gRPC server, run `cleanups`
+    (callables; awaited when they return awaitables)."""
+    try:
+        await wait_for_shutdown()
+    finally:
+        if registry is not None:
+            await registry.stop()
+        await server.stop(grace=2)
+        for fn in cleanups:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                await result

@@ -6,7 +6,7 @@ import logging
 import time
 
 from engine.config import EngineConfig
-from engine.grpc_util import make_server, wait_for_shutdown
+from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import start_metrics_server
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
@@ -40,11 +40,4 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
              runner.num_pages, runner.page_size)
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,
                                      metrics_address, start_epoch_ms)
-    try:
-        await wait_for_shutdown()
-    finally:
-        if registry is not None:
-            await registry.stop()  # revoke first: the router stops placing work here
-        await server.stop(grace=2)
-        await sender.close()
-        engine.stop()
+    await serve_until_shutdown(server, registry, sender.close, engine.stop)

@@ -32,37 +32,35 @@ def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float) -> Non
     raise TimeoutError(f"worker at {address} not ready after {timeout:.0f}s")
 
 
-def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def _poll_router(url: str, proc: subprocess.Popen, timeout: float, ready, what: str) -> None:
+    """Poll GET `url` until `ready(body)` holds; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"router exited with code {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
+                if r.status == 200 and ready(r.read()):
                     return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"router not ready after {timeout:.0f}s")
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} after {timeout:.0f}s")
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    _poll_router(url, proc, timeout, lambda body: True, "router not ready")
 
 
 def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -> None:
     """Wait until the router's /health lists members of `roles` roles (etcd mode)."""
     import json
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"router exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                members = json.loads(r.read()).get("membership", {}).get("members", {})
-            if sum(1 for addrs in members.values() if addrs) >= roles:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"workers not registered in etcd after {timeout:.0f}s")
+    def ready(body: bytes) -> bool:
+        members = json.loads(body).get("membership", {}).get("members", {})
+        return sum(1 for addrs in members.values() if addrs) >= roles
+
+    _poll_router(url, proc, timeout, ready, "workers not registered in etcd")
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
