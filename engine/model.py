@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.rope import apply_rotary, cos_sin, inv_freq
+from engine.layer_ops import TorchLayerOps
+from engine.rope import cos_sin, inv_freq
+
+TORCH_OPS = TorchLayerOps()
 
 
 class RMSNorm(nn.Module):
@@ -26,10 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, **factory))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, ops=TORCH_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                    ops=TORCH_OPS) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -54,7 +60,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+                meta: AttentionMetadata, backend: AttentionBackend, ops=TORCH_OPS) -> torch.Tensor:
         T = x.shape[0]
         if hasattr(self, "qkv_proj"):
             qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -65,8 +71,8 @@ class Attention(nn.Module):
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        q, k = ops.rotary(q, k, cos, sin)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
@@ -83,12 +89,10 @@ class MLP(nn.Module):
         self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=TORCH_OPS) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -111,9 +115,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta, backend,
+                ops=TORCH_OPS) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for layer 0, residual None).
+        Returns (this layer's MLP output, the residual stream before it): the residual
+        add is fused into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x, ops)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual, ops)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta, backend, ops)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class DecoderModel(nn.Module):
@@ -141,6 +154,7 @@ class CausalLM(nn.Module):
             self.tie_weights()
         # Plain attribute (not a buffer): never in the state dict, rebuilt per device.
         self._inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.ops = TORCH_OPS      # elementwise layer ops (engine/layer_ops.py); set by the runner
 
     def fuse_projections(self) -> None:
         """After loading: fuse q/k/v and gate/up projections of every layer (fewer,
@@ -159,11 +173,12 @@ class CausalLM(nn.Module):
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = cos_sin(meta.positions, self._inv_freq, x.dtype)
+        ops, residual = self.ops, None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv.k[i], kv.v[i], meta, backend)
+            x, residual = layer(x, residual, cos, sin, kv.k[i], kv.v[i], meta, backend, ops)
             if on_layer_done is not None:
                 on_layer_done(i)
-        return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual, ops)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

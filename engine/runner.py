@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 import torch
 
 from engine.attention import get_attention_backend
-from engine.attention.base import build_metadata_and_ids
+from engine.attention.base import PinnedStaging, build_metadata_and_ids
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
+from engine.layer_ops import get_layer_ops
 from engine.weights import load_model, resolve_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class ModelRunner:
                                 config.load_format, config.seed)
         self.model.fuse_projections()
         self.backend = get_attention_backend(config.attention_backend)
+        # Fused Triton elementwise kernels go with the Triton attention backend on a GPU;
+        # everywhere else the torch reference ops run.
+        if self.device.type == "cuda" and config.attention_backend == "triton":
+            self.model.ops = get_layer_ops("triton")
         limit = mc.max_position_embeddings
         if mc.sliding_window is not None:  # sliding-window attention is not implemented
             limit = min(limit, mc.sliding_window)
@@ -49,6 +54,7 @@ class ModelRunner:
         self.page_size = config.page_size
         self.num_pages = config.num_pages or self._auto_num_pages()
         self.graphs = None
+        self.staging = PinnedStaging() if self.device.type == "cuda" else None
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager
                       and config.attention_backend == "triton")
         # With graphs, one scratch page beyond the pool takes the padding rows' K/V.
@@ -95,7 +101,7 @@ class ModelRunner:
         meta, ids = build_metadata_and_ids(
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
             [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
-            token_ids=list(chain.from_iterable(s.token_ids for s in seqs)))
+            token_ids=list(chain.from_iterable(s.token_ids for s in seqs)), staging=self.staging)
         if (self.graphs is not None and on_layer_done is None and meta.is_decode
                 and self.backend is self.graphs.backend):
             logits = self.graphs.run(meta, ids)

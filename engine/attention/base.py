@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -58,16 +59,46 @@ def build_metadata(start_pos: Sequence[int], new_lens: Sequence[int],
     return build_metadata_and_ids(start_pos, new_lens, page_tables, page_size, device, num_pages)[0]
 
 
+class PinnedStaging:
+    """A small ring of reusable pinned host buffers for the per-forward metadata copy.
+
+    Pinning a fresh buffer every step costs more than building the metadata; a ring
+    slot is reused only after the event recorded behind its previous copy has fired,
+    so an asynchronous copy still in flight is never overwritten."""
+
+    def __init__(self, slots: int = 4):
+        self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._events: list = [None] * slots
+        self._next = 0
+
+    def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        n = sum(t.numel() for t in parts)
+        i = self._next
+        self._next = (i + 1) % len(self._bufs)
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        buf = self._bufs[i]
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[i] = torch.empty(max(2 * n, 1 << 14), dtype=torch.int64, pin_memory=True)
+        torch.cat(parts, out=buf[:n])
+        dev = buf[:n].to(device, non_blocking=True)
+        ev = self._events[i] = torch.cuda.Event()
+        ev.record()
+        return dev
+
+
 def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
                            page_tables: Sequence[Sequence[int]], page_size: int,
                            device: torch.device | str, num_pages: int | None = None,
                            token_ids: Sequence[int] | None = None,
+                           staging: PinnedStaging | None = None,
                            ) -> tuple[AttentionMetadata, torch.Tensor | None]:
     """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
 
     Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
     per-page Python loops); every device tensor comes out of ONE host-to-device copy
-    of a packed int64 buffer (pinned when the target is CUDA)."""
+    of a packed int64 buffer (pinned when the target is CUDA: from `staging`'s ring
+    when given, else a buffer pinned for this call)."""
     device = torch.device(device)
     B = len(new_lens)
     starts_l = [int(s) for s in start_pos]
@@ -80,7 +111,8 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     for i, (pt, k) in enumerate(zip(pts, need)):
         if len(pt) < k:
             raise ValueError(f"seq {i}: page table has {len(pt)} pages, needs {k} for {seq_lens[i]} tokens")
-    flat = torch.tensor(list(chain.from_iterable(pt[:k] for pt, k in zip(pts, need))), dtype=torch.int64)
+    flat = torch.from_numpy(np.fromiter(chain.from_iterable(pt[:k] for pt, k in zip(pts, need)),
+                                        dtype=np.int64, count=sum(need)))
     need_t = torch.tensor(need, dtype=torch.int64)
     tables = torch.zeros((B, P), dtype=torch.int64)
     if flat.numel():
@@ -103,11 +135,12 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     if token_ids is not None:
         parts.append(token_ids if isinstance(token_ids, torch.Tensor)
                      else torch.tensor(token_ids, dtype=torch.int64))
-    host = torch.cat(parts)
-    if device.type == "cuda":
-        dev = host.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda" and staging is not None:
+        dev = staging.to_device(parts, device)
+    elif device.type == "cuda":
+        dev = torch.cat(parts).pin_memory().to(device, non_blocking=True)
     else:
-        dev = host.to(device)
+        dev = torch.cat(parts).to(device)
     o = 0
     out = []
     for t in parts:

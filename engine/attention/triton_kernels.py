@@ -12,7 +12,8 @@ Kernels (launchers below take Python ints only, so no host sync on the hot path)
                   query heads (GQA group padded to 16 rows for tl.dot), so each K/V
                   row is read once; it walks one split of the context through the page
                   table and writes a partial (acc, max, sum) in fp32.
-  decode stage 2  grid (B, H): log-sum-exp merge of the splits.
+  decode stage 2  grid (B, H): log-sum-exp merge of the splits (skipped with one split:
+                  stage 1 then normalises and writes the output itself).
   extend          grid (m-blocks, H, B): flash-attention online softmax over all keys
                   [0, start + new) read through the page table (prefix and the new
                   tokens just stored), causal mask only on the diagonal blocks.
@@ -67,13 +68,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 # --------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
-                          acc_ptr, ml_ptr, sm_scale_log2,
+                          acc_ptr, ml_ptr, out_ptr, sm_scale_log2,
                           stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
                           stride_ab, stride_ah, stride_as,
-                          stride_mb, stride_mh, stride_ms,
+                          stride_mb, stride_mh, stride_ms, stride_ot, stride_oh,
                           chunk,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                          DIRECT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -109,6 +111,10 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
+    if DIRECT:   # one split: normalise and write the output, no merge pass
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        return
     a_ptrs = (acc_ptr + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah + s * stride_as
               + offs_d[None, :])
     tl.store(a_ptrs, acc, mask=g_mask[:, None])
@@ -176,16 +182,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_splits = decode_num_splits(B, kvh, max_seq_len, q.device, block_n)
     chunk = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_seq_len, chunk))
-    acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-    ml = torch.empty((B, H, num_splits, 2), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    shape = (1, 1, 1) if direct else (B, H, num_splits)
+    acc = torch.empty(shape + (D,), dtype=torch.float32, device=q.device)
+    ml = torch.empty(shape + (2,), dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_stage1_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
-        chunk,
+        out.stride(0), out.stride(1), chunk,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, PAGE=page,
-        BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages, DIRECT=direct)
+    if direct:
+        return out
     _decode_stage2_kernel[(B, H)](
         acc, ml, out, num_splits, acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
