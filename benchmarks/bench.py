@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--disagg-requests", type=int, default=None, help="per workload; default all (tiny) / 8")
     p.add_argument("--disagg-timeout", type=float, default=60.0, help="seconds per workload")
     p.add_argument("--disagg-decode-pages", type=int, default=None)
+    p.add_argument("--kv-transfer-backend", default="grpc", choices=["grpc", "nixl"],
+                   help="KV transport between the disaggregated workers")
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--results-md", default=None, help="write a RESULTS.md here")
     p.add_argument("--log-dir", default=None)
@@ -177,7 +179,7 @@ def run_disagg(args, model_dir: Path, device: torch.device, wls, rows, summ, log
     n_req = args.disagg_requests
     cl = DisaggCluster(model_dir, device.type, "float32" if device.type == "cpu" else "bfloat16", backend,
                        prefill_pages, decode_pages, args.max_num_seqs, args.max_num_batched_tokens,
-                       max_len, log_dir)
+                       max_len, log_dir, kv_backend=args.kv_transfer_backend)
     t = time.perf_counter()
     cl.start()
     started = time.perf_counter() - t
@@ -185,7 +187,7 @@ def run_disagg(args, model_dir: Path, device: torch.device, wls, rows, summ, log
         for wl in wls:
             n = wl.num_requests if n_req is None else min(n_req, wl.num_requests)
             res = cl.run(wl, n, args.disagg_timeout)
-            res.note = (f"attention {backend}; grpc KV; " + res.note).rstrip("; ")
+            res.note = (f"attention {backend}; {cl.kv_backend} KV; " + res.note).rstrip("; ")
             rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     finally:

@@ -2,8 +2,9 @@
 device, driven over gRPC `Decode.Generate` (every request sent at t=0, async).
 
 The decode worker reserves pages, the prefill worker computes the prompt and streams
-KV layer by layer through the grpc KV transport (host-staged, serialised), then the
-decode worker batches decodes. Only client-visible numbers are measured here
+KV layer by layer through the chosen KV transport (`kv_backend`: "grpc", host-staged and
+serialised; "nixl", one-sided WRITEs into the decode pool), then the decode worker
+batches decodes. Only client-visible numbers are measured here
 (wall, tokens, TTFT, TPOT, cached tokens); MFU/MBU need worker-side timers.
 """
 from __future__ import annotations
@@ -31,14 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 class DisaggCluster:
     def __init__(self, model_dir: Path, device: str, dtype: str, backend: str,
                  prefill_pages: int, decode_pages: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, log_dir: Path):
+                 max_num_batched_tokens: int, max_model_len: int, log_dir: Path, kv_backend: str = "grpc"):
         self.procs: list[subprocess.Popen] = []
+        self.kv_backend = kv_backend
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         common = ["--model", str(model_dir), "--load-format", "dummy", "--device", device,
                   "--dtype", dtype, "--attention-backend", backend, "--max-model-len", str(max_model_len),
                   "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens),
-                  "--log-level", "warning"]
+                  "--log-level", "warning", "--kv-transfer-backend", kv_backend]
         self.prefill_addr = f"127.0.0.1:{free_port()}"
         self.decode_addr = f"127.0.0.1:{free_port()}"
         self.args = {

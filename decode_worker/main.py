@@ -52,4 +52,6 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
              engine.runner.num_pages, engine.runner.page_size)
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
                                      metrics_address, start_epoch_ms)
-    await serve_until_shutdown(server, registry, engine.stop)
+    # backends that hold resources beyond the server (nixl: the registered pool) release them last
+    shutdown = getattr(receiver, "shutdown", None)
+    await serve_until_shutdown(server, registry, engine.stop, *([shutdown] if shutdown else []))

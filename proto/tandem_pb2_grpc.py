@@ -455,3 +455,120 @@ class KVReceiver:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NixlKVStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Hello = channel.unary_unary(
+                '/tandem.v1.NixlKV/Hello',
+                request_serializer=proto_dot_tandem__pb2.NixlHelloRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem__pb2.NixlPoolLayout.FromString,
+                _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/tandem.v1.NixlKV/Session',
+                request_serializer=proto_dot_tandem__pb2.NixlSessionRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem__pb2.NixlSessionResponse.FromString,
+                _registered_method=True)
+
+
+class NixlKVServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Hello(self, request, context):
+        """Once per receiver address per sender: the pool layout and NIXL agent metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """One per transfer: BEGIN -> PAGES, ..., END -> RESULT (see nixl_backend.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NixlKVServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=proto_dot_tandem__pb2.NixlHelloRequest.FromString,
+                    response_serializer=proto_dot_tandem__pb2.NixlPoolLayout.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=proto_dot_tandem__pb2.NixlSessionRequest.FromString,
+                    response_serializer=proto_dot_tandem__pb2.NixlSessionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.NixlKV', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.NixlKV', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NixlKV:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.NixlKV/Hello',
+            proto_dot_tandem__pb2.NixlHelloRequest.SerializeToString,
+            proto_dot_tandem__pb2.NixlPoolLayout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.NixlKV/Session',
+            proto_dot_tandem__pb2.NixlSessionRequest.SerializeToString,
+            proto_dot_tandem__pb2.NixlSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -77,6 +77,15 @@ def add_cluster_args(p: argparse.ArgumentParser, worker: bool) -> None:
                        help="port of this worker's Prometheus /metrics (default: --port + 1000; 0 = off)")
 
 
+KV_TRANSFER_BACKENDS = ("grpc", "nixl")
+
+
+def add_kv_transfer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-transfer-backend", default="grpc", choices=KV_TRANSFER_BACKENDS,
+                   help="KV transport between prefill and decode workers (both sides must match; "
+                        "nixl needs the `nixl` package)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--colocated", action="store_true",
                        help="one worker does prefill and decode (no KV transfer)")
     serve.add_argument("--worker-base-port", type=int, default=0, help="0 = pick free ports")
+    add_kv_transfer_arg(serve)
 
     serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
     serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
@@ -110,5 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(w)
         add_server_args(w, default_port=port)
         w.add_argument("--advertise-host", default=None, help="host other workers use to reach this one")
+        add_kv_transfer_arg(w)
         add_cluster_args(w, worker=True)
     return parser

@@ -46,11 +46,13 @@ def main(argv: list[str] | None = None) -> None:
         from decode_worker.main import serve_decode
 
         asyncio.run(serve_decode(config, args.host, args.port, advertise,
+                                 kv_backend=args.kv_transfer_backend,
                                  registry_config=registry_config, metrics_address=metrics_address))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 
         asyncio.run(serve_prefill(config, args.host, args.port, advertise=advertise,
+                                  kv_backend=args.kv_transfer_backend,
                                   registry_config=registry_config, metrics_address=metrics_address))
 
 

@@ -75,14 +75,16 @@ def run_serve(args: argparse.Namespace) -> int:
         decode_port = args.worker_base_port or free_port()
         decode_addr = f"127.0.0.1:{decode_port}"
         etcd = ["--etcd", args.etcd] if args.etcd else []
+        # the KV transport matters only between separate prefill and decode workers
+        kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
         procs.append(subprocess.Popen(cli + ["decode", "--port", str(decode_port)] + engine_flags(args, model)
-                                      + etcd))
+                                      + kv + etcd))
         prefill_addr = ""
         if not args.colocated:
             prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
             prefill_addr = f"127.0.0.1:{prefill_port}"
             procs.append(subprocess.Popen(cli + ["prefill", "--port", str(prefill_port)] + engine_flags(args, model)
-                                          + etcd))
+                                          + kv + etcd))
         wait_grpc_ready(decode_addr, procs[0], timeout=600)
         if prefill_addr:
             wait_grpc_ready(prefill_addr, procs[1], timeout=600)

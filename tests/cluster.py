@@ -1,7 +1,7 @@
 """Start real Tandem processes on loopback for end-to-end tests.
 
-`Cluster(model_dir, colocated=False)` starts a decode worker, a prefill worker
-(unless colocated) and the router, each as its own `python -m tandem_cli.main`
+`Cluster(model_dir, colocated=False, kv_transfer_backend="grpc")` starts a decode
+worker, a prefill worker (unless colocated; both on that KV transport) and the router, each as its own `python -m tandem_cli.main`
 process, waits until they answer, and stops them on exit.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Cluster:
     def __init__(self, model_dir: Path, colocated: bool = False, num_pages: int = 256, page_size: int = 4,
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, kv_transfer_backend: str = "grpc") -> None:
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
@@ -32,6 +32,7 @@ class Cluster:
         self.served_name = served_name
         self.api_key = api_key
         self.log_dir = log_dir
+        self.kv_transfer_backend = kv_transfer_backend
         self.procs: list[subprocess.Popen] = []
         self.decode_addr = f"127.0.0.1:{free_port()}"
         self.prefill_addr = "" if colocated else f"127.0.0.1:{free_port()}"
@@ -62,7 +63,8 @@ class Cluster:
 
     def _worker_args(self, port: str) -> list[str]:
         return ["--model", str(self.model_dir), "--port", port, "--device", "cpu", "--dtype", "float32",
-                "--num-pages", str(self.num_pages), "--block-size", str(self.page_size), *self.extra]
+                "--num-pages", str(self.num_pages), "--block-size", str(self.page_size),
+                *([] if self.colocated else ["--kv-transfer-backend", self.kv_transfer_backend]), *self.extra]
 
     def start(self) -> "Cluster":
         try:

@@ -1,0 +1,260 @@
+"""Launchers for the serving layouts the goodput benchmark compares, all behind the router.
+
+Layouts (`LayoutConfig.layout`):
+  - "pd":        `num_prefill` prefill workers on GPUs gpus[0..P) and `num_decode` decode
+                 workers on gpus[P..P+D) (indices wrap around, so `--gpus 0` puts P and D
+                 on one GPU: "P+D sharing one GPU");
+  - "colocated": `replicas` colocated workers (a decode worker with no prefill member
+                 prefills itself), worker i on gpus[i % len(gpus)].
+Each worker is pinned with CUDA_VISIBLE_DEVICES; with no `gpus` (CPU) nothing is pinned.
+
+Lifecycle of a `Layout`:
+  1. `write_model_dir(dir, tiny)`: config.json (Llama-3.1-8B or the tiny Llama, dummy
+     weights) plus a word-level tokenizer over the whole vocabulary (the router needs one;
+     every id decodes to the text "<tN>", so a client can count streamed tokens);
+  2. `start()`: workers start in waves: wave j = the j-th worker of every GPU, so the
+     workers sharing a GPU size their KV cache one after the other (the runner's
+     budget is total * util - memory already in use; worker j of k on a GPU gets
+     util * (j + 1) / k, i.e. an equal split); wait until each answers gRPC; then the
+     router with the static member lists; wait for /health;
+  3. the benchmark drives `base_url`; `wait_idle()` between rates polls every worker's
+     Stats until nothing runs or waits; `kv_counters()` scrapes the decode workers'
+     /metrics (KV bytes received, seconds of completed transfers);
+  4. `stop()` (also on __exit__ and on any start error): SIGTERM, then SIGKILL.
+Worker and router logs go to `log_dir/<name>.log`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA
+from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+from tandem_cli.args import KV_TRANSFER_BACKENDS as KV_TRANSPORTS
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    layout: str                         # "pd" | "colocated"
+    model_dir: Path
+    log_dir: Path
+    num_prefill: int = 1                # pd
+    num_decode: int = 1                 # pd
+    replicas: int = 1                   # colocated
+    gpus: tuple[str, ...] = ()          # CUDA device ids; () = no pinning (CPU)
+    device: str = "cpu"                 # worker --device
+    dtype: str = "float32"
+    attention_backend: str = "torch"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.88  # per GPU, split among the workers sharing it
+    prefill_pages: int | None = None    # explicit KV pages (default: sized from memory)
+    decode_pages: int | None = None
+    kv_transport: str = "grpc"
+    startup_timeout_s: float = 900.0
+    served_name: str = "bench"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("pd", "colocated"):
+            raise ValueError(f"layout must be 'pd' or 'colocated', got {self.layout!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"unknown kv transport {self.kv_transport!r}; choose from {KV_TRANSPORTS}")
+        if min(self.num_prefill, self.num_decode, self.replicas) < 1:
+            raise ValueError("worker counts must be >= 1")
+        object.__setattr__(self, "gpus", tuple(str(g) for g in self.gpus))
+
+    def workers(self) -> list[tuple[str, str, str]]:
+        """(name, role, gpu or "") of every worker; role is the tandem_cli subcommand."""
+        if self.layout == "pd":
+            plan = [(f"prefill{i}", "prefill") for i in range(self.num_prefill)]
+            plan += [(f"decode{j}", "decode") for j in range(self.num_decode)]
+        else:
+            plan = [(f"colocated{i}", "decode") for i in range(self.replicas)]
+        g = self.gpus
+        return [(name, role, g[i % len(g)] if g else "") for i, (name, role) in enumerate(plan)]
+
+    def describe(self) -> str:
+        where = {}
+        for name, _, gpu in self.workers():
+            where.setdefault(gpu or "cpu", []).append(name)
+        shape = (f"{self.num_prefill}P+{self.num_decode}D" if self.layout == "pd"
+                 else f"colocated x{self.replicas}")
+        return shape + " (" + "; ".join(f"{'GPU ' + k if k != 'cpu' else 'cpu'}: {', '.join(v)}"
+                                        for k, v in where.items()) + ")"
+
+
+def write_model_dir(out_dir: Path, tiny: bool) -> Path:
+    """config.json for dummy weights + a word-level tokenizer covering the whole vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = TINY_LLAMA if tiny else LLAMA_31_8B
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    vocab = {f"<t{i}>": i for i in range(cfg["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No special tokens: skip_special_tokens must not hide any generated id (EOS is ignored).
+    PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(out)
+    return out
+
+
+class Layout:
+    """The processes of one layout; see the module docstring for the lifecycle."""
+
+    def __init__(self, config: LayoutConfig) -> None:
+        self.config = config
+        self.procs: list[subprocess.Popen] = []
+        self.prefill_addrs: list[str] = []
+        self.decode_addrs: list[str] = []
+        self.decode_metrics: list[str] = []     # http URLs of the decode workers' /metrics
+        self.http_port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _spawn(self, name: str, args: list[str], gpu: str | None) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        if self.config.device == "cpu":
+            env.setdefault("OMP_NUM_THREADS", "1")
+        out = open(self.config.log_dir / f"{name}.log", "w")
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args], cwd=ROOT, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+        self.procs.append(p)
+        return p
+
+    def _worker_args(self, role: str, port: int, metrics_port: int, util: float) -> list[str]:
+        c = self.config
+        args = [role, "--model", str(c.model_dir), "--load-format", "dummy", "--device", c.device,
+                "--dtype", c.dtype, "--attention-backend", c.attention_backend,
+                "--max-model-len", str(c.max_model_len), "--max-num-seqs", str(c.max_num_seqs),
+                "--max-num-batched-tokens", str(c.max_num_batched_tokens),
+                "--gpu-memory-utilization", f"{util:.4f}", "--port", str(port),
+                "--metrics-port", str(metrics_port), "--log-level", "warning"]
+        if c.layout == "pd":   # colocated replicas move no KV
+            args += ["--kv-transfer-backend", c.kv_transport]
+        pages = c.prefill_pages if (role == "prefill") else c.decode_pages
+        if pages:
+            args += ["--num-pages", str(pages)]
+        return args
+
+    def start(self) -> Layout:
+        c = self.config
+        c.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            plan = c.workers()
+            per_gpu: dict[str, int] = {}
+            waves: list[list[tuple[str, str, str, float]]] = []
+            for name, role, gpu in plan:
+                k = sum(1 for _, _, g in plan if g == gpu)
+                j = per_gpu.get(gpu, 0)
+                per_gpu[gpu] = j + 1
+                util = c.gpu_memory_utilization * (j + 1) / k
+                wave = j if gpu else 0          # CPU: KV sized from --kv-cache-memory, no race
+                while len(waves) <= wave:
+                    waves.append([])
+                waves[wave].append((name, role, gpu, util))
+            for wave in waves:
+                started = []
+                for name, role, gpu, util in wave:
+                    port, mport = free_port(), free_port()
+                    addr = f"127.0.0.1:{port}"
+                    p = self._spawn(name, self._worker_args(role, port, mport, util), gpu if gpu else None)
+                    started.append((addr, p))
+                    if role == "prefill":
+                        self.prefill_addrs.append(addr)
+                    else:
+                        self.decode_addrs.append(addr)
+                        self.decode_metrics.append(f"http://127.0.0.1:{mport}/metrics")
+                for addr, p in started:
+                    wait_grpc_ready(addr, p, c.startup_timeout_s)
+            self.http_port = free_port()
+            router = self._spawn("router", [
+                "router", "--model", str(c.model_dir), "--port", str(self.http_port),
+                "--decode", ",".join(self.decode_addrs), "--prefill", ",".join(self.prefill_addrs),
+                "--served-model-name", c.served_name, "--max-model-len", str(c.max_model_len),
+                "--log-level", "warning"], gpu="")
+            wait_http_ready(f"{self.base_url}/health", router, timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"a layout process exited (code {dead[0].returncode}); "
+                               f"logs in {self.config.log_dir}")
+
+    def _stats(self) -> list:
+        import grpc
+
+        from proto import tandem_pb2 as pb
+        from proto import tandem_pb2_grpc as pbg
+
+        out = []
+        for addrs, stub_cls in ((self.prefill_addrs, pbg.PrefillStub), (self.decode_addrs, pbg.DecodeStub)):
+            for a in addrs:
+                with grpc.insecure_channel(a) as ch:
+                    out.append(stub_cls(ch).Stats(pb.StatsRequest(), timeout=5))
+        return out
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Poll Stats until no worker runs, queues or transfers anything (after cancelled requests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if all(s.running == 0 and s.waiting == 0 and s.active_transfers == 0 for s in self._stats()):
+                    return True
+            except Exception:  # noqa: BLE001 - a slow Stats answer: poll again
+                pass
+            time.sleep(0.25)
+        return False
+
+    def kv_counters(self) -> dict[str, float]:
+        """Summed over decode workers: KV bytes received, seconds and count of completed transfers."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        tot = {"bytes": 0.0, "seconds": 0.0, "transfers": 0.0}
+        for url in self.decode_metrics:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    if s.name == "tandem_kv_transfer_bytes_total":
+                        tot["bytes"] += s.value
+                    elif s.name == "tandem_kv_transfer_seconds_sum":
+                        tot["seconds"] += s.value
+                    elif s.name == "tandem_kv_transfer_seconds_count":
+                        tot["transfers"] += s.value
+        return tot
+
+    def stop(self) -> None:
+        stop_all(self.procs, grace=20)
+        self.procs.clear()
+
+    def __enter__(self) -> Layout:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

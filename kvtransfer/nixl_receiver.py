@@ -1,0 +1,321 @@
+"""NIXL KV receiver (decode side): registers the pool once, hands out page addresses to
+senders that prove the transfer token, and admits pages only on token-carrying notifications.
+
+Lifecycle: construction registers every layer's K/V pool with a NIXL agent; `add_to_server`
+exposes Hello / Session; per transfer `open` (PENDING, fresh token) -> a Session proves the
+token and binds the sender's agent -> admitted layer notifications (IN_PROGRESS) -> every
+page of every layer (DONE), or FAILED / ABORTED -> RESULT to the sender -> `close`.
+Notifications are polled on the event loop only while a session is open. `shutdown()`
+aborts what is live and deregisters the pool.
+See kvtransfer/nixl_backend.py for the protocol and the threat model."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from kvtransfer.base import Destination, KVReceiver, TransferError, TransferState
+from kvtransfer.nixl_common import (
+    _LIVE,
+    STATE_TO_PB,
+    PoolLayout,
+    dev_id,
+    dtype_name,
+    make_agent,
+    mem_type,
+    parse_layer_notif,
+)
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+_Code = grpc.StatusCode
+
+
+@dataclass
+class _Transfer:
+    transfer_id: str
+    token: bytes
+    pages: list[int]
+    num_layers: int
+    received: list[bytearray]            # [layer][reservation page] -> 0/1
+    state: TransferState = TransferState.PENDING
+    pages_left: int = 0
+    error: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    opened_at: float = field(default_factory=time.monotonic)
+    peer: str | None = None              # NIXL agent name of the sender that proved the token
+    writes: int = 0                      # accepted layer notifications
+    nbytes: int = 0
+    expected_writes: int | None = None   # from the sender's END
+
+
+class NixlKVReceiver(KVReceiver, pbg.NixlKVServicer):
+    """Receives KV into `k_layers[l]` / `v_layers[l]` ([num_pages, page_size, kvh, hd], contiguous).
+
+    `add_to_server(server)` adds the `tandem.v1.NixlKV` control service (Hello, Session) to the
+    decode worker's gRPC server; `.address` is that server's advertised host:port (as for grpc).
+    `end_grace_s`: after the sender's END, how long notifications may still trail in.
+    `shutdown()` deregisters the pool and drops the NIXL agent (idempotent)."""
+
+    def __init__(self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor],
+                 page_size: int, address: str = "", *, end_grace_s: float = 10.0,
+                 poll_interval_s: float = 0.0005) -> None:
+        if len(k_layers) != len(v_layers) or not k_layers:
+            raise ValueError("need the same non-zero number of K and V layers")
+        for k, v in zip(k_layers, v_layers):
+            if (k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype or k.shape[1] != page_size
+                    or k.shape != k_layers[0].shape or k.dtype != k_layers[0].dtype or k.device != v.device):
+                raise ValueError(f"pool layer shapes must be equal [pages, {page_size}, kvh, hd]")
+            if not (k.is_contiguous() and v.is_contiguous()):
+                raise ValueError("pool layers must be contiguous to be registered with NIXL")
+        self.k_layers, self.v_layers = k_layers, v_layers
+        self.page_size = page_size
+        self.num_pool_pages = k_layers[0].shape[0]
+        self.page_bytes = k_layers[0][0].numel() * k_layers[0].element_size()
+        self.address = address
+        self.end_grace_s = end_grace_s
+        self.poll_interval_s = poll_interval_s
+        self.bytes_received = 0
+        self.chunks_received = 0          # accepted layer writes
+        self.chunks_rejected = 0          # notifications / sessions refused
+        self.on_transfer_end: Callable[[TransferState, float, str], None] | None = None
+        self._transfers: dict[str, _Transfer] = {}
+        self._sessions = 0
+        self._poller: asyncio.Task | None = None
+        self.agent = make_agent("tandem-kv-recv")
+        self._reg = self.agent.register_memory(list(k_layers) + list(v_layers))
+        layout = PoolLayout(agent_name=self.agent.name, mem_type=mem_type(k_layers[0]),
+                            dev_id=dev_id(k_layers[0]), num_pages=self.num_pool_pages,
+                            page_bytes=self.page_bytes, dtype=dtype_name(k_layers[0].dtype),
+                            k_addrs=tuple(k.data_ptr() for k in k_layers),
+                            v_addrs=tuple(v.data_ptr() for v in v_layers),
+                            metadata=self.agent.get_agent_metadata())
+        self._hello = layout.to_proto()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pbg.add_NixlKVServicer_to_server(self, server)
+
+    def shutdown(self) -> None:
+        for t in list(self._transfers.values()):
+            self._finish(t, TransferState.ABORTED)
+        if self._reg is not None:
+            try:
+                self.agent.deregister_memory(self._reg)
+            finally:
+                self._reg = None
+
+    # -- KVReceiver role ----------------------------------------------------
+    def open(self, transfer_id: str, pages: list[int], num_layers: int | None = None) -> Destination:
+        num_layers = len(self.k_layers) if num_layers is None else num_layers
+        if self._reg is None:
+            raise TransferError("receiver is shut down")
+        if transfer_id in self._transfers:
+            raise TransferError(f"transfer {transfer_id!r} is already open")
+        if not 0 < num_layers <= len(self.k_layers):
+            raise TransferError(f"num_layers {num_layers} outside 1..{len(self.k_layers)}")
+        pages = [int(p) for p in pages]
+        if not pages or len(set(pages)) != len(pages) or not all(0 <= p < self.num_pool_pages for p in pages):
+            raise TransferError("pages must be distinct pool page ids and not empty")
+        t = _Transfer(transfer_id=transfer_id, token=secrets.token_bytes(16), pages=pages,
+                      num_layers=num_layers, received=[bytearray(len(pages)) for _ in range(num_layers)],
+                      pages_left=num_layers * len(pages))
+        self._transfers[transfer_id] = t
+        return Destination(address=self.address, transfer_id=transfer_id, num_pages=len(pages),
+                           page_size=self.page_size, backend="nixl", token=t.token)
+
+    def _get(self, transfer_id: str) -> _Transfer:
+        try:
+            return self._transfers[transfer_id]
+        except KeyError:
+            raise TransferError(f"unknown transfer {transfer_id!r}") from None
+
+    def poll(self, transfer_id: str) -> TransferState:
+        t = self._get(transfer_id)
+        if t.state in _LIVE and t.peer is not None:
+            self._drain()  # cheap; lets a caller polling in a loop see progress at once
+        return t.state
+
+    def error(self, transfer_id: str) -> str | None:
+        return self._get(transfer_id).error
+
+    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
+        t = self._get(transfer_id)
+        try:
+            await asyncio.wait_for(t.done.wait(), timeout)
+        except TimeoutError:
+            pass
+        return t.state
+
+    def abort(self, transfer_id: str) -> None:
+        t = self._transfers.get(transfer_id)
+        if t is not None:
+            self._finish(t, TransferState.ABORTED)
+
+    def close(self, transfer_id: str) -> None:
+        self.abort(transfer_id)
+        self._transfers.pop(transfer_id, None)
+
+    @property
+    def active_transfers(self) -> int:
+        return sum(t.state in _LIVE for t in self._transfers.values())
+
+    def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
+        if t.state in _LIVE:
+            t.state, t.error = state, error
+            t.done.set()
+            if state is TransferState.FAILED:
+                log.warning("KV transfer %s failed (%s): %s", t.transfer_id, reason, error)
+            if self.on_transfer_end is not None:
+                try:
+                    self.on_transfer_end(state, time.monotonic() - t.opened_at, reason)
+                except Exception:
+                    log.exception("on_transfer_end hook failed")
+
+    # -- notifications (data plane completions) -------------------------------
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_notifs())
+
+    async def _poll_notifs(self) -> None:
+        while self._sessions > 0:
+            self._drain()
+            await asyncio.sleep(self.poll_interval_s)
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._reg is None:
+            return
+        for agent_name, msgs in self.agent.get_new_notifs().items():
+            for msg in msgs:
+                self._on_notif(agent_name, msg)
+
+    def _on_notif(self, agent_name: str, msg: bytes) -> None:
+        try:  # NIXL notifications are bytes from anyone who can reach the agent: parse defensively
+            notif = parse_layer_notif(msg)
+        except ValueError:
+            self.chunks_rejected += 1
+            return
+        tid, token, layer, off, n = (notif.transfer_id, notif.token, notif.layer, notif.page_offset,
+                                     notif.num_pages)
+        t = self._transfers.get(tid)
+        # Nothing about a transfer changes unless the notification proves the token and comes
+        # from the agent that opened the session with it.
+        if (t is None or not hmac.compare_digest(token, t.token) or t.peer != agent_name
+                or t.state not in _LIVE):
+            self.chunks_rejected += 1
+            return
+        bad = None
+        if not 0 <= layer < t.num_layers:
+            bad = f"layer {layer} outside 0..{t.num_layers - 1}"
+        elif n < 1 or off < 0 or off + n > len(t.pages):
+            bad = f"pages {off}..{off + n - 1} outside the reservation 0..{len(t.pages) - 1}"
+        elif any(t.received[layer][off:off + n]):
+            bad = f"layer {layer} pages {off}..{off + n - 1} written twice"
+        if bad is not None:
+            self.chunks_rejected += 1
+            self._finish(t, TransferState.FAILED, bad, "invalid_chunk")
+            return
+        t.received[layer][off:off + n] = b"\x01" * n
+        t.pages_left -= n
+        t.writes += 1
+        payload = 2 * n * self.page_bytes
+        t.nbytes += payload
+        self.bytes_received += payload
+        self.chunks_received += 1
+        if t.state is TransferState.PENDING:
+            t.state = TransferState.IN_PROGRESS
+        if t.pages_left == 0:
+            self._finish(t, TransferState.DONE)
+        elif t.expected_writes is not None and t.writes >= t.expected_writes:
+            self._finish(t, TransferState.FAILED, f"sender finished with {t.pages_left} layer-pages missing",
+                         "incomplete")
+
+    # -- gRPC control service -------------------------------------------------
+    async def Hello(self, request: pb.NixlHelloRequest, context) -> pb.NixlPoolLayout:
+        if self._reg is None:
+            await context.abort(_Code.UNAVAILABLE, "receiver is shut down")
+        return self._hello
+
+    async def Session(self, request_iterator, context) -> None:
+        msg = await context.read()
+        if msg is grpc.aio.EOF:
+            return
+        if msg.WhichOneof("msg") != "begin" or not msg.begin.transfer_id or not msg.begin.agent_name:
+            await context.abort(_Code.INVALID_ARGUMENT, "bad BEGIN: expected begin(transfer_id, token, agent)")
+        tid, token, peer = msg.begin.transfer_id, msg.begin.token, msg.begin.agent_name
+        t = self._transfers.get(tid)
+        if t is None:
+            self.chunks_rejected += 1
+            await context.abort(_Code.NOT_FOUND, f"unknown transfer {tid!r}")
+        if not hmac.compare_digest(token, t.token):
+            self.chunks_rejected += 1   # a forger learns nothing and changes nothing
+            await context.abort(_Code.PERMISSION_DENIED, "bad transfer token")
+        if t.state not in _LIVE:
+            await context.abort(_Code.FAILED_PRECONDITION, f"transfer is {t.state.value}")
+        if t.peer is not None:
+            await context.abort(_Code.FAILED_PRECONDITION, "transfer already has a sender")
+        t.peer = peer
+        self._sessions += 1
+        counted = True
+        self._ensure_poller()
+        reader: asyncio.Future | None = None
+        grace: asyncio.TimerHandle | None = None
+        try:
+            await context.write(pb.NixlSessionResponse(pages=pb.NixlPages(
+                agent_name=self.agent.name, num_layers=t.num_layers, pages=t.pages)))
+            reader = asyncio.ensure_future(context.read())
+            done = asyncio.ensure_future(t.done.wait())
+            while t.state in _LIVE:
+                await asyncio.wait({reader, done}, return_when=asyncio.FIRST_COMPLETED)
+                if t.state not in _LIVE or not reader.done():
+                    continue
+                msg = reader.result()
+                if msg is grpc.aio.EOF:
+                    self._drain()
+                    self._finish(t, TransferState.FAILED, "sender closed the session before all pages arrived",
+                                 "stream_broken")
+                    break
+                if msg.WhichOneof("msg") != "end":
+                    self._finish(t, TransferState.FAILED, f"bad session message: expected end, got "
+                                 f"{msg.WhichOneof('msg')}", "invalid_chunk")
+                    break
+                t.expected_writes = msg.end.writes
+                self._drain()
+                if t.state in _LIVE and t.writes >= t.expected_writes:
+                    self._finish(t, TransferState.FAILED,
+                                 f"sender finished with {t.pages_left} layer-pages missing", "incomplete")
+                elif t.state in _LIVE:  # notifications may trail the END a little
+                    grace = asyncio.get_running_loop().call_later(
+                        self.end_grace_s, lambda: self._finish(
+                            t, TransferState.FAILED, "layer notifications missing after the sender's END",
+                            "incomplete"))
+                reader = asyncio.ensure_future(asyncio.Event().wait())  # nothing more to read
+            done.cancel()
+            await context.write(pb.NixlSessionResponse(result=pb.NixlResult(
+                state=STATE_TO_PB[t.state], writes=t.writes, bytes=t.nbytes, error=(t.error or "")[:4096])))
+            if t.state is TransferState.DONE and t.expected_writes is None and not reader.done():
+                # DONE before the sender's END, which it may be writing right now: ending the RPC
+                # under that write would fail the sender's call. Wait for the END (or the stream's
+                # end): the sender always sends it after finish(), or cancels the call, or dies.
+                self._sessions -= 1
+                counted = False
+                await asyncio.wait({reader})
+        except BaseException:  # the sender went away (process died, cancelled), or the stream broke
+            self._finish(t, TransferState.FAILED, "session broken before the transfer completed",
+                         "stream_broken")
+            raise
+        finally:
+            if grace is not None:
+                grace.cancel()
+            if reader is not None:
+                reader.cancel()
+            if counted:
+                self._sessions -= 1

@@ -1,0 +1,524 @@
+"""NIXL KV transfer: real NIXL (UCX, DRAM to DRAM) between two real processes.
+
+The receiver (and its grpc.aio server) lives in this process, on an event loop running in a
+background thread; senders run in child processes (this file run as a script) driven by
+JSON lines on stdin. No mocks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+try:
+    import nixl  # noqa: F401
+    NIXL_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the machine
+    NIXL_ERROR = str(e)
+
+S_NAMES = ("pending", "in_progress", "done", "failed", "aborted")
+DTYPE = torch.bfloat16
+PAGE, KVH, HD = 4, 2, 8
+LAYERS, POOL_PAGES = 3, 16
+
+
+def random_kv(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- child process (sender)
+def _child_main() -> None:  # pragma: no cover - runs in the sender process
+    from kvtransfer import Destination, get_backend
+    from kvtransfer.nixl_common import PoolLayout, layer_notif, make_agent
+    from proto import tandem_pb2 as pb
+    from proto import tandem_pb2_grpc as pbg
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sender = get_backend("nixl").sender_cls()
+        handles = {}
+
+        def reply(**kw):
+            sys.stdout.write("@@" + json.dumps(kw) + "\n")
+            sys.stdout.flush()
+
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            cmd = json.loads(line)
+            op = cmd["op"]
+            try:
+                if op == "start":
+                    d = cmd["dst"]
+                    dst = Destination(d["address"], d["transfer_id"], d["num_pages"], d["page_size"],
+                                      d["backend"], bytes.fromhex(d["token"]))
+                    handles[cmd["h"]] = sender.start(dst.to_proto())
+                    reply(ok=True)
+                elif op == "send":
+                    dtype = getattr(torch, cmd.get("dtype", "bfloat16"))
+                    shape = (cmd["n"], *cmd["shape"])
+                    k, v = random_kv(shape, dtype, cmd["seed"]), random_kv(shape, dtype, cmd["seed"] + 7919)
+                    h = handles[cmd["h"]]
+                    if cmd.get("thread"):  # the engine thread's view
+                        await asyncio.to_thread(h.send_layer, cmd["layer"], k, v, cmd["offset"])
+                    else:
+                        h.send_layer(cmd["layer"], k, v, page_offset=cmd["offset"])
+                    reply(ok=True)
+                elif op == "finish":
+                    handles[cmd["h"]].finish()
+                    reply(ok=True)
+                elif op == "abort":
+                    h = handles[cmd["h"]]
+                    h.abort()
+                    reply(state=h.poll().value)
+                elif op in ("wait", "poll"):
+                    h = handles[cmd["h"]]
+                    st = await h.wait(cmd["timeout"]) if op == "wait" else h.poll()
+                    reply(state=st.value, error=h.error, bytes_sent=h.bytes_sent, chunks=h.chunks_sent)
+                elif op == "bench":
+                    d = cmd["dst"]
+                    dst = Destination(d["address"], d["transfer_id"], d["num_pages"], d["page_size"],
+                                      d["backend"], bytes.fromhex(d["token"]))
+                    n, shape = d["num_pages"], (d["num_pages"], *cmd["shape"])
+                    src = [(random_kv(shape, torch.float16, i), random_kv(shape, torch.float16, i + 1))
+                           for i in range(cmd["layers"])]
+                    t0 = time.perf_counter()
+                    h = sender.start(dst)
+                    for layer, (k, v) in enumerate(src):
+                        h.send_layer(layer, k, v)
+                    h.finish()
+                    st = await h.wait(60)
+                    reply(state=st.value, error=h.error, seconds=time.perf_counter() - t0,
+                          bytes=h.bytes_sent, n=n)
+                elif op == "forge":  # an attacker that knows the pool layout but not the token
+                    import grpc
+
+                    async with grpc.aio.insecure_channel(cmd["address"]) as ch:
+                        lay = PoolLayout.from_proto(await pbg.NixlKVStub(ch).Hello(pb.NixlHelloRequest(),
+                                                                                   timeout=10))
+                    agent = make_agent("forger")
+                    agent.add_remote_agent(lay.metadata)
+                    buf = torch.full((lay.page_bytes,), 0x5A, dtype=torch.uint8)
+                    reg = agent.register_memory([buf])
+                    xh = agent.initialize_xfer(
+                        "WRITE", agent.get_xfer_descs([(buf.data_ptr(), lay.page_bytes, 0)], "DRAM"),
+                        agent.get_xfer_descs([(lay.k_addrs[cmd["layer"]] + cmd["pool_page"] * lay.page_bytes,
+                                               lay.page_bytes, lay.dev_id)], "DRAM"),
+                        lay.agent_name,
+                        bytes.fromhex(cmd["notif_hex"]) if "notif_hex" in cmd else
+                        layer_notif(cmd["tid"], bytes.fromhex(cmd["token"]), cmd["layer"], cmd["offset"], 1))
+                    agent.transfer(xh)
+                    while agent.check_xfer_state(xh) == "PROC":
+                        await asyncio.sleep(0.001)
+                    state = agent.check_xfer_state(xh)
+                    xh.release()
+                    agent.deregister_memory(reg)
+                    agent.remove_remote_agent(lay.agent_name)
+                    reply(state=state)
+                elif op == "session":  # a raw Session whose first message is `first` ("begin" | "end")
+                    import grpc
+
+                    first = (pb.NixlSessionRequest(end=pb.NixlEnd(writes=1)) if cmd["first"] == "end" else
+                             pb.NixlSessionRequest(begin=pb.NixlBegin(transfer_id=cmd["tid"], token=bytes.fromhex(
+                                 cmd["token"]), agent_name=cmd.get("agent", "x"))))
+                    async with grpc.aio.insecure_channel(cmd["address"]) as ch:
+                        call = pbg.NixlKVStub(ch).Session(timeout=10)
+                        await call.write(first)
+                        try:
+                            msg = await call.read()
+                            reply(answer=msg.WhichOneof("msg") if msg is not grpc.aio.EOF else "eof")
+                        except grpc.aio.AioRpcError as e:
+                            reply(code=e.code().name)
+                        call.cancel()
+                elif op == "stats":
+                    reply(inflight=len(sender._worker._inflight), handles=sender.active_transfers,
+                          streamed=sender.bytes_streamed)
+                elif op == "close":
+                    await sender.close()
+                    await sender.close()
+                    reply(ok=True, worker_alive=sender._worker.is_alive())
+                elif op == "exit":
+                    reply(ok=True)
+                    return
+                else:
+                    reply(error=f"unknown op {op}")
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                reply(error=f"{type(e).__name__}: {e}")
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _child_main()
+    sys.exit(0)
+
+
+pytestmark = pytest.mark.skipif(NIXL_ERROR is not None, reason=f"nixl is not importable: {NIXL_ERROR}")
+
+
+class Child:
+    """A sender process driven by JSON lines."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, NIXL_LOG_LEVEL="WARN")
+        stderr = None if os.environ.get("NIXL_TEST_STDERR") else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def __call__(self, op: str, io_timeout: float = 30.0, **kw) -> dict:
+        self.proc.stdin.write(json.dumps(dict(op=op, **kw)) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + io_timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"sender process died (rc={self.proc.poll()})")
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise TimeoutError(op)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self("exit", io_timeout=5)
+            except (OSError, RuntimeError, TimeoutError, ValueError):
+                self.proc.kill()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Side:
+    """The receiver: a NixlKVReceiver on a grpc.aio server, on a loop in a background thread."""
+
+    def __init__(self, layers=LAYERS, pool_pages=POOL_PAGES, page=PAGE, kvh=KVH, hd=HD, dtype=DTYPE, **kw):
+        import grpc
+
+        from kvtransfer import get_backend
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        shape = (pool_pages, page, kvh, hd)
+        self.k = [random_kv(shape, dtype, 1000 + i) for i in range(layers)]  # non-zero old contents
+        self.v = [random_kv(shape, dtype, 2000 + i) for i in range(layers)]
+        self.shape = [page, kvh, hd]
+
+        async def setup():
+            self.receiver = get_backend("nixl").receiver_cls(self.k, self.v, page, **kw)
+            self.server = grpc.aio.server()
+            self.receiver.add_to_server(self.server)
+            port = self.server.add_insecure_port("127.0.0.1:0")
+            self.receiver.address = f"127.0.0.1:{port}"
+            await self.server.start()
+        self.run(setup())
+
+    def run(self, coro, timeout=30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *a):
+        async def go():
+            return fn(*a)
+        return self.run(go())
+
+    def open(self, tid, pages, num_layers=None) -> dict:
+        dst = self.call(self.receiver.open, tid, pages, num_layers)
+        return {"address": dst.address, "transfer_id": dst.transfer_id, "num_pages": dst.num_pages,
+                    "page_size": dst.page_size, "backend": dst.backend, "token": dst.token.hex()}
+
+    def state(self, tid) -> str:
+        return self.call(self.receiver.poll, tid).value
+
+    def wait(self, tid, timeout):
+        return self.run(self.receiver.wait(tid, timeout), timeout + 5).value
+
+    def wait_state(self, tid, state, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while (cur := self.state(tid)) != state:
+            assert time.monotonic() < deadline, f"never reached {state}, at {cur}"
+            time.sleep(0.005)
+
+    def snapshot(self):
+        return [t.clone() for t in self.k], [t.clone() for t in self.v]
+
+    def stop(self):
+        async def down():
+            await self.server.stop(None)
+            self.receiver.shutdown()
+            self.receiver.shutdown()
+        self.run(down())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def side():
+    s = Side()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def child():
+    c = Child()
+    yield c
+    c.stop()
+
+
+def expected(before, writes):
+    """writes: [(layer, pool_pages, seed)] -> expected (k, v) pools."""
+    ek, ev = [t.clone() for t in before[0]], [t.clone() for t in before[1]]
+    for layer, pages, seed in writes:
+        shape = (len(pages), PAGE, KVH, HD)
+        ek[layer][pages] = random_kv(shape, DTYPE, seed)
+        ev[layer][pages] = random_kv(shape, DTYPE, seed + 7919)
+    return ek, ev
+
+
+def assert_pools(side, exp):
+    for layer in range(LAYERS):
+        assert torch.equal(bits(side.k[layer]), bits(exp[0][layer])), f"K layer {layer} differs"
+        assert torch.equal(bits(side.v[layer]), bits(exp[1][layer])), f"V layer {layer} differs"
+
+
+def test_multilayer_ragged_offsets_land_exactly(side, child):
+    before = side.snapshot()
+    pages = [13, 2, 9, 4, 0, 11, 7]
+    dst = side.open("ragged", pages)
+    assert dst["backend"] == "nixl" and dst["address"] == side.receiver.address
+    assert side.state("ragged") == "pending"
+    assert child("start", h="a", dst=dst) == {"ok": True}
+    # ragged splits per layer, out of order, one from another thread (the engine thread)
+    plan = {0: [(0, 3), (3, 4)], 1: [(5, 2), (0, 5)], 2: [(0, 1), (1, 6)]}
+    writes, seed = [], 50
+    for layer, parts in plan.items():
+        for off, n in parts:
+            r = child("send", h="a", layer=layer, offset=off, n=n, seed=seed, shape=side.shape,
+                      thread=(layer == 2))
+            assert r == {"ok": True}, r
+            writes.append((layer, pages[off:off + n], seed))
+            seed += 1
+        if layer == 0:
+            side.wait_state("ragged", "in_progress")
+    assert side.wait("ragged", 10) == "done"           # all pages in: DONE before finish()
+    assert child("poll", h="a")["state"] == "in_progress"   # the sender waits for finish + ack
+    assert child("send", h="a", layer=0, offset=1, n=1, seed=1, shape=side.shape)["error"].startswith(
+        "ValueError")                                    # a page twice is refused before it leaves
+    child("finish", h="a")
+    r = child("wait", h="a", timeout=10)
+    assert r.get("state") == "done", r
+    page_bytes = PAGE * KVH * HD * 2
+    assert r["bytes_sent"] == 2 * LAYERS * len(pages) * page_bytes and r["chunks"] == 6
+    assert side.receiver.bytes_received >= r["bytes_sent"]
+    assert_pools(side, expected(before, writes))
+    side.call(side.receiver.close, "ragged")
+    side.call(side.receiver.close, "ragged")           # twice: no error
+    with pytest.raises(Exception, match="unknown transfer"):
+        side.call(side.receiver.poll, "ragged")
+    assert side.receiver._sessions == 0 and side.receiver.active_transfers == 0
+    assert child("stats") == {"inflight": 0, "handles": 0, "streamed": r["bytes_sent"]}
+
+
+def test_wrong_token_never_done(side, child):
+    before = side.snapshot()
+    rejected = side.receiver.chunks_rejected
+    dst = side.open("tok", [3, 5])
+    forged = dict(dst, token="00" * 16)
+    child("start", h="f", dst=forged)
+    child("send", h="f", layer=0, offset=0, n=2, seed=3, shape=side.shape)
+    child("finish", h="f")
+    r = child("wait", h="f", timeout=10)
+    assert r["state"] == "failed" and r["error"].startswith("PERMISSION_DENIED"), r
+    assert side.state("tok") == "pending"              # a forger cannot fail someone else's transfer
+    assert_pools(side, before)                          # it never learned where the pages are
+    # the real sender writes layers 0-1; an attacker who knows the layout (not the token)
+    # writes the last layer's pages itself and notifies with a wrong token: never admitted
+    child("start", h="real", dst=dst)
+    for layer in range(LAYERS - 1):
+        child("send", h="real", layer=layer, offset=0, n=2, seed=60 + layer, shape=side.shape)
+    for off, pool_page in enumerate([3, 5]):
+        assert child("forge", address=dst["address"], tid="tok", token="11" * 16, layer=LAYERS - 1,
+                     offset=off, pool_page=pool_page)["state"] == "DONE"
+    # a forger that somehow has the token but is not the session's agent is refused too
+    assert child("forge", address=dst["address"], tid="tok", token=dst["token"], layer=LAYERS - 1,
+                 offset=0, pool_page=3)["state"] == "DONE"
+    time.sleep(0.3)
+    assert side.state("tok") == "in_progress"          # pages of layer 2 never admitted
+    assert side.receiver.chunks_rejected >= rejected + 4
+    side.call(side.receiver.close, "tok")              # the decode worker frees / reuses the pages
+    r = child("wait", h="real", timeout=10)
+    assert r["state"] == "failed" and "ABORTED" in r["error"], r
+
+
+def test_malformed_control_and_notifications_are_rejected(side, child):
+    """Garbage NIXL notifications and malformed Session messages are counted and refused;
+    they never crash the notification loop, and a real transfer still completes after them."""
+    before = side.snapshot()
+    dst = side.open("junk", [7, 9])
+    # a Session that does not start with BEGIN, or whose BEGIN names no agent: refused up front
+    assert child("session", address=dst["address"], first="end") == {"code": "INVALID_ARGUMENT"}
+    assert child("session", address=dst["address"], first="begin", tid="junk", token=dst["token"],
+                 agent="") == {"code": "INVALID_ARGUMENT"}
+    assert child("session", address=dst["address"], first="begin", tid="nope", token="00" * 16) == {
+        "code": "NOT_FOUND"}
+    # notifications while a real session is open (the receiver polls only then)
+    child("start", h="j", dst=dst)
+    child("send", h="j", layer=0, offset=0, n=2, seed=40, shape=side.shape)
+    side.wait_state("junk", "in_progress")
+    rejected = side.receiver.chunks_rejected
+    from proto import tandem_pb2 as pb
+    junk = [b"\xff\xff\xff\xff", b"TKV1L" + bytes(range(40)), b"\x0a\x02\xff\xfe",   # not protobuf / bad UTF-8
+            pb.NixlLayerNotif(transfer_id="junk", layer=0, num_pages=1).SerializeToString(),  # no token
+            pb.NixlLayerNotif(transfer_id="junk", token=bytes.fromhex(dst["token"]), layer=1,
+                              page_offset=0, num_pages=0).SerializeToString()]   # zero pages
+    for payload in junk:
+        assert child("forge", address=dst["address"], notif_hex=payload.hex(), layer=LAYERS - 1,
+                     offset=0, pool_page=7)["state"] == "DONE"
+    deadline = time.monotonic() + 5
+    while side.receiver.chunks_rejected < rejected + len(junk):
+        assert time.monotonic() < deadline, side.receiver.chunks_rejected - rejected
+        time.sleep(0.01)
+    assert side.state("junk") == "in_progress"         # nothing was admitted or failed
+    writes = [(0, [7, 9], 40)]
+    for layer in range(1, LAYERS):
+        child("send", h="j", layer=layer, offset=0, n=2, seed=40 + layer, shape=side.shape)
+        writes.append((layer, [7, 9], 40 + layer))
+    child("finish", h="j")
+    assert child("wait", h="j", timeout=10)["state"] == "done"
+    assert side.wait("junk", 10) == "done"
+    assert_pools(side, expected(before, writes))       # the real writes overwrote the forged page
+    side.call(side.receiver.close, "junk")
+
+
+def test_receiver_abort_stops_sender(side, child):
+    before = side.snapshot()
+    pages = [8, 1]
+    dst = side.open("rab", pages)
+    child("start", h="r", dst=dst)
+    child("send", h="r", layer=0, offset=0, n=2, seed=70, shape=side.shape)
+    side.wait_state("rab", "in_progress")
+    side.call(side.receiver.abort, "rab")
+    assert side.state("rab") == "aborted"
+    deadline = time.monotonic() + 10
+    while (r := child("poll", h="r"))["state"] != "failed":
+        assert time.monotonic() < deadline, r
+        time.sleep(0.01)
+    assert "ABORTED" in r["error"]
+    child("send", h="r", layer=1, offset=0, n=2, seed=71, shape=side.shape)  # dropped: handle is terminal
+    child("send", h="r", layer=2, offset=0, n=2, seed=72, shape=side.shape)
+    child("finish", h="r")
+    assert child("wait", h="r", timeout=5)["state"] == "failed"
+    time.sleep(0.2)
+    assert side.state("rab") == "aborted"
+    assert_pools(side, expected(before, [(0, pages, 70)]))   # layers 1, 2 never written
+    side.call(side.receiver.close, "rab")
+
+
+def test_sender_abort_fails_receiver(side, child):
+    dst = side.open("sab", [6, 10])
+    child("start", h="s", dst=dst)
+    child("send", h="s", layer=0, offset=0, n=2, seed=80, shape=side.shape)
+    side.wait_state("sab", "in_progress")
+    assert child("abort", h="s")["state"] == "aborted"
+    assert side.wait("sab", 10) == "failed"
+    assert "session" in side.call(side.receiver.error, "sab")
+    assert child("wait", h="s", timeout=5)["state"] == "aborted"
+    side.call(side.receiver.close, "sab")
+    assert child("stats")["inflight"] == 0
+
+
+def test_killed_sender_fails_receiver_fast(side):
+    proc = Child()
+    try:
+        dst = side.open("kill", [12, 14, 15])
+        proc("start", h="k", dst=dst)
+        proc("send", h="k", layer=0, offset=0, n=3, seed=90, shape=side.shape)
+        side.wait_state("kill", "in_progress", timeout=20)
+        t0 = time.monotonic()
+        proc.proc.kill()
+        proc.proc.wait()
+        assert side.wait("kill", 15) == "failed"          # not a hang, not the 120 s timeout
+        assert time.monotonic() - t0 < 15
+        assert side.receiver._sessions == 0
+        side.call(side.receiver.close, "kill")
+    finally:
+        proc.stop()
+
+
+def test_close_twice_and_registry(side, child):
+    from kvtransfer import TransferError, get_backend
+    from kvtransfer.nixl_backend import NixlKVReceiver, NixlKVSender
+    b = get_backend("nixl")
+    assert b.receiver_cls is NixlKVReceiver and b.sender_cls is NixlKVSender
+    dst = side.open("last", [1, 2])
+    child("start", h="z", dst=dst)
+    for layer in range(LAYERS):
+        child("send", h="z", layer=layer, offset=0, n=2, seed=99 + layer, shape=side.shape)
+    child("finish", h="z")
+    assert child("wait", h="z", timeout=10)["state"] == "done"
+    assert side.state("last") == "done"
+    r = child("close")
+    assert r == {"ok": True, "worker_alive": False}
+    side.call(side.receiver.close, "last")
+    side.call(side.receiver.close, "last")
+    with pytest.raises(TransferError):
+        side.call(side.receiver.poll, "last")
+    with pytest.raises(TransferError):  # a grpc destination is refused by the nixl sender
+        async def bad():
+            s = NixlKVSender()
+            try:
+                s.start(type("D", (), {"address": "x", "transfer_id": "t", "num_pages": 1, "page_size": 4,
+                                           "backend": "grpc", "token": b""})())
+            finally:
+                await s.close()
+        side.run(bad())
+
+
+def test_registry_error_without_nixl():
+    code = ("import sys; sys.modules['nixl'] = None\n"
+            "from kvtransfer import get_backend, TransferError\n"
+            "try:\n    get_backend('nixl')\nexcept TransferError as e:\n    print('ok', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.startswith("ok "), out.stderr[-2000:]
+
+
+def test_throughput_32_layers(capsys):
+    """32 layers x 64 pages x 16 tokens x 8 heads x 128 dim, fp16 (128 MiB of K+V)."""
+    s = Side(layers=32, pool_pages=64, page=16, kvh=8, hd=128, dtype=torch.float16)
+    c = Child()
+    try:
+        results = []
+        for i in range(2):  # the first includes Hello + connection set-up
+            dst = s.open(f"bench{i}", list(range(64))[::-1])
+            r = c("bench", dst=dst, layers=32, shape=s.shape, io_timeout=90)
+            assert r["state"] == "done", r
+            assert s.wait(f"bench{i}", 10) == "done"
+            results.append(r)
+        nbytes = results[-1]["bytes"]
+        assert nbytes == 32 * 2 * 64 * 16 * 8 * 128 * 2
+        mbps = nbytes / results[-1]["seconds"] / 1e6
+        with capsys.disabled():
+            print(f"\nnixl DRAM->DRAM: {nbytes / 2**20:.0f} MiB in {results[-1]['seconds'] * 1e3:.1f} ms "
+                  f"= {mbps:.0f} MB/s (first, with connect: {results[0]['seconds'] * 1e3:.1f} ms)")
+        # spot-check bytes: layer 5's K for reservation page 0 (pool page 63)
+        exp = random_kv((64, 16, 8, 128), torch.float16, 5)
+        assert torch.equal(bits(s.k[5][63]), bits(exp[0]))
+    finally:
+        c.stop()
+        s.stop()
