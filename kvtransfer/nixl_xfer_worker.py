@@ -7,8 +7,13 @@ Lifecycle of one layer WRITE (`LayerWrite`), all on the worker thread after `sub
      what was created and reports the error to the handle.
   2. progress: poll the request until it completes (DONE / ERR); a request of a handle that
      turned terminal (abort, receiver RESULT) or of a stopping worker is cancelled instead.
-  3. release: release the request, then deregister the tensors, whatever the outcome, and
-     report to the handle (`handle._from_worker(write, error_or_None)`, hops to its loop).
+  3. release: release the request, then deregister the tensors (or free the staging
+     slot), whatever the outcome, and report to the handle (`handle._from_worker(write,
+     error_or_None)`, hops to its loop).
+CUDA tensors are not registered per write: registering device memory (an IPC handle the
+receiver must open) costs far more than copying a layer. They are copied into a slot of
+one VRAM staging arena per device, registered once, and written from there; a write too
+large for the free part of the arena falls back to registering its own tensors.
 `stop()` makes the thread cancel everything in flight and exit once nothing is left.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +37,71 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+class RingAllocator:
+    """Byte ranges of a ring buffer, handed out in order and reclaimed in order (pure
+    Python). `alloc(n)` -> an entry [offset, n, done] or None when no contiguous free
+    range fits; `free(entry)` marks it done; done entries at the tail are reclaimed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.head = 0
+        self.live: deque[list] = deque()
+
+    def alloc(self, n: int) -> list | None:
+        self._reclaim()
+        if n <= 0 or n > self.size:
+            return None
+        if not self.live:
+            start = 0
+        else:
+            tail = self.live[0][0]
+            if self.head > tail:      # live spans [tail, head): free [head, size) and [0, tail)
+                start = self.head if self.head + n <= self.size else (0 if n <= tail else None)
+            elif self.head < tail:    # wrapped: free [head, tail)
+                start = self.head if self.head + n <= tail else None
+            else:                     # head == tail with live entries: full
+                start = None
+        if start is None:
+            return None
+        entry = [start, n, False]
+        self.live.append(entry)
+        self.head = start + n
+        return entry
+
+    def free(self, entry: list) -> None:
+        entry[2] = True
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        while self.live and self.live[0][2]:
+            self.live.popleft()
+        if not self.live:
+            self.head = 0
+
+
+class StagingArena:
+    """One registered VRAM buffer of a device, carved by a RingAllocator."""
+
+    def __init__(self, agent, device: torch.device, nbytes: int) -> None:
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.reg = agent.register_memory([self.buf])
+        self.ring = RingAllocator(nbytes)
+        self.stream = torch.cuda.Stream(device)
+
+    def stage(self, k: torch.Tensor, v: torch.Tensor) -> list | None:
+        """Copy k and v back to back into a slot; the slot entry, or None if none fits."""
+        nb = k.numel() * k.element_size()
+        slot = self.ring.alloc(2 * nb)
+        if slot is None:
+            return None
+        off = slot[0]
+        with torch.cuda.stream(self.stream):
+            self.buf[off:off + nb].copy_(k.reshape(-1).view(torch.uint8))
+            self.buf[off + nb:off + 2 * nb].copy_(v.reshape(-1).view(torch.uint8))
+        self.stream.synchronize()
+        return slot
+
+
 @dataclass
 class LayerWrite:
     """One layer's K+V for reservation pages page_offset..page_offset+n-1."""
@@ -42,6 +113,7 @@ class LayerWrite:
     ready: object | None                  # CUDA event: the producer's stream finished k/v
     reg: object | None = None             # nixlRegDList of k, v (deregistered once released)
     xfer: object | None = None            # nixl_xfer_handle
+    slot: list | None = None              # staging arena slot (CUDA), freed once released
 
     @property
     def nbytes(self) -> int:
@@ -52,9 +124,11 @@ class XferWorker(threading.Thread):
     """Posts and polls NIXL WRITE requests off the caller's thread; releases every request
     handle and memory registration it created, whatever the outcome."""
 
-    def __init__(self, agent, poll_interval_s: float) -> None:
+    def __init__(self, agent, poll_interval_s: float, staging_bytes: int = 512 << 20) -> None:
         super().__init__(name="nixl-kv-send", daemon=True)
         self.agent = agent
+        self.staging_bytes = staging_bytes
+        self._arenas: dict[int, StagingArena] = {}
         self.poll_interval_s = poll_interval_s
         self._q: queue.SimpleQueue[LayerWrite | None] = queue.SimpleQueue()
         self._inflight: list[LayerWrite] = []
@@ -82,6 +156,12 @@ class XferWorker(threading.Thread):
                     item = False
             self._progress()
             if self._stopping and not self._inflight:
+                for arena in self._arenas.values():
+                    try:
+                        self.agent.deregister_memory(arena.reg)
+                    except Exception:  # noqa: BLE001
+                        log.exception("deregistering the NIXL staging arena failed")
+                self._arenas.clear()
                 return
             if self._inflight:
                 time.sleep(self.poll_interval_s)
@@ -95,12 +175,19 @@ class XferWorker(threading.Thread):
                 w.ready.synchronize()
             lay, pages = h._layout, h._pages
             n, pb = w.k.shape[0], lay.page_bytes
-            w.reg = self.agent.register_memory([w.k, w.v])
             ldev = w.k.get_device() if w.k.is_cuda else 0
+            k_ptr, v_ptr = w.k.data_ptr(), w.v.data_ptr()
+            arena = self._arena(w.k) if w.k.is_cuda and self.staging_bytes else None
+            w.slot = arena.stage(w.k, w.v) if arena is not None else None
+            if w.slot is not None:
+                k_ptr = arena.buf.data_ptr() + w.slot[0]
+                v_ptr = k_ptr + n * pb
+            else:
+                w.reg = self.agent.register_memory([w.k, w.v])
             local = np.empty((2 * n, 3), dtype=np.uint64)
             steps = np.arange(n, dtype=np.uint64) * np.uint64(pb)
-            local[:n, 0] = np.uint64(w.k.data_ptr()) + steps
-            local[n:, 0] = np.uint64(w.v.data_ptr()) + steps
+            local[:n, 0] = np.uint64(k_ptr) + steps
+            local[n:, 0] = np.uint64(v_ptr) + steps
             local[:, 1], local[:, 2] = pb, ldev
             ids = np.asarray(pages[w.page_offset:w.page_offset + n], dtype=np.uint64) * np.uint64(pb)
             remote = np.empty((2 * n, 3), dtype=np.uint64)
@@ -118,6 +205,18 @@ class XferWorker(threading.Thread):
             h._from_worker(w, f"posting the NIXL WRITE failed: {e!r}")
             return
         self._inflight.append(w)
+
+    def _arena(self, t: torch.Tensor) -> StagingArena | None:
+        dev = t.get_device()
+        arena = self._arenas.get(dev)
+        if arena is None:
+            try:
+                arena = self._arenas[dev] = StagingArena(self.agent, t.device, self.staging_bytes)
+            except Exception:  # noqa: BLE001 - no memory for it: register per write instead
+                log.exception("no NIXL staging arena on cuda:%d; registering each write", dev)
+                self.staging_bytes = 0
+                return None
+        return arena
 
     def _progress(self) -> None:
         keep = []
@@ -146,6 +245,9 @@ class XferWorker(threading.Thread):
             except Exception:  # noqa: BLE001 - could not be cancelled now
                 return False
             w.xfer = None
+        if w.slot is not None:
+            self._arenas[w.k.get_device()].ring.free(w.slot)
+            w.slot = None
         if w.reg is not None:
             try:
                 self.agent.deregister_memory(w.reg)
