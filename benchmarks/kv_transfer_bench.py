@@ -8,7 +8,8 @@ page 16, 8 KV heads, head dim 128, bf16; `--tiny` shrinks it) and the backend's
 receiver on a gRPC server, exactly as a decode worker does. For each backend it
 spawns a sender process (this file, `--role sender`) that holds random source pages
 on `--send-device`. Per trial: the receiver opens a transfer of `--tokens` tokens
-(pages drawn at random from the pool), the sender ships every layer's K and V with
+(pages drawn at random from the pool, or one consecutive run with
+`--pages contiguous`), the sender ships every layer's K and V with
 `send_layer` the way a prefill worker does, then `finish()`; the sender times start
 -> DONE (the receiver's acknowledgement included). Every trial is verified: a
 checksum of the pages that landed must equal the sender's checksum of its source.
@@ -115,7 +116,11 @@ async def _run_backend(args, backend: str) -> list[dict]:
             n = -(-tokens // sh["page"])
             secs = []
             for trial in range(args.warmup + args.trials):
-                pages = torch.randperm(pool_pages, generator=gen)[:n].tolist()
+                if args.pages == "random":
+                    pages = torch.randperm(pool_pages, generator=gen)[:n].tolist()
+                else:       # one run of consecutive pages, as a fresh decode allocator hands out
+                    first = int(torch.randint(0, pool_pages - n + 1, (1,), generator=gen))
+                    pages = list(range(first, first + n))
                 tid = f"{backend}-{tokens}-{trial}"
                 dst = receiver.open(tid, pages)
                 child.stdin.write((json.dumps({"address": dst.address, "transfer_id": tid, "num_pages": n,
@@ -140,9 +145,9 @@ async def _run_backend(args, backend: str) -> list[dict]:
                 if trial >= args.warmup:
                     secs.append(out["seconds"])
             med = statistics.median(secs)
-            rows.append({"backend": backend, "tokens": tokens, "pages": n, "bytes": out["bytes"],
+            rows.append({"backend": backend, "pages_order": args.pages, "tokens": tokens, "pages": n, "bytes": out["bytes"],
                          "median_s": med, "gb_s": out["bytes"] / med / 1e9, "trials": len(secs)})
-            print(f"{backend:5s} {tokens:6d} tokens {out['bytes'] / 2**20:9.1f} MiB  "
+            print(f"{backend:5s} {args.pages:10s} {tokens:6d} tokens {out['bytes'] / 2**20:9.1f} MiB  "
                   f"median {med * 1e3:8.2f} ms  {rows[-1]['gb_s']:8.2f} GB/s", flush=True)
     finally:
         child.stdin.close()
@@ -164,6 +169,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--recv-device", default="cuda:0")
     p.add_argument("--send-device", default="cuda:0")
     p.add_argument("--tokens", default="1024,4096", help="tokens per transfer (comma list)")
+    p.add_argument("--pages", default="random", choices=["random", "contiguous"],
+                   help="receiver pages of a transfer: scattered at random, or one consecutive run")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="4 small layers (CPU / CI)")

@@ -37,6 +37,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+def page_runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start index, length) of every maximal run of consecutive ascending ids."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(ids) != 1) + 1))
+    return starts, np.diff(np.concatenate((starts, [len(ids)])))
+
+
 class RingAllocator:
     """Byte ranges of a ring buffer, handed out in order and reclaimed in order (pure
     Python). `alloc(n)` -> an entry [offset, n, done] or None when no contiguous free
@@ -184,16 +192,21 @@ class XferWorker(threading.Thread):
                 v_ptr = k_ptr + n * pb
             else:
                 w.reg = self.agent.register_memory([w.k, w.v])
-            local = np.empty((2 * n, 3), dtype=np.uint64)
-            steps = np.arange(n, dtype=np.uint64) * np.uint64(pb)
-            local[:n, 0] = np.uint64(k_ptr) + steps
-            local[n:, 0] = np.uint64(v_ptr) + steps
-            local[:, 1], local[:, 2] = pb, ldev
-            ids = np.asarray(pages[w.page_offset:w.page_offset + n], dtype=np.uint64) * np.uint64(pb)
-            remote = np.empty((2 * n, 3), dtype=np.uint64)
-            remote[:n, 0] = np.uint64(lay.k_addrs[w.layer]) + ids
-            remote[n:, 0] = np.uint64(lay.v_addrs[w.layer]) + ids
-            remote[:, 1], remote[:, 2] = pb, lay.dev_id
+            # One descriptor per run of consecutive remote pages (the local side is one
+            # contiguous [n, page] tensor): per-descriptor cost dominates small pages.
+            ids = np.asarray(pages[w.page_offset:w.page_offset + n], dtype=np.int64)
+            starts, lens = page_runs(ids)
+            r = len(starts)
+            loc = starts.astype(np.uint64) * np.uint64(pb)
+            rem = ids[starts].astype(np.uint64) * np.uint64(pb)
+            nbytes = lens.astype(np.uint64) * np.uint64(pb)
+            local = np.empty((2 * r, 3), dtype=np.uint64)
+            local[:r, 0], local[r:, 0] = np.uint64(k_ptr) + loc, np.uint64(v_ptr) + loc
+            local[:r, 1], local[r:, 1], local[:, 2] = nbytes, nbytes, ldev
+            remote = np.empty((2 * r, 3), dtype=np.uint64)
+            remote[:r, 0] = np.uint64(lay.k_addrs[w.layer]) + rem
+            remote[r:, 0] = np.uint64(lay.v_addrs[w.layer]) + rem
+            remote[:r, 1], remote[r:, 1], remote[:, 2] = nbytes, nbytes, lay.dev_id
             notif = layer_notif(h.dst.transfer_id, h.dst.token, w.layer, w.page_offset, n)
             w.xfer = self.agent.initialize_xfer(
                 "WRITE", self.agent.get_xfer_descs(local, "VRAM" if w.k.is_cuda else "DRAM"),

@@ -558,3 +558,17 @@ def test_staging_ring_allocator_against_a_byte_map():
             ring.free(e)
         assert ring.alloc(size) == [0, size, False]
     assert RingAllocator(8).alloc(9) is None and RingAllocator(8).alloc(0) is None
+
+
+def test_page_runs_cover_every_page_once():
+    import numpy as np
+
+    from kvtransfer.nixl_xfer_worker import page_runs
+
+    for ids in ([], [5], [3, 4, 5, 9, 10, 2, 1, 0, 7], [0, 1, 2, 3], [9, 8, 7]):
+        a = np.asarray(ids, dtype=np.int64)
+        starts, lens = page_runs(a)
+        covered = [int(a[s]) + j for s, n in zip(starts, lens) for j in range(n)]
+        assert covered == ids
+        assert all(all(a[s + j] == a[s] + j for j in range(n)) for s, n in zip(starts, lens))
+    assert page_runs(np.asarray([3, 4, 5, 9, 10, 2, 1, 0, 7]))[1].tolist() == [3, 2, 1, 1, 1, 1]
