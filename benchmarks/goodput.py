@@ -210,7 +210,10 @@ def _provenance(device: str, gpus: tuple[str, ...]) -> tuple[str, str]:
     names = out(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", ",".join(gpus)]).splitlines() \
         if device == "cuda" else ["cpu"]
     name = (names[0] if len(names) == 1 else f"{len(names)}x {names[0]}") if names else device
-    return name, out(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    commit = out(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if out(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += " (plus uncommitted changes)"
+    return name, commit
 
 
 def results_md(r: dict) -> str:
@@ -218,10 +221,12 @@ def results_md(r: dict) -> str:
     good = f"{r['goodput']:g} req/s" + (" (target still met at --max-rate)" if r["capped"] else "")
     return "\n".join([
         f"## Goodput: {r['layout']}, {r['device']}, {r['date']}", "",
-        f"- commit: {r['commit']} (plus uncommitted work)", f"- command: `{r['command']}`",
+        f"- commit: {r['commit']}", f"- command: `{r['command']}`",
         (f"- SLO: TTFT <= {s['ttft_s']} s and TPOT <= {1e3 * s['tpot_s']:g} ms for >= {s['target']:.0%} of "
          f"requests; mix {r['mix']}; {r['duration_s']:g} s of Poisson arrivals per rate, seed {r['seed']}"),
-        f"- workers started in {r['startup_s']:.0f} s; KV transport {r['kv_transport']}; total {r['total_s']:.0f} s",
+        f"- workers started in {r['startup_s']:.0f} s; KV transport "
+        f"{r['kv_transport'] if 'P+' in r['layout'] else 'none (colocated)'}; "
+        f"total {r['total_s']:.0f} s",
         f"- **goodput: {good}**", "", format_rows(r["rows"]), "", ""])
 
 
