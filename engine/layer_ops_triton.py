@@ -88,30 +88,30 @@ def _norm_warps(n: int) -> int:
     return 8 if n >= 4096 else 4 if n >= 1024 else 1
 
 
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x [+ residual]) * weight, x + residual or x) through one kernel launch."""
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    if x2.shape[0]:
+        n = x2.shape[1]
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, s, x2.stride(0), r2.stride(0), out.stride(0),
+                                         s.stride(0), n, eps, HAS_RES=residual is not None,
+                                         BLOCK=triton.next_power_of_2(n), num_warps=_norm_warps(n))
+    return out.view(x.shape), (s.view(x.shape) if residual is not None else x)
+
+
 class TritonLayerOps(TorchLayerOps):
     name = "triton"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x2 = _rows(x)
-        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        if x2.shape[0]:
-            n = x2.shape[1]
-            _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), x2.stride(0),
-                                             out.stride(0), out.stride(0), n, eps, HAS_RES=False,
-                                             BLOCK=triton.next_power_of_2(n), num_warps=_norm_warps(n))
-        return out.view(x.shape)
+        return _norm(x, None, weight, eps)[0]
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x2, r2 = _rows(x), _rows(residual)
-        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        if x2.shape[0]:
-            n = x2.shape[1]
-            _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, s, x2.stride(0), r2.stride(0),
-                                             out.stride(0), s.stride(0), n, eps, HAS_RES=True,
-                                             BLOCK=triton.next_power_of_2(n), num_warps=_norm_warps(n))
-        return out.view(x.shape), s.view(x.shape)
+        return _norm(x, residual, weight, eps)
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ importing this package never imports gRPC, UCX or CUDA-only code.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import importlib
 from dataclasses import dataclass
@@ -127,6 +128,62 @@ class KVReceiver(abc.ABC):
     @abc.abstractmethod
     def active_transfers(self) -> int:
         """Open transfers not yet terminal."""
+
+
+LIVE_STATES = (TransferState.PENDING, TransferState.IN_PROGRESS)
+
+
+class TransferTable:
+    """The bookkeeping every receiver shares: open transfers by id, each an object with
+    `state`, `error` and an asyncio `done` event; the backend supplies `_finish(t, state)`."""
+
+    _transfers: dict
+
+    def _get(self, transfer_id: str):
+        try:
+            return self._transfers[transfer_id]
+        except KeyError:
+            raise TransferError(f"unknown transfer {transfer_id!r}") from None
+
+    def poll(self, transfer_id: str) -> TransferState:
+        return self._get(transfer_id).state
+
+    def error(self, transfer_id: str) -> str | None:
+        return self._get(transfer_id).error
+
+    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
+        t = self._get(transfer_id)
+        try:
+            await asyncio.wait_for(t.done.wait(), timeout)
+        except TimeoutError:
+            pass
+        return t.state
+
+    def abort(self, transfer_id: str) -> None:
+        t = self._transfers.get(transfer_id)
+        if t is not None:
+            self._finish(t, TransferState.ABORTED)
+
+    def close(self, transfer_id: str) -> None:
+        self.abort(transfer_id)
+        self._transfers.pop(transfer_id, None)
+
+    @property
+    def active_transfers(self) -> int:
+        return sum(t.state in LIVE_STATES for t in self._transfers.values())
+
+
+def check_send_args(dst: Destination, layer: int, k_pages: "torch.Tensor", v_pages: "torch.Tensor",
+                    page_offset: int) -> int:
+    """Validate one `send_layer` call against its destination; returns the page count."""
+    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype or k_pages.dim() != 4:
+        raise ValueError("k_pages and v_pages must have equal 4-D shapes and dtypes")
+    n = k_pages.shape[0]
+    if k_pages.shape[1] != dst.page_size:
+        raise ValueError(f"page size {k_pages.shape[1]} != destination's {dst.page_size}")
+    if n < 1 or page_offset < 0 or page_offset + n > dst.num_pages or layer < 0:
+        raise ValueError(f"pages {page_offset}..{page_offset + n - 1} outside 0..{dst.num_pages - 1}")
+    return n
 
 
 class SendHandle(abc.ABC):

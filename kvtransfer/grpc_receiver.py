@@ -15,7 +15,7 @@ from typing import Callable
 import grpc
 import torch
 
-from kvtransfer.base import (Destination, KVReceiver, TransferError, TransferState)
+from kvtransfer.base import (Destination, KVReceiver, TransferError, TransferState, TransferTable)
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
 from kvtransfer.grpc_common import _INLINE_CRC_BYTES, _LIVE, _Code, dtype_name, _chunk_crc
@@ -48,7 +48,7 @@ class _Transfer:
     opened_at: float = field(default_factory=time.monotonic)
 
 
-class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
+class GrpcKVReceiver(TransferTable, KVReceiver, pbg.KVReceiverServicer):
     """Receives KV chunks into `k_layers[l]` / `v_layers[l]` ([num_pages, page_size, kvh, hd]).
 
     `on_transfer_end(state, seconds, reason)`, when set, is called on the event loop as each
@@ -94,39 +94,6 @@ class GrpcKVReceiver(KVReceiver, pbg.KVReceiverServicer):
         self._transfers[transfer_id] = t
         return Destination(address=self.address, transfer_id=transfer_id, num_pages=len(pages),
                            page_size=self.page_size, backend="grpc", token=t.token)
-
-    def _get(self, transfer_id: str) -> _Transfer:
-        try:
-            return self._transfers[transfer_id]
-        except KeyError:
-            raise TransferError(f"unknown transfer {transfer_id!r}") from None
-
-    def poll(self, transfer_id: str) -> TransferState:
-        return self._get(transfer_id).state
-
-    def error(self, transfer_id: str) -> str | None:
-        return self._get(transfer_id).error
-
-    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
-        t = self._get(transfer_id)
-        try:
-            await asyncio.wait_for(t.done.wait(), timeout)
-        except TimeoutError:
-            pass
-        return t.state
-
-    def abort(self, transfer_id: str) -> None:
-        t = self._transfers.get(transfer_id)
-        if t is not None:
-            self._finish(t, TransferState.ABORTED)
-
-    def close(self, transfer_id: str) -> None:
-        self.abort(transfer_id)
-        self._transfers.pop(transfer_id, None)
-
-    @property
-    def active_transfers(self) -> int:
-        return sum(t.state in _LIVE for t in self._transfers.values())
 
     def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
         if t.state in _LIVE:

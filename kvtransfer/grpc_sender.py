@@ -12,8 +12,8 @@ from typing import Callable
 import grpc
 import torch
 
-from kvtransfer.base import (Destination, KVSender, SendHandle,
-                             TransferError, TransferState)
+from kvtransfer.base import (Destination, KVSender, SendHandle, TransferError, TransferState,
+                             check_send_args)
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
 from kvtransfer.grpc_common import GRPC_OPTIONS, DEFAULT_MAX_CHUNK_BYTES, dtype_name, tensor_bytes, _chunk_crc
@@ -70,13 +70,7 @@ class GrpcSendHandle(SendHandle):
                    page_offset: int = 0) -> None:
         if self._finished:
             raise TransferError("send_layer after finish()")
-        if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype or k_pages.dim() != 4:
-            raise ValueError("k_pages and v_pages must have equal 4-D shapes and dtypes")
-        n = k_pages.shape[0]
-        if k_pages.shape[1] != self.dst.page_size:
-            raise ValueError(f"page size {k_pages.shape[1]} != destination's {self.dst.page_size}")
-        if n < 1 or page_offset < 0 or page_offset + n > self.dst.num_pages:
-            raise ValueError(f"pages {page_offset}..{page_offset + n - 1} outside 0..{self.dst.num_pages - 1}")
+        check_send_args(self.dst, layer, k_pages, v_pages, page_offset)
         if self._state.terminal:
             return
         ready = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from kvtransfer.base import Destination, KVReceiver, TransferError, TransferState
+from kvtransfer.base import Destination, KVReceiver, TransferError, TransferState, TransferTable
 from kvtransfer.nixl_common import (
     _LIVE,
     STATE_TO_PB,
@@ -57,7 +57,7 @@ class _Transfer:
     expected_writes: int | None = None   # from the sender's END
 
 
-class NixlKVReceiver(KVReceiver, pbg.NixlKVServicer):
+class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
     """Receives KV into `k_layers[l]` / `v_layers[l]` ([num_pages, page_size, kvh, hd], contiguous).
 
     `add_to_server(server)` adds the `tandem.v1.NixlKV` control service (Hello, Session) to the
@@ -131,41 +131,11 @@ class NixlKVReceiver(KVReceiver, pbg.NixlKVServicer):
         return Destination(address=self.address, transfer_id=transfer_id, num_pages=len(pages),
                            page_size=self.page_size, backend="nixl", token=t.token)
 
-    def _get(self, transfer_id: str) -> _Transfer:
-        try:
-            return self._transfers[transfer_id]
-        except KeyError:
-            raise TransferError(f"unknown transfer {transfer_id!r}") from None
-
     def poll(self, transfer_id: str) -> TransferState:
         t = self._get(transfer_id)
         if t.state in _LIVE and t.peer is not None:
             self._drain()  # cheap; lets a caller polling in a loop see progress at once
         return t.state
-
-    def error(self, transfer_id: str) -> str | None:
-        return self._get(transfer_id).error
-
-    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
-        t = self._get(transfer_id)
-        try:
-            await asyncio.wait_for(t.done.wait(), timeout)
-        except TimeoutError:
-            pass
-        return t.state
-
-    def abort(self, transfer_id: str) -> None:
-        t = self._transfers.get(transfer_id)
-        if t is not None:
-            self._finish(t, TransferState.ABORTED)
-
-    def close(self, transfer_id: str) -> None:
-        self.abort(transfer_id)
-        self._transfers.pop(transfer_id, None)
-
-    @property
-    def active_transfers(self) -> int:
-        return sum(t.state in _LIVE for t in self._transfers.values())
 
     def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
         if t.state in _LIVE:

@@ -27,6 +27,7 @@ import torch
 
 from kvtransfer.base import (
     Destination,
+    check_send_args,
     KVSender,
     SendHandle,
     TransferError,
@@ -77,13 +78,7 @@ class NixlSendHandle(SendHandle):
                    page_offset: int = 0) -> None:
         if self._finished:
             raise TransferError("send_layer after finish()")
-        if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype or k_pages.dim() != 4:
-            raise ValueError("k_pages and v_pages must have equal 4-D shapes and dtypes")
-        n = k_pages.shape[0]
-        if k_pages.shape[1] != self.dst.page_size:
-            raise ValueError(f"page size {k_pages.shape[1]} != destination's {self.dst.page_size}")
-        if n < 1 or page_offset < 0 or page_offset + n > self.dst.num_pages or layer < 0:
-            raise ValueError(f"pages {page_offset}..{page_offset + n - 1} outside 0..{self.dst.num_pages - 1}")
+        n = check_send_args(self.dst, layer, k_pages, v_pages, page_offset)
         keys = {(layer, page_offset + i) for i in range(n)}
         with self._lock:
             if self._seen & keys:
