@@ -75,6 +75,7 @@ class DecodeServicer(pbg.DecodeServicer):
         self.receiver = receiver
         self.config = config
         self._prefill_channels: dict[str, grpc.aio.Channel] = {}
+        self._draining: set[asyncio.Task] = set()   # aborted requests whose pages wait for the KV writes to drain
         self.cached_prompt_tokens = 0
         self.computed_prompt_tokens = 0
         self.metrics = metrics or WorkerMetrics(role="decode", address=config.address)
@@ -145,11 +146,29 @@ class DecodeServicer(pbg.DecodeServicer):
             yield pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_ERROR,
                                       prompt_tokens=len(prompt), error=str(exc))
         finally:
-            # Order matters: stop the receiver writing before the pages are freed.
+            # Order matters: stop the receiver admitting KV, and wait until no write of an
+            # unfinished transfer can still land (one-sided backends), before freeing the pages.
+            undone = [tid for tid in transfer if self.receiver.poll(tid) is not TransferState.DONE]
             for tid in transfer:
-                self.receiver.close(tid)  # aborts it if still live
-            if not finished:
-                self.engine.abort(rid)
+                self.receiver.abort(tid)
+            if undone and not finished:
+                task = asyncio.get_running_loop().create_task(self._free_after_drain(rid, transfer))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            else:
+                for tid in transfer:
+                    self.receiver.close(tid)
+                if not finished:
+                    self.engine.abort(rid)
+
+    async def _free_after_drain(self, rid: str, transfers: list[str]) -> None:
+        try:
+            for tid in transfers:
+                await self.receiver.drained(tid)
+        finally:
+            for tid in transfers:
+                self.receiver.close(tid)
+            self.engine.abort(rid)
 
     async def _remote_prefill(self, rid: str, request: pb.GenerateRequest, sink: _Sink,
                               transfer: list[str]) -> int:

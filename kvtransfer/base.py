@@ -124,6 +124,11 @@ class KVReceiver(abc.ABC):
     def error(self, transfer_id: str) -> str | None:
         """Why the transfer FAILED (None otherwise)."""
 
+    async def drained(self, transfer_id: str) -> None:
+        """Return once no write of this (aborted or failed) transfer can still land in its
+        pages; call it after `abort` and before `close`, then free the pages. Backends
+        whose receiver does every write itself (grpc) are drained as soon as they abort."""
+
     @property
     @abc.abstractmethod
     def active_transfers(self) -> int:

@@ -55,6 +55,7 @@ class _Transfer:
     writes: int = 0                      # accepted layer notifications
     nbytes: int = 0
     expected_writes: int | None = None   # from the sender's END
+    session_closed: asyncio.Event = field(default_factory=asyncio.Event)  # the sender's Session ended
 
 
 class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
@@ -63,11 +64,16 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
     `add_to_server(server)` adds the `tandem.v1.NixlKV` control service (Hello, Session) to the
     decode worker's gRPC server; `.address` is that server's advertised host:port (as for grpc).
     `end_grace_s`: after the sender's END, how long notifications may still trail in.
+    `drain_grace_s` / `quarantine_s`: `drained()` of a transfer that ended without DONE, after
+    its sender learnt the page ids, waits for the sender's Session to end and then
+    `drain_grace_s` more (WRITEs it had already posted may still land: one-sided writes
+    cannot be recalled), `quarantine_s` at most in all. Only then may the pages be reused.
     `shutdown()` deregisters the pool and drops the NIXL agent (idempotent)."""
 
     def __init__(self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor],
                  page_size: int, address: str = "", *, end_grace_s: float = 10.0,
-                 poll_interval_s: float = 0.0005) -> None:
+                 poll_interval_s: float = 0.0005, drain_grace_s: float = 0.5,
+                 quarantine_s: float = 5.0) -> None:
         if len(k_layers) != len(v_layers) or not k_layers:
             raise ValueError("need the same non-zero number of K and V layers")
         for k, v in zip(k_layers, v_layers):
@@ -82,6 +88,7 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
         self.page_bytes = k_layers[0][0].numel() * k_layers[0].element_size()
         self.address = address
         self.end_grace_s = end_grace_s
+        self.drain_grace_s, self.quarantine_s = drain_grace_s, quarantine_s
         self.poll_interval_s = poll_interval_s
         self.bytes_received = 0
         self.chunks_received = 0          # accepted layer writes
@@ -130,6 +137,18 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
         self._transfers[transfer_id] = t
         return Destination(address=self.address, transfer_id=transfer_id, num_pages=len(pages),
                            page_size=self.page_size, backend="nixl", token=t.token)
+
+    async def drained(self, transfer_id: str) -> None:
+        t = self._transfers.get(transfer_id)
+        if t is None or t.state is TransferState.DONE or t.peer is None:
+            return   # complete, or the page ids never left this process: nothing can land
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(t.session_closed.wait(), self.quarantine_s)
+        except TimeoutError:
+            return
+        await asyncio.sleep(max(0.0, min(self.drain_grace_s, self.quarantine_s - (loop.time() - start))))
 
     def poll(self, transfer_id: str) -> TransferState:
         t = self._get(transfer_id)
@@ -283,6 +302,7 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
                          "stream_broken")
             raise
         finally:
+            t.session_closed.set()
             if grace is not None:
                 grace.cancel()
             if reader is not None:

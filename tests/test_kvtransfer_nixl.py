@@ -429,6 +429,32 @@ def test_receiver_abort_stops_sender(side, child):
     side.call(side.receiver.close, "rab")
 
 
+def test_drained_waits_for_the_session_then_a_grace(side, child):
+    """Pages of an aborted transfer are handed back only once no WRITE can still land:
+    after the sender's session ended plus drain_grace_s; at once when the sender never
+    learnt the page ids, and at once for a DONE transfer."""
+    side.open("never", [3])
+    t0 = time.monotonic()
+    side.call(side.receiver.abort, "never")
+    side.run(side.receiver.drained("never"))
+    assert time.monotonic() - t0 < side.receiver.drain_grace_s    # page ids never left
+    side.call(side.receiver.close, "never")
+
+    dst = side.open("drn", [4, 5])
+    child("start", h="d", dst=dst)
+    child("send", h="d", layer=0, offset=0, n=2, seed=90, shape=side.shape)
+    side.wait_state("drn", "in_progress")
+    side.call(side.receiver.abort, "drn")
+    t0 = time.monotonic()
+    side.run(side.receiver.drained("drn"))
+    waited = time.monotonic() - t0
+    t = side.receiver._transfers["drn"]
+    assert t.session_closed.is_set()                                 # the sender is gone from it
+    assert side.receiver.drain_grace_s <= waited + 0.05 < side.receiver.quarantine_s + 1
+    side.call(side.receiver.close, "drn")
+    child("wait", h="d", timeout=5)
+
+
 def test_sender_abort_fails_receiver(side, child):
     dst = side.open("sab", [6, 10])
     child("start", h="s", dst=dst)
