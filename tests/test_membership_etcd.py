@@ -184,7 +184,10 @@ def test_workers_register_their_member_info_and_serve(env):
         assert (m.num_pages, m.page_size, m.max_batch) == (NUM_PAGES, PAGE_SIZE, MAX_SEQS)
         assert now_ms - 300_000 < m.start_epoch_ms <= now_ms
         assert m.lease_id != 0 and m.model
-    h = env.health()
+    # The pool comes from the first list; the watch is established just after it.
+    deadline = time.monotonic() + 10
+    while not (h := env.health())["connected"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert h["connected"] and h["lists"] == 1, h
     env.complete(retry_s=TTL + 1)  # on a loaded 2-CPU box a worker may just have lapsed and re-registered
 
