@@ -150,6 +150,19 @@ class TransferTable:
         except KeyError:
             raise TransferError(f"unknown transfer {transfer_id!r}") from None
 
+    def _check_open(self, transfer_id: str, pages: list[int], num_layers: int | None,
+                    pool_layers: int, pool_pages: int) -> tuple[list[int], int]:
+        """Validate an `open` call; returns (pages as ints, num_layers)."""
+        num_layers = pool_layers if num_layers is None else num_layers
+        if transfer_id in self._transfers:
+            raise TransferError(f"transfer {transfer_id!r} is already open")
+        if not 0 < num_layers <= pool_layers:
+            raise TransferError(f"num_layers {num_layers} outside 1..{pool_layers}")
+        pages = [int(p) for p in pages]
+        if not pages or len(set(pages)) != len(pages) or not all(0 <= p < pool_pages for p in pages):
+            raise TransferError("pages must be distinct pool page ids and not empty")
+        return pages, num_layers
+
     def poll(self, transfer_id: str) -> TransferState:
         return self._get(transfer_id).state
 
@@ -176,6 +189,26 @@ class TransferTable:
     @property
     def active_transfers(self) -> int:
         return sum(t.state in LIVE_STATES for t in self._transfers.values())
+
+
+class HandleState:
+    """`poll`, `error` and `wait` of a SendHandle whose state lives in `_state` / `_error`
+    and whose driving task `_task` ends when the handle is terminal."""
+
+    _state: TransferState
+    _error: str | None
+    _task: "asyncio.Task"
+
+    def poll(self) -> TransferState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    async def wait(self, timeout: float | None = None) -> TransferState:
+        await asyncio.wait({self._task}, timeout=timeout)
+        return self._state
 
 
 def check_send_args(dst: Destination, layer: int, k_pages: "torch.Tensor", v_pages: "torch.Tensor",

@@ -15,7 +15,7 @@ from typing import Callable
 import grpc
 import torch
 
-from kvtransfer.base import (Destination, KVReceiver, TransferError, TransferState, TransferTable)
+from kvtransfer.base import Destination, KVReceiver, TransferState, TransferTable
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
 from kvtransfer.grpc_common import _INLINE_CRC_BYTES, _LIVE, _Code, dtype_name, _chunk_crc
@@ -78,14 +78,8 @@ class GrpcKVReceiver(TransferTable, KVReceiver, pbg.KVReceiverServicer):
 
     # -- KVReceiver role ----------------------------------------------------
     def open(self, transfer_id: str, pages: list[int], num_layers: int | None = None) -> Destination:
-        num_layers = len(self.k_layers) if num_layers is None else num_layers
-        if transfer_id in self._transfers:
-            raise TransferError(f"transfer {transfer_id!r} is already open")
-        if not 0 < num_layers <= len(self.k_layers):
-            raise TransferError(f"num_layers {num_layers} outside 1..{len(self.k_layers)}")
-        pages = [int(p) for p in pages]
-        if not pages or len(set(pages)) != len(pages) or not all(0 <= p < self.num_pool_pages for p in pages):
-            raise TransferError("pages must be distinct pool page ids and not empty")
+        pages, num_layers = self._check_open(transfer_id, pages, num_layers, len(self.k_layers),
+                                             self.num_pool_pages)
         t = _Transfer(transfer_id=transfer_id, token=secrets.token_bytes(16), pages=pages,
                       num_layers=num_layers,
                       page_index=torch.tensor(pages, dtype=torch.long),

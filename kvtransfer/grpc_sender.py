@@ -12,7 +12,7 @@ from typing import Callable
 import grpc
 import torch
 
-from kvtransfer.base import (Destination, KVSender, SendHandle, TransferError, TransferState,
+from kvtransfer.base import (Destination, HandleState, KVSender, SendHandle, TransferError, TransferState,
                              check_send_args)
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
 
@@ -49,7 +49,7 @@ def _stage_to_host(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     return hk, hv, ev
 
 
-class GrpcSendHandle(SendHandle):
+class GrpcSendHandle(HandleState, SendHandle):
     def __init__(self, sender: "GrpcKVSender", dst: Destination, channel: grpc.aio.Channel) -> None:
         self.dst = dst
         self.chunks_sent = 0
@@ -93,18 +93,7 @@ class GrpcSendHandle(SendHandle):
         else:
             self._loop.call_soon_threadsafe(self._abort)
 
-    def poll(self) -> TransferState:
-        return self._state
-
-    @property
-    def error(self) -> str | None:
-        return self._error
-
     # -- event loop ---------------------------------------------------------
-    async def wait(self, timeout: float | None = None) -> TransferState:
-        await asyncio.wait({self._task}, timeout=timeout)
-        return self._state
-
     def _enqueue(self, layer: int, page_offset: int, k: torch.Tensor, v: torch.Tensor, ready) -> None:
         if self._state.terminal:
             return

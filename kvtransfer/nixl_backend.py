@@ -9,8 +9,8 @@ registered for the duration of their WRITE and written from in place (no staging
 host bounce). A WRITE's request is always flushed, and NIXL sends the notification attached to
 it only after the request completed, so a notification implies its bytes are in the pool.
 
-Control plane (gRPC service `tandem.v1.NixlKV`, protobuf messages of proto/tandem.proto;
-never pickle, never hand-packed bytes). `NixlKVReceiver.add_to_server(server)` adds it to the
+Control plane (gRPC service `tandem.v1.NixlKV`, protobuf messages of proto/tandem.proto
+only, no other serialisation). `NixlKVReceiver.add_to_server(server)` adds it to the
 decode worker's gRPC server, so `Destination.address` is, as for the grpc backend, that
 server's host:port (`receiver.address = advertise`):
   1. Hello (unary, once per receiver address per sender): returns NixlPoolLayout, the pool layout

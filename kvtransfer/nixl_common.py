@@ -2,7 +2,7 @@
 
 Every control message is a protobuf message of proto/tandem.proto (`NixlPoolLayout`,
 `NixlSessionRequest` / `NixlSessionResponse`, and `NixlLayerNotif` as the payload of each
-WRITE's NIXL notification); nothing is ever pickled or packed by hand. See
+WRITE's NIXL notification): protobuf only. See
 kvtransfer/nixl_backend.py for the protocol. Converters raise ValueError on anything
 malformed or out of range.
 """

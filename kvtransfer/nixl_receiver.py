@@ -121,16 +121,10 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
 
     # -- KVReceiver role ----------------------------------------------------
     def open(self, transfer_id: str, pages: list[int], num_layers: int | None = None) -> Destination:
-        num_layers = len(self.k_layers) if num_layers is None else num_layers
         if self._reg is None:
             raise TransferError("receiver is shut down")
-        if transfer_id in self._transfers:
-            raise TransferError(f"transfer {transfer_id!r} is already open")
-        if not 0 < num_layers <= len(self.k_layers):
-            raise TransferError(f"num_layers {num_layers} outside 1..{len(self.k_layers)}")
-        pages = [int(p) for p in pages]
-        if not pages or len(set(pages)) != len(pages) or not all(0 <= p < self.num_pool_pages for p in pages):
-            raise TransferError("pages must be distinct pool page ids and not empty")
+        pages, num_layers = self._check_open(transfer_id, pages, num_layers, len(self.k_layers),
+                                             self.num_pool_pages)
         t = _Transfer(transfer_id=transfer_id, token=secrets.token_bytes(16), pages=pages,
                       num_layers=num_layers, received=[bytearray(len(pages)) for _ in range(num_layers)],
                       pages_left=num_layers * len(pages))

@@ -27,6 +27,7 @@ import torch
 
 from kvtransfer.base import (
     Destination,
+    HandleState,
     check_send_args,
     KVSender,
     SendHandle,
@@ -48,7 +49,7 @@ class _Peer:
     agent_name: str
 
 
-class NixlSendHandle(SendHandle):
+class NixlSendHandle(HandleState, SendHandle):
     def __init__(self, sender: NixlKVSender, dst: Destination) -> None:
         self.dst = dst
         self.chunks_sent = 0       # completed layer writes
@@ -118,17 +119,6 @@ class NixlSendHandle(SendHandle):
             self._state = S.ABORTED
             self._pending.clear()
         self._loop.call_soon_threadsafe(self._cancel_call)
-
-    def poll(self) -> TransferState:
-        return self._state
-
-    @property
-    def error(self) -> str | None:
-        return self._error
-
-    async def wait(self, timeout: float | None = None) -> TransferState:
-        await asyncio.wait({self._task}, timeout=timeout)
-        return self._state
 
     # -- internals ----------------------------------------------------------
     def _check(self, w: LayerWrite) -> str | None:
