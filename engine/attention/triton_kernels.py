@@ -65,6 +65,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            KVH=kvh, D=d, BLOCK_H=block_h, num_warps=4 if kvh * d >= 1024 else 1)
 
 
+@triton.jit
+def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One online-softmax block (base-2 logits qk [M, N], values v [N, D]): rescale the
+    running max m_i, sum l_i and output acc [M, D] and add this block's share."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
 # --------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
@@ -104,12 +116,7 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
         v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
     if DIRECT:   # one split: normalise and write the output, no merge pass
         o_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -244,12 +251,7 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, cu_ptr, start_ptr,
         k = tl.load(kc_ptr + row[:, None] + offs_d[None, :])
         v = tl.load(vc_ptr + row[:, None] + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
     for n0 in range(full_end, kv_end, BLOCK_N):                  # diagonal: causal + bounds
         n = n0 + offs_n
@@ -261,12 +263,7 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, cu_ptr, start_ptr,
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
