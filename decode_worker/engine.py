@@ -7,8 +7,11 @@ Per request (driven by decode_worker/server.py on the asyncio side):
      `kv_ready(...)` when every layer has arrived.
      Local KV (colocated mode, or recompute after preemption): the engine
      prefills it itself.
-  3. Running: each `step()` decodes one token for every running sequence;
-     tokens go back through `sink.on_tokens(tokens, finish)`.
+  3. Running: each `step()` decodes one token for every running sequence.
+     Every request's news of one engine iteration (tokens, finish, error)
+     goes back to the event loop in ONE reply (`flush`), as a list of
+     `EngineOutput`s handed to each request's `sink.on_output` in order; the
+     gRPC frontend then sends one message per router connection per step.
   4. Finish (stop/length), `abort(...)` or an engine error frees its pages.
 """
 from __future__ import annotations
@@ -20,17 +23,28 @@ from typing import Protocol
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import ErrorKind, FinishReason, Sequence
 from engine.worker_thread import EngineThread
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """What one request got in one engine iteration."""
+    request_id: str
+    tokens: list[int]                      # new tokens (usually one; none with an error)
+    finish: FinishReason | None            # set on the request's last output
+    error: str = ""                        # with FinishReason.ERROR
+    error_kind: ErrorKind = ErrorKind.INTERNAL
+    cached_tokens: int = 0                 # prompt tokens whose KV was reused (prefix cache / prefill side)
 
 
 class RequestSink(Protocol):
     """Asyncio-side receiver of one request's events (called on the loop)."""
 
     def on_reserved(self, pages: list[int]) -> None: ...
-    def on_tokens(self, tokens: list[int], finish: FinishReason | None, error: str = "") -> None: ...
+    def on_output(self, out: EngineOutput) -> None: ...
 
 
 @dataclass
@@ -49,6 +63,7 @@ class DecodeEngine(EngineThread):
         self.sampler = sampler
         self.counters = DecodeCounters()
         self._sinks: dict[str, RequestSink] = {}
+        self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
 
     # -- commands (posted from the asyncio side) ----------------------------
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -62,27 +77,41 @@ class DecodeEngine(EngineThread):
 
     # -- engine thread ------------------------------------------------------
     def _submit(self, seq: Sequence, sink: RequestSink) -> None:
+        try:
+            if seq.request_id in self._sinks:
+                raise ValueError(f"duplicate request id {seq.request_id!r}")
+            self.scheduler.add(seq)
+        except ValueError as exc:   # a bad request must not kill the engine thread
+            self._outbox.append((sink, EngineOutput(seq.request_id, [], FinishReason.ERROR, str(exc),
+                                                    ErrorKind.INVALID_ARGUMENT)))
+            return
         self._sinks[seq.request_id] = sink
-        self.scheduler.add(seq)
 
     def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int) -> None:
         seq = self.scheduler.get(request_id)
         if seq is None or request_id not in self._sinks:
             return
         finish = self.scheduler.kv_ready(request_id, first_token, cached_tokens)
-        self._emit(request_id, [first_token], finish)
+        self._emit(seq, [first_token], finish)
 
     def _abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         self._sinks.pop(request_id, None)
 
-    def _emit(self, request_id: str, tokens: list[int], finish: FinishReason | None, error: str = "") -> None:
-        sink = self._sinks.get(request_id)
+    def _emit(self, seq: Sequence, tokens: list[int], finish: FinishReason | None, error: str = "",
+              kind: ErrorKind = ErrorKind.INTERNAL) -> None:
+        rid = seq.request_id
+        sink = self._sinks.get(rid)
         if sink is None:
             return
         if finish is not None:
-            del self._sinks[request_id]
-        self.reply(sink.on_tokens, tokens, finish, error)
+            del self._sinks[rid]
+        self._outbox.append((sink, EngineOutput(rid, tokens, finish, error, kind, seq.cached_tokens)))
+
+    def flush(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.reply(_deliver, batch)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -113,7 +142,7 @@ class DecodeEngine(EngineThread):
         for seq, fs, tok in zip(seqs, batch, tokens):
             self.counters.prefilled_tokens += len(fs.token_ids)
             finish = self.scheduler.on_prefilled(seq.request_id, tok)
-            self._emit(seq.request_id, [tok], finish)
+            self._emit(seq, [tok], finish)
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
         batch = [
@@ -125,13 +154,17 @@ class DecodeEngine(EngineThread):
         self.counters.decoded_tokens += len(tokens)
         for seq, tok in zip(seqs, tokens):
             finish = self.scheduler.on_decoded(seq.request_id, tok)
-            self._emit(seq.request_id, [tok], finish)
+            self._emit(seq, [tok], finish)
 
     def on_step_error(self, exc: BaseException) -> None:
         """A failed forward pass fails the requests in flight, not the worker."""
-        for request_id in list(self._sinks):
+        for request_id, sink in list(self._sinks.items()):
+            seq = self.scheduler.get(request_id)
             self.scheduler.abort(request_id)
-            self._emit(request_id, [], FinishReason.ERROR, error=f"decode step failed: {exc}")
+            del self._sinks[request_id]
+            self._outbox.append((sink, EngineOutput(request_id, [], FinishReason.ERROR,
+                                                    f"decode step failed: {exc}", ErrorKind.INTERNAL,
+                                                    seq.cached_tokens if seq is not None else 0)))
 
     def stats(self) -> dict[str, int]:
         s = self.scheduler
@@ -142,3 +175,12 @@ class DecodeEngine(EngineThread):
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,
         }
+
+
+def _deliver(batch: list[tuple[RequestSink, EngineOutput]]) -> None:
+    """On the event loop: hand one engine iteration's outputs to their sinks, in order."""
+    for sink, out in batch:
+        try:
+            sink.on_output(out)
+        except Exception:  # noqa: BLE001 - one broken consumer must not starve the others
+            log.exception("request sink failed for %s", out.request_id)

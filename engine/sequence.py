@@ -37,6 +37,15 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"      # KV transfer failed, worker error
 
 
+class ErrorKind(str, enum.Enum):
+    """Why a request failed (with ``FinishReason.ERROR``); decides the HTTP status."""
+
+    INTERNAL = "internal"                        # a bug or a failed step: 500
+    INVALID_ARGUMENT = "invalid_argument"        # the request itself is bad: 400
+    RESOURCE_EXHAUSTED = "resource_exhausted"    # out of pages / memory, over a limit: 503
+    UNAVAILABLE = "unavailable"                  # a peer (prefill worker, KV transfer) failed: 503
+
+
 def pages_needed(num_tokens: int, page_size: int) -> int:
     """Pages that hold the KV of ``num_tokens`` tokens."""
     return -(-num_tokens // page_size)

@@ -13,6 +13,9 @@ a long forward pass never blocks RPCs. Lifecycle:
      would starve the event loop of the GIL and stall the very transfers it
      waits for).
   4. Results go back with `reply(fn, *args)`, which schedules fn on the loop.
+     Per-request results should be collected during an iteration and sent by
+     `flush()` (called once after every drain + step) as ONE reply: every
+     `reply` wakes the event loop and contends for the GIL.
   5. `stop()` ends the loop after the current step and joins the thread.
   `step_observer(seconds)`, when set (metrics), is called on the engine thread
   after every step that ran work.
@@ -65,6 +68,9 @@ class EngineThread:
         """Run one step; return False when there was nothing to run."""
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Called on the engine thread after each iteration (drain + step): send what it produced."""
+
     def on_step_error(self, exc: BaseException) -> None:
         """Called when step() raised; default: log and re-raise (thread dies)."""
         raise exc
@@ -102,6 +108,7 @@ class EngineThread:
                     except Exception as exc:  # noqa: BLE001 - reported to requests
                         log.exception("engine step failed")
                         self.on_step_error(exc)
+                self.flush()
         except BaseException as exc:  # noqa: BLE001
             self.fatal_error = exc
             log.exception("engine thread died")

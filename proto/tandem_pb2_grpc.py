@@ -39,6 +39,11 @@ class DecodeStub:
                 request_serializer=proto_dot_tandem__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/tandem.v1.Decode/Stream',
+                request_serializer=proto_dot_tandem__pb2.StreamRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem__pb2.StreamBatch.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/tandem.v1.Decode/Abort',
                 request_serializer=proto_dot_tandem__pb2.AbortRequest.SerializeToString,
@@ -56,6 +61,14 @@ class DecodeServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """Many requests over one call (one per router process): requests and aborts in,
+        one StreamBatch per engine step out. Ending the call aborts its live requests.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -79,6 +92,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=proto_dot_tandem__pb2.GenerateRequest.FromString,
                     response_serializer=proto_dot_tandem__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=proto_dot_tandem__pb2.StreamRequest.FromString,
+                    response_serializer=proto_dot_tandem__pb2.StreamBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -118,6 +136,33 @@ class Decode:
             '/tandem.v1.Decode/Generate',
             proto_dot_tandem__pb2.GenerateRequest.SerializeToString,
             proto_dot_tandem__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.Decode/Stream',
+            proto_dot_tandem__pb2.StreamRequest.SerializeToString,
+            proto_dot_tandem__pb2.StreamBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,10 +14,12 @@ Lifecycle:
      timeout, while none has room) and, when disaggregated, a prefill worker
      (-> GenerateRequest.prefill_address). The router counts its own in-flight
      requests per worker (prefill: until the first token; decode: until the
-     end). It yields the worker's GenerateResponse messages until one carries a
-     finish reason. Closing or cancelling the iterator cancels the Generate
-     call in a `finally`; that cancellation is how the decode worker learns to
-     abort the request and free its KV pages.
+     end). The request travels on that worker's one multiplexed Decode.Stream
+     call (`router/streams.py`: tokens arrive batched per engine step); it
+     yields the worker's GenerateResponse messages (coalesced when the caller
+     is behind) until one carries a finish reason. Closing or cancelling the
+     iterator sends an abort in a `finally`; that is how the decode worker
+     learns to free the request's KV pages.
   4. `set_members(decode, prefill)` (membership changes) swaps the pools at
      runtime: subscriptions start/stop, state of departed workers is dropped;
      requests already placed finish where they are.
@@ -44,6 +46,7 @@ from proto import tandem_pb2_grpc as pbg
 from router.cache_index import CacheIndex
 from router.errors import BackendError
 from router.placement import Placement, PlacementConfig, WorkerLoad
+from router.streams import DecodeStream, StreamBroken
 
 log = logging.getLogger(__name__)
 _EVENT_KIND = {pb.CacheEvent.RESET: "reset", pb.CacheEvent.INSERT: "insert", pb.CacheEvent.EVICT: "evict"}
@@ -53,6 +56,13 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
 )
+
+_STATUS_BY_KIND = {
+    pb.ERROR_INTERNAL: (500, "worker_error"),
+    pb.ERROR_INVALID_ARGUMENT: (400, "invalid_request"),
+    pb.ERROR_RESOURCE_EXHAUSTED: (503, "worker_overloaded"),
+    pb.ERROR_UNAVAILABLE: (503, "worker_unavailable"),
+}
 
 _STATUS_BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: (503, "worker_unavailable"),
@@ -104,6 +114,7 @@ class DecodeClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pbg.DecodeStub] = {}
         self._prefill_stubs: dict[str, pbg.PrefillStub] = {}
+        self._streams: dict[str, DecodeStream] = {}
         self._poller: asyncio.Task | None = None
         self._subscriptions: dict[str, asyncio.Task] = {}
 
@@ -181,6 +192,7 @@ class DecodeClient:
         if loop is not self._loop:
             # Channels and tasks are bound to the loop that created them; old ones die with their loop.
             self._loop, self._channels, self._stubs, self._prefill_stubs = loop, {}, {}, {}
+            self._streams = {}
             self._poller, self._subscriptions = None, {}
             self._start_tasks()
 
@@ -204,6 +216,12 @@ class DecodeClient:
             stub = pbg.PrefillStub(self._channel(address))
             self._prefill_stubs[address] = stub
         return stub
+
+    def _stream(self, address: str) -> DecodeStream:
+        stream = self._streams.get(address)
+        if stream is None or stream.dead:
+            stream = self._streams[address] = DecodeStream(self._channel(address), address)
+        return stream
 
     async def start(self) -> None:
         """Open channels and start the background tasks now (otherwise the first call does)."""
@@ -264,6 +282,9 @@ class DecodeClient:
             backoff = min(backoff * 2, 5.0)
 
     async def close(self) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            await stream.close()
         tasks = [t for t in (self._poller, *self._subscriptions.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -288,7 +309,7 @@ class DecodeClient:
         """Yield the decode worker's responses; the last one has a finish reason
         (FINISH_STOP or FINISH_LENGTH). FINISH_ERROR / FINISH_ABORT and gRPC
         failures raise BackendError. Close the iterator (e.g. with
-        `contextlib.aclosing`) to cancel the request on the worker."""
+        `contextlib.aclosing`) to abort the request on the worker."""
         self._bind_loop()
         deadline = time.monotonic() + self.request_timeout_s
         tried: set[str] = set()
@@ -306,18 +327,31 @@ class DecodeClient:
             )
             if prefill:
                 self.cache_index.note_routed(prefill, prompt_ids)
-            call = self._stub(address).Generate(request, timeout=max(0.001, deadline - time.monotonic()))
-            received = False
+            can_retry = any(a not in tried for a in self.decode_addresses)
+            rs = self._stream(address).open(request, deadline)
+            retry = settled = False
             try:
-                async for response in call:
-                    if not received and prefill:  # the first token means the prefill is done
+                while True:
+                    try:
+                        response = await rs.get()
+                    except StreamBroken as exc:
+                        if exc.code == grpc.StatusCode.UNAVAILABLE and not rs.received and can_retry:
+                            retry = True  # nothing reached that worker: try the next one
+                            break
+                        raise _stream_error(exc, address, request_id) from None
+                    if prefill and not settled:
+                        settled = True  # the first message means the prefill is done
                         self._untrack(prefill, request_id)
                         self.cache_index.settle(prefill, prompt_ids)
-                    received = True
                     reason = response.finish_reason
                     if reason == pb.FINISH_ERROR:
-                        raise BackendError(500, f"decode worker {address} failed request {request_id}: "
-                                                f"{response.error or 'unknown error'}", code="worker_error")
+                        if (response.error_kind == pb.ERROR_UNAVAILABLE and not response.token_ids
+                                and response.prompt_tokens == 0 and can_retry):
+                            retry = True  # refused before starting (e.g. not registered): next worker
+                            break
+                        status, code = _STATUS_BY_KIND.get(response.error_kind, (500, "worker_error"))
+                        raise BackendError(status, f"decode worker {address} failed request {request_id}: "
+                                                   f"{response.error or 'unknown error'}", code=code)
                     if reason == pb.FINISH_ABORT:
                         raise BackendError(503, f"decode worker {address} aborted request {request_id}"
                                                 + (f": {response.error}" if response.error else ""),
@@ -325,20 +359,15 @@ class DecodeClient:
                     yield response
                     if reason != pb.FINISH_NONE:
                         return
-                raise BackendError(502, f"decode worker {address} ended request {request_id} "
-                                        "without a finish reason", code="worker_error")
-            except grpc.aio.AioRpcError as exc:
-                if (exc.code() == grpc.StatusCode.UNAVAILABLE and not received
-                        and any(a not in tried for a in self.decode_addresses)):
-                    continue  # nothing reached that worker: try the next one
-                raise _backend_error(exc, address, request_id) from None
             finally:
-                call.cancel()  # no-op once finished; otherwise tells the worker to abort
+                rs.close()  # sends an abort unless the request finished
                 self._untrack(address, request_id)
                 if prefill:
-                    if not received:
+                    if not settled:
                         self.cache_index.settle(prefill, prompt_ids)
                     self._untrack(prefill, request_id)
+            if not retry:
+                return
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, pb.StatsResponse | str]:
         """Stats of every decode worker by address (an error string where it failed)."""
@@ -353,10 +382,10 @@ class DecodeClient:
         return dict(zip(self.decode_addresses, results))
 
 
-def _backend_error(exc: grpc.aio.AioRpcError, address: str, request_id: str) -> BackendError:
-    status, code = _STATUS_BY_CODE.get(exc.code(), (500, "worker_error"))
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+def _stream_error(exc: StreamBroken, address: str, request_id: str) -> BackendError:
+    status, code = _STATUS_BY_CODE.get(exc.code, (500, "worker_error"))
+    if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"request {request_id} timed out on decode worker {address}"
     else:
-        message = f"decode worker {address} failed request {request_id}: {exc.code().name}: {exc.details()}"
+        message = f"decode worker {address} failed request {request_id}: {exc.code.name}: {exc.details}"
     return BackendError(status, message, code=code)

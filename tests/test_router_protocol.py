@@ -276,6 +276,34 @@ class FakeDecode(pbg.DecodeServicer):
             self.cancelled.set()
             raise
 
+    async def Stream(self, request_iterator, context):
+        """The router's multiplexed call: each request runs Generate above in a task of its
+        own (one response per batch); an abort cancels that task."""
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def run_one(request):
+            async for resp in self.Generate(request, context):
+                out.put_nowait(pb.StreamBatch(responses=[resp]))
+
+        async def read():
+            async for msg in request_iterator:
+                if msg.WhichOneof("msg") == "generate":
+                    tasks[msg.generate.request_id] = asyncio.ensure_future(run_one(msg.generate))
+                else:
+                    task = tasks.pop(msg.abort_request_id, None)
+                    if task is not None:
+                        task.cancel()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                yield await out.get()
+        finally:
+            reader.cancel()
+            for task in tasks.values():
+                task.cancel()
+
 
 REPLY_TEXT = " the cat runs fast STOP the dog runs slow"
 
