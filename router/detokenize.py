@@ -33,6 +33,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # A fast tokenizer that does no clean-up decodes exactly as its Rust backend does:
+        # call that directly (the Python wrapper costs as much as the decode itself).
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._backend_decode = (backend.decode if backend is not None and hasattr(backend, "decode")
+                                and not getattr(tokenizer, "clean_up_tokenization_spaces", True) else None)
         self._ids: list[int] = []
         self._prefix_offset = 0          # window start
         self._read_offset = 0            # ids before this are emitted
@@ -49,6 +54,8 @@ class IncrementalDetokenizer:
         return list(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self._skip_special)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
     def push(self, token_ids: list[int]) -> str:

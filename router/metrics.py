@@ -61,6 +61,9 @@ class RouterMetrics:
                                             registry=r)
         self.generation_tokens = Counter("tandem_router_generation_tokens",
                                          "Tokens generated for finished requests.", registry=r)
+        self.fallbacks = Counter("tandem_router_fallbacks",
+                                 "Times the router took a slower path than the one it prefers, by what.",
+                                 ["what"], registry=r)
         self.members = Gauge("tandem_members", "Cluster members known to the router, by role and state.",
                              ["role", "state"], registry=r)
         self._member_labels: set[tuple[str, str]] = set()

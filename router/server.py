@@ -365,5 +365,27 @@ def run_router(config: RouterConfig) -> None:
 
     config = config.resolved()
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    app = create_app(config, tokenizer, DecodeClient.from_config(config))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    metrics = RouterMetrics()
+    app = create_app(config, tokenizer, DecodeClient.from_config(config), metrics)
+    loop, http = _fast_io(metrics)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http)
+
+
+def _fast_io(metrics: RouterMetrics) -> tuple[str, str]:
+    """uvloop and httptools (what `uvicorn[standard]` and vLLM use) when installed; otherwise
+    the pure-Python loop / HTTP parser, said once in the log and counted in a metric."""
+    import importlib.util
+    import logging
+
+    choice = []
+    for module, fast, slow in (("uvloop", "uvloop", "asyncio"), ("httptools", "httptools", "h11")):
+        if importlib.util.find_spec(module) is not None:
+            choice.append(fast)
+        else:
+            logging.getLogger(__name__).warning(
+                "%s is not installed: the router uses %s, which costs more CPU per streamed token",
+                module, slow)
+            metrics.fallbacks.labels(what=module).inc()
+            choice.append(slow)
+    logging.getLogger(__name__).info("router event loop %s, HTTP parser %s", *choice)
+    return choice[0], choice[1]
