@@ -32,7 +32,8 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
 
 
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
-                       kv_backend: str = "grpc", registry_config=None, metrics_address: str = "") -> None:
+                       kv_backend: str = "grpc", registry_config=None, metrics_address: str = "",
+                       trace_file: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving."""
     start_epoch_ms = int(time.time() * 1000)
     loop = asyncio.get_running_loop()
@@ -41,7 +42,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     kv = engine.runner.kv
     receiver = get_backend(kv_backend).receiver_cls(kv.k, kv.v, engine.runner.page_size, advertise)
     server = make_server()
-    servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise))
+    servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise, trace_file=trace_file))
     pbg.add_DecodeServicer_to_server(servicer, server)
     receiver.add_to_server(server)
     server.add_insecure_port(f"{host}:{port}")

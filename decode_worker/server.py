@@ -38,6 +38,7 @@ from typing import Callable
 import grpc
 
 from decode_worker.engine import DecodeEngine, EngineOutput
+from decode_worker.timeline import Timeline, TimelineRecorder
 from engine.metrics import WorkerMetrics, WorkerSnapshot
 from engine.sampling_params import SamplingParams
 from engine.sequence import ErrorKind, FinishReason, Sequence
@@ -67,6 +68,7 @@ class DecodeServerConfig:
     address: str                 # host:port this worker's gRPC server is reachable at
     kv_transfer_timeout_s: float = 120.0
     prefill_timeout_s: float = 300.0
+    trace_file: str = ""         # append one JSON line per request timeline here ("" = off)
 
 
 class _RequestError(Exception):
@@ -93,9 +95,11 @@ class _Request:
         self.reserved: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self.prefill_task: asyncio.Task | None = None
         self.on_finish: Callable[[], None] | None = None
+        self.timeline = Timeline(request.received_unix_ns)
 
     # -- engine sink (called on the loop) -----------------------------------
     def on_reserved(self, pages: list[int]) -> None:
+        self.timeline.mark("reserved")
         if not self.reserved.done():
             self.reserved.set_result(pages)
 
@@ -116,8 +120,13 @@ class _Request:
             self._send([], FinishReason.ERROR, message, kind)
 
     def _send(self, tokens: list[int], finish: FinishReason | None, error: str, kind: ErrorKind) -> None:
+        if tokens:
+            self.timeline.mark("first_token")
         if finish is not None:
             self.finished = True
+            if tokens:
+                self.timeline.mark("last_token")
+            self.servicer.timelines.finish(self.rid, self.timeline, finish.value)
         self.deliver(pb.GenerateResponse(
             request_id=self.rid, token_ids=tokens, finish_reason=FINISH_TO_PB[finish],
             prompt_tokens=self.prompt_len, cached_tokens=self.cached, error=error,
@@ -150,6 +159,8 @@ class _Request:
         receiver admitting KV and wait until no write of an unfinished transfer can
         still land (one-sided backends) before the engine frees the pages."""
         s = self.servicer
+        if not self.finished:
+            s.timelines.finish(self.rid, self.timeline, "cancelled")
         task = self.prefill_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -205,6 +216,7 @@ class DecodeServicer(pbg.DecodeServicer):
         self.computed_prompt_tokens = 0
         self.metrics = metrics or WorkerMetrics(role="decode", address=config.address)
         self.metrics.attach(self.metrics_snapshot, engine=engine, transport=receiver)
+        self.timelines = TimelineRecorder(self.metrics.registry, config.trace_file)
 
     def metrics_snapshot(self) -> WorkerSnapshot:
         """Read at scrape time, off the event loop (see engine/metrics.py)."""
@@ -374,6 +386,14 @@ class DecodeServicer(pbg.DecodeServicer):
         self.cached_prompt_tokens += resp.cached_tokens
         self.computed_prompt_tokens += resp.computed_tokens
         req.cached = resp.cached_tokens
+        tl = req.timeline
+        tl.set("prefill_queued", resp.queued_unix_ns)
+        tl.set("prefill_start", resp.start_unix_ns)
+        tl.set("prefill_end", resp.end_unix_ns)
+        first_write, done = self.receiver.timing(transfer_id)
+        tl.set("kv_first_layer", first_write)
+        tl.set("kv_last_layer", done)
+        tl.mark("admitted")
         self.engine.kv_ready(req.rid, resp.first_token_id, resp.cached_tokens)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:

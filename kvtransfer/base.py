@@ -169,6 +169,11 @@ class TransferTable:
     def error(self, transfer_id: str) -> str | None:
         return self._get(transfer_id).error
 
+    def timing(self, transfer_id: str) -> tuple[int, int]:
+        """(first accepted write, DONE) as wall-clock ns; 0 where it has not happened."""
+        t = self._get(transfer_id)
+        return t.first_write_ns, t.done_ns
+
     async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferState:
         t = self._get(transfer_id)
         try:

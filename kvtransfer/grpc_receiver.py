@@ -46,6 +46,8 @@ class _Transfer:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_write: object | None = None         # CUDA event after the latest pool write
     opened_at: float = field(default_factory=time.monotonic)
+    first_write_ns: int = 0                  # wall clock of the first accepted write (timeline)
+    done_ns: int = 0                         # wall clock of DONE
 
 
 class GrpcKVReceiver(TransferTable, KVReceiver, pbg.KVReceiverServicer):
@@ -92,6 +94,8 @@ class GrpcKVReceiver(TransferTable, KVReceiver, pbg.KVReceiverServicer):
     def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
         if t.state in _LIVE:
             t.state, t.error = state, error
+            if state is TransferState.DONE:
+                t.done_ns = time.time_ns()
             t.done.set()
             if self.on_transfer_end is not None:
                 try:
@@ -178,6 +182,7 @@ class GrpcKVReceiver(TransferTable, KVReceiver, pbg.KVReceiverServicer):
         self.chunks_received += 1
         if t.state is TransferState.PENDING:
             t.state = TransferState.IN_PROGRESS
+            t.first_write_ns = time.time_ns()
         if t.pages_left == 0:
             if t.last_write is not None:                  # CUDA pool: the data must be in place
                 await asyncio.to_thread(t.last_write.synchronize)

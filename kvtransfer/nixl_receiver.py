@@ -51,6 +51,8 @@ class _Transfer:
     error: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     opened_at: float = field(default_factory=time.monotonic)
+    first_write_ns: int = 0                  # wall clock of the first accepted write (timeline)
+    done_ns: int = 0                         # wall clock of DONE
     peer: str | None = None              # NIXL agent name of the sender that proved the token
     writes: int = 0                      # accepted layer notifications
     nbytes: int = 0
@@ -153,6 +155,8 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
     def _finish(self, t: _Transfer, state: TransferState, error: str | None = None, reason: str = "") -> None:
         if t.state in _LIVE:
             t.state, t.error = state, error
+            if state is TransferState.DONE:
+                t.done_ns = time.time_ns()
             t.done.set()
             if state is TransferState.FAILED:
                 log.warning("KV transfer %s failed (%s): %s", t.transfer_id, reason, error)
@@ -215,6 +219,7 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
         self.chunks_received += 1
         if t.state is TransferState.PENDING:
             t.state = TransferState.IN_PROGRESS
+            t.first_write_ns = time.time_ns()
         if t.pages_left == 0:
             self._finish(t, TransferState.DONE)
         elif t.expected_writes is not None and t.writes >= t.expected_writes:

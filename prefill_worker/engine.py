@@ -26,6 +26,7 @@ on the event loop and in order. `unsubscribe_cache_events(cb)` stops them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,6 +55,10 @@ class PrefillJob:
     # set while the job is in a batch (engine thread only):
     match: MatchResult | None = None                     # locked cache match
     own_pages: list[int] = field(default_factory=list)   # allocated for the uncached part
+    # timeline (wall clock ns): set on submit, and on the engine thread around its batch's pass
+    queued_ns: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
 
     @property
     def cached_tokens(self) -> int:
@@ -108,6 +113,7 @@ class PrefillEngine(EngineThread):
             self.reply(callback, kind, hashes)
 
     def submit(self, job: PrefillJob) -> None:
+        job.queued_ns = time.time_ns()
         self.post(self._queue.append, job)
 
     def abort(self, request_id: str) -> None:
@@ -189,6 +195,9 @@ class PrefillEngine(EngineThread):
         if not batch:
             return False  # nothing fits now; sleep until the next command
         ok = False
+        start_ns = time.time_ns()
+        for job in batch:
+            job.start_ns = start_ns
         try:
             seqs = [ForwardSeq(token_ids=j.prompt_token_ids[j.cached_tokens:], start_pos=j.cached_tokens,
                                page_table=j.page_table) for j in batch]
@@ -201,6 +210,9 @@ class PrefillEngine(EngineThread):
 
             logits = self.runner.forward(seqs, on_layer_done=layer_done)
             tokens = self.sampler.sample(logits, [j.params for j in batch], [0] * len(batch))
+            end_ns = time.time_ns()
+            for job in batch:
+                job.end_ns = end_ns
             ok = True
             self.counters.batches += 1
             for job, tok in zip(batch, tokens):

@@ -101,7 +101,9 @@ class PrefillServicer(pbg.PrefillServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer ended in state {state.name}")
             ok = True
             return pb.PrefillResponse(request_id=request.request_id, first_token_id=tok,
-                                      cached_tokens=cached, computed_tokens=computed)
+                                      cached_tokens=cached, computed_tokens=computed,
+                                      queued_unix_ns=job.queued_ns, start_unix_ns=job.start_ns,
+                                      end_unix_ns=job.end_ns)
         finally:
             if not ok:
                 self.engine.abort(request.request_id)

@@ -304,8 +304,8 @@ class DecodeClient:
 
     # ---- RPCs -----------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_ids: Sequence[int],
-                       params: SamplingParams) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                       received_unix_ns: int = 0) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the decode worker's responses; the last one has a finish reason
         (FINISH_STOP or FINISH_LENGTH). FINISH_ERROR / FINISH_ABORT and gRPC
         failures raise BackendError. Close the iterator (e.g. with
@@ -324,6 +324,7 @@ class DecodeClient:
                 prompt_token_ids=list(prompt_ids),
                 sampling=params.to_proto(),
                 prefill_address=prefill,
+                received_unix_ns=received_unix_ns,
             )
             if prefill:
                 self.cache_index.note_routed(prefill, prompt_ids)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ARRIVAL_KEY = "tandem.arrival"   # ASGI scope key: time.perf_counter() when the request arrived
+ARRIVAL_NS_KEY = "tandem.arrival_unix_ns"   # ASGI scope key: time.time_ns() when the request arrived
 _NOT_IN_FLIGHT = frozenset({"/metrics", "/health"})   # probes and scrapes are not "requests in flight"
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
@@ -138,6 +139,7 @@ class MetricsMiddleware:
             return
         m = self.metrics
         scope[ARRIVAL_KEY] = time.perf_counter()
+        scope[ARRIVAL_NS_KEY] = time.time_ns()     # wall clock: the origin of the workers' timelines
         tracked = scope.get("path") not in _NOT_IN_FLIGHT
         if tracked:
             m.in_flight.inc()

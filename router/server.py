@@ -37,7 +37,7 @@ from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError, bad_request, install_error_handlers
-from router.metrics import MetricsMiddleware, RequestTimer, RouterMetrics
+from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
 from router.sse import SSEResponse, _unless_disconnected, sse_event
 
@@ -191,7 +191,8 @@ class _Gateway:
         async def collect() -> tuple[str, str]:
             parts: list[str] = []
             finish = "stop"
-            responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
+            responses = self.client.generate(job.request_id, job.prompt_ids, job.params,
+                                             request.scope.get(ARRIVAL_NS_KEY, 0))
             async for delta, reason in self._text_deltas(job, responses, usage, token_ids, timer):
                 parts.append(delta)
                 finish = reason or finish
@@ -216,7 +217,8 @@ class _Gateway:
     async def stream(self, request: Request, job: _Job, chat: bool) -> Response:
         usage = _Usage(prompt_tokens=len(job.prompt_ids))
         timer = self.metrics.timer(request.scope)
-        responses = self.client.generate(job.request_id, job.prompt_ids, job.params)
+        responses = self.client.generate(job.request_id, job.prompt_ids, job.params,
+                                             request.scope.get(ARRIVAL_NS_KEY, 0))
 
         async def first() -> pb.GenerateResponse:
             try:

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
     serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
+    serve.add_argument("--request-trace-file", default="",
+                       help="the decode worker appends one JSON line per request timeline here")
 
     router = sub.add_parser("router", help="run the OpenAI-compatible gateway")
     add_server_args(router, default_port=8000)
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(w)
         add_server_args(w, default_port=port)
         w.add_argument("--advertise-host", default=None, help="host other workers use to reach this one")
+        if role == "decode":
+            w.add_argument("--request-trace-file", default="",
+                           help="append one JSON line per request with its timeline (stage times) here")
         add_kv_transfer_arg(w)
         add_cluster_args(w, worker=True)
     return parser

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(serve_decode(config, args.host, args.port, advertise,
                                  kv_backend=args.kv_transfer_backend,
-                                 registry_config=registry_config, metrics_address=metrics_address))
+                                 registry_config=registry_config, metrics_address=metrics_address,
+                                 trace_file=args.request_trace_file))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 

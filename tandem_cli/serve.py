@@ -77,8 +77,9 @@ def run_serve(args: argparse.Namespace) -> int:
         etcd = ["--etcd", args.etcd] if args.etcd else []
         # the KV transport matters only between separate prefill and decode workers
         kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
+        trace = ["--request-trace-file", args.request_trace_file] if args.request_trace_file else []
         procs.append(subprocess.Popen(cli + ["decode", "--port", str(decode_port)] + engine_flags(args, model)
-                                      + kv + etcd))
+                                      + kv + etcd + trace))
         prefill_addr = ""
         if not args.colocated:
             prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()

@@ -23,12 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Cluster:
     def __init__(self, model_dir: Path, colocated: bool = False, num_pages: int = 256, page_size: int = 4,
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
-                 log_dir: Path | None = None, kv_transfer_backend: str = "grpc") -> None:
+                 log_dir: Path | None = None, kv_transfer_backend: str = "grpc",
+                 decode_args: tuple[str, ...] = ()) -> None:
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
         self.page_size = page_size
         self.extra = list(extra_worker_args)
+        self.decode_args = list(decode_args)     # decode worker only
         self.served_name = served_name
         self.api_key = api_key
         self.log_dir = log_dir
@@ -69,7 +71,7 @@ class Cluster:
     def start(self) -> "Cluster":
         try:
             decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1]),
-                                            "--metrics-port", str(self.decode_metrics_port)])
+                                            "--metrics-port", str(self.decode_metrics_port), *self.decode_args])
             if self.prefill_addr:
                 prefill = self._spawn("prefill", ["prefill", *self._worker_args(self.prefill_addr.split(":")[1]),
                                                   "--metrics-port", str(self.prefill_metrics_port)])

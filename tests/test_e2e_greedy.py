@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from openai import OpenAI
 
 from cluster import Cluster
+from decode_worker.timeline import REMOTE_ONLY, STAGES
 from engine.tiny_models import make_tiny_model
 from hf_reference import distinct_prompts, hf_greedy
 
@@ -53,6 +56,11 @@ def test_cluster_greedy_equals_transformers(arch_case, colocated, tmp_path):
         for i, (g, e) in enumerate(zip(got, expected)):
             assert g == e, f"{arch} prompt {i} (len {len(prompts[i])}): tandem {g} != transformers {e}"
         assert c.decode_stats().free_pages == 512
+        # every request's timeline on the decode worker: the stages its mode has, once each
+        metrics = httpx.get(c.metrics_urls["decode"], timeout=5).text
+        counts = {s.labels["stage"]: s.value for f in text_string_to_metric_families(metrics)
+                  for s in f.samples if s.name == "tandem_request_stage_seconds_count"}
+        assert counts == {s: (0 if colocated and s in REMOTE_ONLY else len(prompts)) for s in STAGES}
         if not colocated:
             st = c.prefill_stats()
             assert st.free_pages == 512 and st.computed_prompt_tokens == sum(LENGTHS)

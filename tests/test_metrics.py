@@ -6,6 +6,7 @@ Cluster part: real router + prefill + decode processes; after known traffic ever
 """
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster, free_port
+from decode_worker.timeline import STAGES
 from engine.metrics import WorkerMetrics, WorkerSnapshot, metrics_port_for, start_metrics_server
 from engine.tiny_models import make_tiny_model
 from kvtransfer.base import TransferState
@@ -129,7 +131,10 @@ def test_worker_metrics_snapshot_hooks_and_http_server():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", seed=5)
-    with Cluster(model_dir, num_pages=NUM_PAGES, page_size=4, log_dir=tmp_path_factory.mktemp("logs")) as c:
+    logs = tmp_path_factory.mktemp("logs")
+    with Cluster(model_dir, num_pages=NUM_PAGES, page_size=4, log_dir=logs,
+                 decode_args=("--request-trace-file", str(logs / "trace.jsonl"))) as c:
+        c.trace_file = logs / "trace.jsonl"
         yield c
 
 
@@ -218,3 +223,17 @@ def test_metrics_after_traffic(cluster):
         assert scr.one("tandem_kv_transfers_total", direction=direction, state="done") == n
         assert scr.total("tandem_kv_transfer_failures_total") == 0
         assert scr.has("tandem_kv_transfer_failures")
+
+    # request timeline: every stage of every request, on the decode worker; the trace file agrees
+    for stage in STAGES:
+        assert d.one("tandem_request_stage_seconds_count", stage=stage) == n, stage
+    lines = [json.loads(line) for line in cluster.trace_file.read_text().splitlines()]
+    assert len(lines) == n and all(line["outcome"] == "length" for line in lines)
+    for line in lines:
+        st = line["stages_s"]
+        assert list(st) == list(STAGES)
+        chains = (("decode_received", "reserved", "prefill_queued", "prefill_start", "prefill_end"),
+                  ("prefill_start", "kv_first_layer", "kv_last_layer", "admitted", "first_token", "last_token"))
+        for chain in chains:
+            values = [st[s] for s in chain]
+            assert values == sorted(values) and values[0] >= 0, (chain, st)
