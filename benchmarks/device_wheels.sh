@@ -14,7 +14,7 @@ mkdir -p .whl build/goodput_whl /tmp/nixl_whl
 python3 -m pip download -q "${PLAT[@]}" -d .whl grpcio==1.85.1 protobuf==7.36.2 nixl==1.5.1
 python3 -m pip download -q "${PLAT[@]}" -d build/goodput_whl fastapi==0.165.0 starlette==1.10.0 \
     uvicorn==0.54.0 pydantic==2.13.4 pydantic_core==2.46.4 annotated_types==0.7.0 \
-    typing_inspection==0.4.2 opentelemetry_api==1.45.2 uvloop==0.23.0 httptools==0.9.0
+    typing_inspection==0.4.2 opentelemetry_api==1.45.2 httptools==0.9.0
 # nixl-cu13 is 59 MB; its expert-parallel torch extensions (nixl_ep, one per torch 2.12-2.14,
 # unused here) are dropped so that everything fits the 64 MiB a call may carry.
 python3 -m pip download -q "${PLAT[@]}" -d /tmp/nixl_whl nixl-cu13==1.5.1
