@@ -20,7 +20,8 @@ Lifecycle of one call:
      whole session) after the layout, also on errors, SIGTERM and Ctrl-C;
   4. ratios (served / in-process; P+D / served colocated), write --json (also after
      every row), append to --results-md, print the table last. Exit 1 if any layout,
-     request or the in-process run failed.
+     request or the in-process run failed; SIGTERM / Ctrl-C stop the servers and clients
+     and still report the rows measured so far.
 """
 from __future__ import annotations
 
@@ -285,6 +286,7 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
 # ---- CLI --------------------------------------------------------------------------------
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second one must not cut the clean-up short
     raise SystemExit(128 + signum)      # unwinds through every finally: servers and clients stop
 
 
@@ -327,8 +329,12 @@ def main(argv=None) -> int:
         with ClientPool(args.client_procs) as pool:
             for layout in layouts:
                 run_layout(args, layout, wls, model_dir, log_dir, pool, result, save)
+    except (KeyboardInterrupt, SystemExit) as exc:     # servers and clients are stopped: report what ran
+        result["interrupted"] = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"signal (exit {exc.code})"
+        print(f"\nINTERRUPTED ({result['interrupted']}): reporting the rows measured so far", flush=True)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+    result["device"] = result["device"] or _device_name(args)
     rep.add_ratios(result["rows"], result["inprocess"].get("rows"))
     result["total_s"] = time.monotonic() - t_all
     save()
@@ -338,6 +344,8 @@ def main(argv=None) -> int:
     failed = [f"{k}: {v['error']}" for k, v in result["layouts"].items() if v.get("error")]
     failed += [f"{r['layout']} {r['workload']}: {r['failed']} failed requests ({r['errors'][0]})"
                for r in result["rows"] if r["failed"]]
+    if result.get("interrupted"):
+        failed.append(f"run interrupted ({result['interrupted']})")
     if result["inprocess"].get("error"):
         failed.append(f"in-process: {result['inprocess']['error']}")
     print()

@@ -132,6 +132,8 @@ def format_table(rows: list[dict]) -> str:
 def results_md(r: dict) -> str:
     lines = [f"## Served benchmark: {r['device']}, {r['date']}", "",
              f"- commit: {r['commit']}", f"- command: `{r['command']}`"]
+    if r.get("interrupted"):
+        lines.append(f"- INTERRUPTED ({r['interrupted']}): only the rows below were measured")
     for name, lay in r["layouts"].items():
         lines.append(f"- {name}: `{lay['command']}`" + (f" (started in {lay['startup_s']:.0f} s)"
                                                         if lay.get("startup_s") else ""))
