@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-num-batched-tokens", type=int, default=16384)
     g.add_argument("--max-model-len", type=int, default=None, help="default: longest workload + 16")
     g.add_argument("--dtype", default=None, help="default: the server's (auto)")
-    p.add_argument("--serve-args", default="", help="more `tandem serve` flags, every layout (one string)")
+    p.add_argument("--serve-args", default="", help="more `tandem serve` flags, every layout, as one string "
+                   "(a single flag: --serve-args=--enforce-eager)")
     p.add_argument("--colocated-serve-args", default="", help="more `tandem serve` flags, colocated only")
     p.add_argument("--pd-serve-args", default="", help="more `tandem serve` flags, P+D only")
     p.add_argument("--bench-args", default="", help="more flags for the in-process benchmarks.bench run")
@@ -325,7 +326,6 @@ def main(argv=None) -> int:
         if not args.no_inprocess:
             result["inprocess"] = run_inprocess(args, names, log_dir)
             save()
-        result["device"] = result["inprocess"].get("device") or _device_name(args)
         with ClientPool(args.client_procs) as pool:
             for layout in layouts:
                 run_layout(args, layout, wls, model_dir, log_dir, pool, result, save)
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         print(f"\nINTERRUPTED ({result['interrupted']}): reporting the rows measured so far", flush=True)
     finally:
         signal.signal(signal.SIGTERM, old_term)
-    result["device"] = result["device"] or _device_name(args)
+    result["device"] = result["inprocess"].get("device") or _device_name(args)
     rep.add_ratios(result["rows"], result["inprocess"].get("rows"))
     result["total_s"] = time.monotonic() - t_all
     save()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import queue
 import signal
 import time
@@ -79,7 +80,7 @@ async def _one(session, url: str, body: bytes, timeout, rec: dict, clock: Callab
         rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
 
 
-async def _run_job(job: dict, jobs: mp.Queue, results: mp.Queue, idx: int) -> None:
+async def _run_job(job: dict, jobs: mp.Queue, results: mp.Queue, idx: int, parent: int) -> None:
     import aiohttp
 
     url, model, reqs = job["url"], job["model"], job["requests"]
@@ -93,7 +94,7 @@ async def _run_job(job: dict, jobs: mp.Queue, results: mp.Queue, idx: int) -> No
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         results.put(json.dumps({"op": "ready", "proc": idx}))
-        start = json.loads(jobs.get())          # blocks the (idle) loop until the shared t0
+        start = _next_job(jobs, parent)         # blocks the (idle) loop until the shared t0
         t0 = start["t0"]
         pc0 = time.perf_counter() + (t0 - time.time())
         clock = lambda: time.perf_counter() - pc0     # noqa: E731 - seconds since t0
@@ -110,14 +111,24 @@ async def _run_job(job: dict, jobs: mp.Queue, results: mp.Queue, idx: int) -> No
                             "chunks": sum(r["chunks"] for r in recs)}))
 
 
-def _worker_main(idx: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _next_job(jobs: mp.Queue, parent: int) -> dict:
+    """The next message; exits if the parent went away (killed) meanwhile."""
+    while True:
+        try:
+            return json.loads(jobs.get(timeout=5))
+        except queue.Empty:
+            if os.getppid() != parent:
+                raise SystemExit(1) from None
+
+
+def _worker_main(idx: int, jobs: mp.Queue, results: mp.Queue, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C and stops us
     while True:
-        job = json.loads(jobs.get())
+        job = _next_job(jobs, parent)
         if job["op"] == "stop":
             return
         try:
-            asyncio.run(_run_job(job, jobs, results, idx))
+            asyncio.run(_run_job(job, jobs, results, idx, parent))
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
             results.put(json.dumps({"op": "failed", "proc": idx, "error": f"{type(exc).__name__}: {exc}"}))
 
@@ -135,7 +146,7 @@ class ClientPool:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._jobs = [ctx.Queue() for _ in range(self.n)]
-        self._procs = [ctx.Process(target=_worker_main, args=(i, self._jobs[i], self._results), daemon=True,
+        self._procs = [ctx.Process(target=_worker_main, args=(i, self._jobs[i], self._results, os.getpid()), daemon=True,
                                    name=f"served-client-{i}") for i in range(self.n)]
         for p in self._procs:
             p.start()
