@@ -197,6 +197,10 @@ def run_disagg(args, model_dir: Path, device: torch.device, wls, rows, summ, log
 
 
 def main(argv=None) -> int:
+    from benchmarks.served import forward_from_bench   # `--modes served`: benchmarks/served.py's own CLI
+
+    if (rc := forward_from_bench(argv)) is not None:
+        return rc
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
