@@ -138,6 +138,7 @@ class DecodeEngine(EngineThread):
             for s in seqs
         ]
         logits = self.runner.forward(batch)
+        self.flush()  # the GPU runs the pass: let the event loop send the previous step's results now
         tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
         for seq, fs, tok in zip(seqs, batch, tokens):
             self.counters.prefilled_tokens += len(fs.token_ids)
@@ -150,6 +151,7 @@ class DecodeEngine(EngineThread):
             for s in seqs
         ]
         logits = self.runner.forward(batch)
+        self.flush()  # as in _run_prefill
         tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
         self.counters.decoded_tokens += len(tokens)
         for seq, tok in zip(seqs, tokens):

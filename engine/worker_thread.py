@@ -14,8 +14,13 @@ a long forward pass never blocks RPCs. Lifecycle:
      waits for).
   4. Results go back with `reply(fn, *args)`, which schedules fn on the loop.
      Per-request results should be collected during an iteration and sent by
-     `flush()` (called once after every drain + step) as ONE reply: every
-     `reply` wakes the event loop and contends for the GIL.
+     `flush()` as ONE reply: every `reply` wakes the event loop and contends
+     for the GIL. The loop flushes after an iteration only when it is about to
+     sleep (or a step failed); while steps run back to back the subclass
+     flushes from inside `step()`, right after it has queued the next forward
+     pass on the GPU, so that the event loop handles the previous step's
+     results while this thread waits for the device instead of competing with
+     the host work that launches the next step.
   5. `stop()` ends the loop after the current step and joins the thread.
   `step_observer(seconds)`, when set (metrics), is called on the engine thread
   after every step that ran work.
@@ -99,6 +104,7 @@ class EngineThread:
                 if self._stopping:
                     return
                 idle = False
+                failed = False
                 if self.has_work():
                     try:
                         t0 = time.perf_counter()
@@ -108,7 +114,9 @@ class EngineThread:
                     except Exception as exc:  # noqa: BLE001 - reported to requests
                         log.exception("engine step failed")
                         self.on_step_error(exc)
-                self.flush()
+                        failed = True
+                if failed or idle or not self.has_work():
+                    self.flush()
         except BaseException as exc:  # noqa: BLE001
             self.fatal_error = exc
             log.exception("engine thread died")

@@ -1,19 +1,25 @@
 """The NIXL sender's WRITE-posting worker thread (prefill side).
 
 Lifecycle of one layer WRITE (`LayerWrite`), all on the worker thread after `submit()`:
-  1. post: wait for the producer's CUDA event (if any), register the layer's K/V tensors
-     with the agent, build one WRITE request (local pages -> the reservation's remote pool
-     pages) carrying a serialized `NixlLayerNotif`, and post it. A failure here releases
-     what was created and reports the error to the handle.
-  2. progress: poll the request until it completes (DONE / ERR); a request of a handle that
+  1. stage (CUDA tensors): in submission order, as soon as the device's staging arena
+     has a free slot, queue a copy of the layer's K and V into that slot on the arena's
+     stream, ordered after the producer's CUDA event by the device itself (no host
+     wait), and record a `staged` event. Writes wait in FIFO order while the arena is
+     full; the thread never blocks on one copy, so a whole batch's copies run back to
+     back in the device's time slice even while another process shares the GPU.
+  2. post, once `staged` has completed (host tensors: at once, after registering them):
+     build one WRITE request (local pages -> the reservation's remote pool pages)
+     carrying a serialized `NixlLayerNotif`, and post it. A failure here releases what
+     was created and reports the error to the handle.
+  3. progress: poll the request until it completes (DONE / ERR); a request of a handle that
      turned terminal (abort, receiver RESULT) or of a stopping worker is cancelled instead.
-  3. release: release the request, then deregister the tensors (or free the staging
+  4. release: release the request, then deregister the tensors (or free the staging
      slot), whatever the outcome, and report to the handle (`handle._from_worker(write,
      error_or_None)`, hops to its loop).
 CUDA tensors are not registered per write: registering device memory (an IPC handle the
-receiver must open) costs far more than copying a layer. They are copied into a slot of
-one VRAM staging arena per device, registered once, and written from there; a write too
-large for the free part of the arena falls back to registering its own tensors.
+receiver must open) costs far more than copying a layer. Only a write larger than the
+whole arena, or a device with no memory left for one, registers its own tensors: that
+slower path is logged once and counted (`XferWorker.registered_writes`).
 `stop()` makes the thread cancel everything in flight and exit once nothing is left.
 """
 from __future__ import annotations
@@ -96,18 +102,30 @@ class StagingArena:
         self.ring = RingAllocator(nbytes)
         self.stream = torch.cuda.Stream(device)
 
-    def stage(self, k: torch.Tensor, v: torch.Tensor) -> list | None:
-        """Copy k and v back to back into a slot; the slot entry, or None if none fits."""
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.ring.size
+
+    def stage(self, w: "LayerWrite") -> bool:
+        """Queue the copy of w's k and v (back to back) into a free slot, after w.ready, and
+        record w.staged; False (nothing queued) while no contiguous slot is free."""
+        k, v = w.k, w.v
         nb = k.numel() * k.element_size()
         slot = self.ring.alloc(2 * nb)
         if slot is None:
-            return None
+            return False
         off = slot[0]
         with torch.cuda.stream(self.stream):
+            if w.ready is not None:
+                self.stream.wait_event(w.ready)
             self.buf[off:off + nb].copy_(k.reshape(-1).view(torch.uint8))
             self.buf[off + nb:off + 2 * nb].copy_(v.reshape(-1).view(torch.uint8))
-        self.stream.synchronize()
-        return slot
+            # k and v were made on the producer's stream; keep their memory until this copy ran
+            k.record_stream(self.stream)
+            v.record_stream(self.stream)
+            w.staged = torch.cuda.Event()
+            w.staged.record(self.stream)
+        w.slot = slot
+        return True
 
 
 @dataclass
@@ -122,6 +140,7 @@ class LayerWrite:
     reg: object | None = None             # nixlRegDList of k, v (deregistered once released)
     xfer: object | None = None            # nixl_xfer_handle
     slot: list | None = None              # staging arena slot (CUDA), freed once released
+    staged: object | None = None          # CUDA event: the copy into the slot is done
 
     @property
     def nbytes(self) -> int:
@@ -139,8 +158,11 @@ class XferWorker(threading.Thread):
         self._arenas: dict[int, StagingArena] = {}
         self.poll_interval_s = poll_interval_s
         self._q: queue.SimpleQueue[LayerWrite | None] = queue.SimpleQueue()
+        self._waiting: deque[LayerWrite] = deque()   # CUDA writes waiting for a staging slot (FIFO)
+        self._staging: deque[LayerWrite] = deque()   # copies queued, WRITE not posted yet (FIFO)
         self._inflight: list[LayerWrite] = []
         self._stopping = False
+        self.registered_writes = 0                   # writes that registered their own tensors
 
     def submit(self, w: LayerWrite) -> None:
         self._q.put(w)
@@ -151,19 +173,22 @@ class XferWorker(threading.Thread):
 
     def run(self) -> None:
         while True:
+            busy = self._inflight or self._waiting or self._staging
             try:
-                item = self._q.get_nowait() if self._inflight else self._q.get()
+                item = self._q.get_nowait() if busy else self._q.get()
             except queue.Empty:
                 item = False
             while item is not False:
                 if item is not None:
-                    self._post(item)
+                    self._accept(item)
                 try:
                     item = self._q.get_nowait()
                 except queue.Empty:
                     item = False
+            self._stage_waiting()
+            self._post_staged()
             self._progress()
-            if self._stopping and not self._inflight:
+            if self._stopping and not (self._inflight or self._waiting or self._staging):
                 for arena in self._arenas.values():
                     try:
                         self.agent.deregister_memory(arena.reg)
@@ -171,24 +196,58 @@ class XferWorker(threading.Thread):
                         log.exception("deregistering the NIXL staging arena failed")
                 self._arenas.clear()
                 return
-            if self._inflight:
+            if self._inflight or self._waiting or self._staging:
                 time.sleep(self.poll_interval_s)
+
+    def _accept(self, w: LayerWrite) -> None:
+        """A submitted write: to the staging queue (CUDA) or straight to posting."""
+        if w.handle._state.terminal:
+            return
+        arena = self._arena(w.k) if w.k.is_cuda and self.staging_bytes else None
+        if arena is not None and arena.fits(w.nbytes):
+            self._waiting.append(w)
+            return
+        if w.k.is_cuda:
+            if not self.registered_writes:
+                log.warning("NIXL send: a %d-byte layer write does not fit the %d-byte staging arena; "
+                            "registering its tensors instead (slow; counted in registered_writes)",
+                            w.nbytes, self.staging_bytes)
+            self.registered_writes += 1
+            if w.ready is not None:
+                w.ready.synchronize()
+        self._post(w)
+
+    def _stage_waiting(self) -> None:
+        while self._waiting:
+            w = self._waiting[0]
+            if w.handle._state.terminal or self._stopping:
+                self._waiting.popleft()   # a terminal handle waits for nothing; a stopping worker drops it
+                continue
+            if not self._arenas[w.k.get_device()].stage(w):
+                return          # arena full: slots come back as earlier writes complete
+            self._waiting.popleft()
+            self._staging.append(w)
+
+    def _post_staged(self) -> None:
+        while self._staging and self._staging[0].staged.query():
+            w = self._staging.popleft()
+            if self._stopping:
+                self._release(w)
+            else:
+                self._post(w)
 
     def _post(self, w: LayerWrite) -> None:
         h = w.handle
         if h._state.terminal:
+            self._release(w)
             return
         try:
-            if w.ready is not None:
-                w.ready.synchronize()
             lay, pages = h._layout, h._pages
             n, pb = w.k.shape[0], lay.page_bytes
             ldev = w.k.get_device() if w.k.is_cuda else 0
             k_ptr, v_ptr = w.k.data_ptr(), w.v.data_ptr()
-            arena = self._arena(w.k) if w.k.is_cuda and self.staging_bytes else None
-            w.slot = arena.stage(w.k, w.v) if arena is not None else None
             if w.slot is not None:
-                k_ptr = arena.buf.data_ptr() + w.slot[0]
+                k_ptr = self._arenas[ldev].buf.data_ptr() + w.slot[0]
                 v_ptr = k_ptr + n * pb
             else:
                 w.reg = self.agent.register_memory([w.k, w.v])
