@@ -37,7 +37,7 @@ from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.worker_thread import EngineThread
-from prefill_worker.radix_cache import MatchResult, RadixCache
+from engine.radix_cache import MatchResult, RadixCache
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from hypothesis.stateful import (
 )
 
 from engine.page_allocator import PageAllocator
-from prefill_worker.radix_cache import MatchResult, RadixCache
+from engine.radix_cache import MatchResult, RadixCache
 
 
 def make_cache(num_pages: int = 32, page_size: int = 4) -> RadixCache:
