@@ -75,9 +75,12 @@ class _Hold:
 
 
 class PrefixCacheManager:
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, evict_batch: int | None = None) -> None:
+        """evict_batch: a short free list gets at least this many pages back per eviction
+        (an eviction scans every leaf; default 1/128 of the pool amortises that)."""
         self.allocator = allocator
         self.page_size = page_size
+        self.evict_batch = evict_batch if evict_batch is not None else max(1, allocator.num_total // 128)
         self.cache = RadixCache(allocator, page_size)
         self._held: dict[str, _Hold] = {}    # request id -> lock of an admitted local seq
 
@@ -99,7 +102,7 @@ class PrefixCacheManager:
     def alloc(self, n: int) -> list[int] | None:
         """n pages off the free list, evicting unlocked cache leaves first if it is short."""
         if self.allocator.num_free < n:
-            self.cache.evict(n - self.allocator.num_free)
+            self.cache.evict(max(n - self.allocator.num_free, self.evict_batch))
         return self.allocator.alloc(n)
 
     def reset(self) -> bool:
