@@ -266,3 +266,26 @@ def test_engine_small_pool_evicts_and_rejects_what_never_fits(model_case):
     assert out[0]["tok"] == expected[0][0]
     assert eng.allocator.num_used == eng.cache.num_pages <= 8
     assert eng.available_pages == 8
+
+
+def test_no_enable_prefix_caching_turns_the_colocated_cache_off(model_case, tmp_path):
+    from tandem_cli.args import build_parser, engine_config_from_args
+    from tandem_cli.serve import engine_flags
+
+    parse = build_parser().parse_args
+    assert engine_config_from_args(parse(["decode", "--model", "m", "--device", "cpu"])).enable_prefix_caching
+    off = parse(["decode", "--model", "m", "--device", "cpu", "--no-enable-prefix-caching"])
+    assert not engine_config_from_args(off).enable_prefix_caching
+    assert "--no-enable-prefix-caching" in engine_flags(parse(["serve", "--no-enable-prefix-caching"]), "m")
+    assert "--no-enable-prefix-caching" not in engine_flags(parse(["serve"]), "m")
+    model_dir, prompts, expected = model_case
+    with Cluster(model_dir, colocated=True, num_pages=136, page_size=4, log_dir=tmp_path,
+                 extra_worker_args=("--no-enable-prefix-caching",)) as c:
+        client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
+        for p, e in ((prompts[0], expected[0]), (prompts[3], expected[3])):   # the second repeats the first
+            r = client.completions.create(model="tiny", prompt=p, max_tokens=MAX_NEW, temperature=0,
+                                          extra_body=EXTRA)
+            assert r.choices[0].model_extra["token_ids"] == e
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+        d = c.decode_stats()
+        assert d.cached_prompt_tokens == 0 and d.computed_prompt_tokens == len(prompts[0]) + len(prompts[3])
