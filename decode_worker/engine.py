@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine.prefix_cache_manager import PageCopy
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
-from engine.prefix_cache_manager import PageCopy
 from engine.scheduler import DecodeScheduler
 from engine.sequence import FinishReason, Sequence
 from engine.worker_thread import EngineThread
