@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule
@@ -159,6 +160,21 @@ def test_abort_while_prefilling_keeps_nothing_and_abort_while_running_keeps_the_
     assert sched.prefix_cache.num_pages == 4        # 12 prompt tokens + 1 output with KV
     assert sched.free_pages == 64
     assert sched.reset_prefix_cache() and sched.allocator.num_free == 64
+
+
+def test_check_integrity_catches_a_seq_writing_into_a_cache_page():
+    sched = make_cached_scheduler()
+    sched.add(local("a", list(range(1, 13)), max_tokens=1))
+    drain(sched)                                    # a's 3 pages now belong to the cache
+    sched.add(local("b", list(range(50, 60))))
+    sched.schedule()
+    b = sched.get("b")
+    cached_page = next(p for p in range(64) if sched.prefix_cache.cache.owns(p))
+    b.pages[-1], own = cached_page, b.pages[-1]
+    with pytest.raises(AssertionError):
+        sched.check_integrity()
+    b.pages[-1] = own
+    sched.check_integrity()
 
 
 def test_remote_seqs_never_touch_the_cache():
