@@ -4,9 +4,9 @@
     python -m benchmarks.bench --device cpu --tiny      # CI: tiny model, tiny workloads
 
 Order in one process: ceilings (bf16 matmul, device copy) -> HF generate on W1 ->
-colocated W1-W4 (in-process engine) -> disaggregated W1-W4 (two worker processes on
-the same device, grpc KV transport). Prints the table last, writes JSON (and
-RESULTS.md with --results-md).
+colocated W1-W4 (the decode worker's DecodeEngine in this process, requests through its
+submit()) -> disaggregated W1-W4 (two worker processes on the same device, grpc KV
+transport). Prints the table last, writes JSON (and RESULTS.md with --results-md).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.88)
-    p.add_argument("--prefix-cache-pages", type=int, default=None, help="0 disables the colocated prefix cache")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engines' radix prefix cache (the workers' flag of the same name)")
     p.add_argument("--hf-batch", type=int, default=None, help="default 64 (tiny: 4)")
     p.add_argument("--hf-batches", type=int, default=1)
     p.add_argument("--disagg-requests", type=int, default=None, help="per workload; default all (tiny) / 8")
@@ -87,10 +88,10 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) -> str:
-    from benchmarks.colocated import ColocatedBench
+    from benchmarks.colocated import ColocatedEngine
     from benchmarks.sdpa_backend import SdpaBackend
     from engine.config import EngineConfig
-    from engine.runner import ForwardSeq, ModelRunner
+    from engine.runner import ForwardSeq
 
     backend = args.attention_backend
     if backend == "auto":
@@ -101,8 +102,10 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
                        page_size=16, num_pages=(4096 if args.tiny else None),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=max_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       attention_backend="torch" if backend == "sdpa" else backend)
-    runner = ModelRunner(cfg)
+                       attention_backend="torch" if backend == "sdpa" else backend,
+                       enable_prefix_caching=args.enable_prefix_caching)
+    bench = ColocatedEngine(cfg)   # decode_worker.main.make_decode_engine, thread not started yet
+    runner = bench.runner
     fallback_note = ""
     if backend == "triton":   # check it against the fp32-math torch reference before trusting it
         try:
@@ -125,19 +128,20 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     runner.forward([ForwardSeq(list(range(1000, 1032)), 0, pages)] * 1)
     runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])
     _free(device)
-    cache_pages = args.prefix_cache_pages
-    if cache_pages is None:
-        cache_pages = min(4096, runner.num_pages // 10)
-    bench = ColocatedBench(runner, args.max_num_seqs, args.max_num_batched_tokens, cache_pages,
-                           min(max_len, runner.num_pages * runner.page_size))
-    note = f"attention {backend}; {runner.num_pages} KV pages; prefix cache {cache_pages} pages"
-    for wl in wls:
-        res = bench.run(wl)
-        res.note = f"attention {backend}{fallback_note}"
-        if res.extra.get("preemptions"):
-            res.note += f"; {res.extra['preemptions']} preemptions"
-        rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
+            f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; MFU/MBU from the engine's "
+            f"prefill/decode pass timers")
+    bench.start()
+    try:
+        for wl in wls:
+            res = bench.run(wl)
+            res.note = f"attention {backend}{fallback_note}"
+            if res.extra.get("preemptions"):
+                res.note += f"; {res.extra['preemptions']} preemptions"
+            rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    finally:
+        bench.close()
     del bench, runner
     _free(device)
     return note
@@ -179,7 +183,8 @@ def run_disagg(args, model_dir: Path, device: torch.device, wls, rows, summ, log
     n_req = args.disagg_requests
     cl = DisaggCluster(model_dir, device.type, "float32" if device.type == "cpu" else "bfloat16", backend,
                        prefill_pages, decode_pages, args.max_num_seqs, args.max_num_batched_tokens,
-                       max_len, log_dir, kv_backend=args.kv_transfer_backend)
+                       max_len, log_dir, kv_backend=args.kv_transfer_backend,
+                       enable_prefix_caching=args.enable_prefix_caching)
     t = time.perf_counter()
     cl.start()
     started = time.perf_counter() - t

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class DisaggCluster:
     def __init__(self, model_dir: Path, device: str, dtype: str, backend: str,
                  prefill_pages: int, decode_pages: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, log_dir: Path, kv_backend: str = "grpc"):
+                 max_num_batched_tokens: int, max_model_len: int, log_dir: Path, kv_backend: str = "grpc",
+                 enable_prefix_caching: bool = True):
         self.procs: list[subprocess.Popen] = []
         self.kv_backend = kv_backend
         self.log_dir = Path(log_dir)
@@ -40,7 +41,8 @@ class DisaggCluster:
         common = ["--model", str(model_dir), "--load-format", "dummy", "--device", device,
                   "--dtype", dtype, "--attention-backend", backend, "--max-model-len", str(max_model_len),
                   "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens),
-                  "--log-level", "warning", "--kv-transfer-backend", kv_backend]
+                  "--log-level", "warning", "--kv-transfer-backend", kv_backend,
+                  *([] if enable_prefix_caching else ["--no-enable-prefix-caching"])]
         self.prefill_addr = f"127.0.0.1:{free_port()}"
         self.decode_addr = f"127.0.0.1:{free_port()}"
         self.args = {

@@ -6,20 +6,31 @@ Per request (driven by decode_worker/server.py on the asyncio side):
      fires; the server opens a KV transfer, runs the remote prefill and calls
      `kv_ready(...)` when every layer has arrived.
      Local KV (colocated mode, or recompute after preemption): the engine
-     prefills it itself.
+     prefills it itself. With the prefix cache (`scheduler.prefix_cache`,
+     EngineConfig.enable_prefix_caching) the scheduler has put the seq's longest
+     cached prefix in front of its page table and set `seq.num_computed` /
+     `seq.cached_tokens`; the engine first does the step's `page_copies` (valid
+     slots of a partially matched page into the seq's own page, every layer),
+     then computes only `all_token_ids[num_computed:]`.
   3. Running: each `step()` decodes one token for every running sequence.
      Every request's news of one engine iteration (tokens, finish, error)
      goes back to the event loop in ONE reply (`flush`), as a list of
      `EngineOutput`s handed to each request's `sink.on_output` in order; the
      gRPC frontend then sends one message per router connection per step.
-  4. Finish (stop/length), `abort(...)` or an engine error frees its pages.
+  4. Finish (stop/length), `abort(...)` or an engine error releases its pages:
+     the scheduler hands the KV it holds to the prefix cache (not after an
+     error), or frees them.
+`reset_prefix_cache()` drops every cache entry no request holds (benchmarks
+between workloads, as vLLM's).
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine.prefix_cache_manager import PageCopy
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
@@ -51,8 +62,13 @@ class RequestSink(Protocol):
 class DecodeCounters:
     steps: int = 0
     decoded_tokens: int = 0
-    prefilled_tokens: int = 0
+    prefilled_tokens: int = 0        # tokens computed by local prefills (incl. recomputes)
+    prefill_cached_tokens: int = 0   # tokens local prefills took from the prefix cache
     preemptions: int = 0
+    prefill_seconds: float = 0.0     # in local prefill passes (forward + sample, synchronised)
+    decode_seconds: float = 0.0      # in decode passes
+    decode_steps: int = 0
+    decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
 
 
 class DecodeEngine(EngineThread):
@@ -74,6 +90,15 @@ class DecodeEngine(EngineThread):
 
     def abort(self, request_id: str) -> None:
         self.post(self._abort, request_id)
+
+    def reset_prefix_cache(self, done=None) -> None:
+        """Evict every unlocked prefix-cache entry; done(emptied: bool) on the loop."""
+        self.post(self._reset_prefix_cache, done)
+
+    def _reset_prefix_cache(self, done) -> None:
+        emptied = self.scheduler.reset_prefix_cache()
+        if done is not None:
+            self.reply(done, emptied)
 
     # -- engine thread ------------------------------------------------------
     def _submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -127,12 +152,26 @@ class DecodeEngine(EngineThread):
             if sink is not None:
                 self.reply(sink.on_reserved, list(seq.pages))
         if out.prefill:
-            self._run_prefill(out.prefill)
+            t = time.perf_counter()
+            self._run_prefill(out.prefill, out.page_copies)
+            self.counters.prefill_seconds += time.perf_counter() - t
         if out.decode:
+            t = time.perf_counter()
             self._run_decode(out.decode)
+            self.counters.decode_seconds += time.perf_counter() - t
         return True
 
-    def _run_prefill(self, seqs: list[Sequence]) -> None:
+    def _copy_pages(self, copies: tuple[PageCopy, ...]) -> None:
+        """Valid slots of partially matched cache pages into the seqs' own pages."""
+        kv = self.runner.kv
+        for layer in range(kv.num_layers):
+            for c in copies:
+                kv.k[layer][c.dst_page, :c.num_slots] = kv.k[layer][c.src_page, :c.num_slots]
+                kv.v[layer][c.dst_page, :c.num_slots] = kv.v[layer][c.src_page, :c.num_slots]
+
+    def _run_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = ()) -> None:
+        if copies:
+            self._copy_pages(copies)
         batch = [
             ForwardSeq(token_ids=s.all_token_ids[s.num_computed:], start_pos=s.num_computed, page_table=s.pages)
             for s in seqs
@@ -142,6 +181,7 @@ class DecodeEngine(EngineThread):
         tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
         for seq, fs, tok in zip(seqs, batch, tokens):
             self.counters.prefilled_tokens += len(fs.token_ids)
+            self.counters.prefill_cached_tokens += fs.start_pos
             finish = self.scheduler.on_prefilled(seq.request_id, tok)
             self._emit(seq, [tok], finish)
 
@@ -154,6 +194,8 @@ class DecodeEngine(EngineThread):
         self.flush()  # as in _run_prefill
         tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
         self.counters.decoded_tokens += len(tokens)
+        self.counters.decode_steps += 1
+        self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for seq, tok in zip(seqs, tokens):
             finish = self.scheduler.on_decoded(seq.request_id, tok)
             self._emit(seq, [tok], finish)
@@ -169,10 +211,13 @@ class DecodeEngine(EngineThread):
                                                     seq.cached_tokens if seq is not None else 0)))
 
     def stats(self) -> dict[str, int]:
-        s = self.scheduler
+        s, cache = self.scheduler, self.scheduler.prefix_cache
         return {
             "num_pages": s.config.num_pages,
-            "free_pages": s.free_pages,
+            "free_pages": s.free_pages,                  # free list + evictable cache pages
+            "free_list_pages": s.allocator.num_free,
+            "prefix_cache_pages": cache.num_pages if cache else 0,
+            "prefix_cache_evictable_pages": cache.evictable_pages if cache else 0,
             "page_size": s.config.page_size,
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,

@@ -10,6 +10,8 @@ from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import start_metrics_server
+from engine.page_allocator import PageAllocator
+from engine.prefix_cache_manager import PrefixCacheManager
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler, SchedulerConfig
@@ -21,13 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) -> DecodeEngine:
+    """The decode worker's engine (also what `benchmarks.bench` runs in colocated mode)."""
     runner = ModelRunner(config)
     mc = runner.model_config
+    allocator = PageAllocator(runner.num_pages)
+    cache = PrefixCacheManager(allocator, runner.page_size) if config.enable_prefix_caching else None
     scheduler = DecodeScheduler(SchedulerConfig(
         page_size=runner.page_size, num_pages=runner.num_pages, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=min(runner.max_model_len, runner.num_pages * runner.page_size),
         eos_token_ids=tuple(mc.eos_token_ids),
-    ))
+    ), allocator, cache)
     return DecodeEngine(runner, scheduler, Sampler(config.seed), loop)
 
 

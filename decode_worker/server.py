@@ -222,9 +222,15 @@ class DecodeServicer(pbg.DecodeServicer):
         """Read at scrape time, off the event loop (see engine/metrics.py)."""
         st, c = self.engine.stats(), self.engine.counters
         return WorkerSnapshot(
-            kv_pages_total=st["num_pages"], kv_pages_free=st["free_pages"], waiting_requests=st["waiting"],
+            kv_pages_total=st["num_pages"], waiting_requests=st["waiting"],
             running_requests=st["running"],
-            prompt_tokens_computed=c.prefilled_tokens,  # local prefills (colocated, recompute after preemption)
+            kv_pages_free=st["free_list_pages"],
+            prefix_cache_pages=st["prefix_cache_pages"],
+            prefix_cache_evictable_pages=st["prefix_cache_evictable_pages"],
+            # local prefills only (colocated, recompute after preemption): a prefill worker
+            # exports its own, so that a sum over workers counts each token once
+            prompt_tokens_cached=c.prefill_cached_tokens,
+            prompt_tokens_computed=c.prefilled_tokens,
             generated_tokens=c.decoded_tokens, preemptions=c.preemptions,
             kv_transfers_active=self.receiver.active_transfers,
             kv_transfer_bytes=getattr(self.receiver, "bytes_received", 0),
@@ -406,11 +412,12 @@ class DecodeServicer(pbg.DecodeServicer):
         return pb.AbortResponse(found=True)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        # prompt tokens of this worker's requests: remote prefills' counts + local prefills
         st = self.engine.stats()
         return pb.StatsResponse(
             role="decode", num_pages=st["num_pages"], free_pages=st["free_pages"],
             page_size=st["page_size"], running=st["running"], waiting=st["waiting"],
-            cached_prompt_tokens=self.cached_prompt_tokens,
-            computed_prompt_tokens=self.computed_prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens + self.engine.counters.prefill_cached_tokens,
+            computed_prompt_tokens=self.computed_prompt_tokens + self.engine.counters.prefilled_tokens,
             active_transfers=self.receiver.active_transfers,
         )

@@ -174,6 +174,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     seed: int = 0                                # dummy weight init
     enforce_eager: bool = False                  # True: no CUDA graphs for decode (vLLM's flag)
+    enable_prefix_caching: bool = True           # radix prefix cache (prefill worker, and local prefills on decode)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -52,8 +52,8 @@ class WorkerSnapshot:
     prompt_tokens_computed: int = 0           # prompt tokens run through the model here
     generated_tokens: int | None = None       # decode: tokens produced by decode steps
     preemptions: int | None = None            # decode: sequences preempted (recomputed later)
-    prefix_cache_pages: int | None = None     # prefill: pages held by the radix cache (part of used)
-    prefix_cache_evictable_pages: int | None = None  # prefill: cache pages no request holds
+    prefix_cache_pages: int | None = None     # pages held by the radix cache (part of used)
+    prefix_cache_evictable_pages: int | None = None  # cache pages no request holds
     kv_transfers_active: int = 0              # KV transfers not yet finished
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved

@@ -11,34 +11,48 @@ Lifecycle of one request, as the decode worker drives it:
    - remote seq -> AWAITING_KV, listed in ``SchedulerOutput.reserved``; the
      worker hands ``seq.pages`` to the prefill worker's sender.
    - local seq -> PREFILLING, listed in ``prefill``; the worker runs
-     ``seq.all_token_ids`` from position 0 this step.
+     ``seq.all_token_ids[num_computed:]`` from position ``num_computed`` this step.
+     Without a prefix cache ``num_computed`` is 0. With one (``prefix_cache``, a
+     ``PrefixCacheManager``; see engine/prefix_cache_manager.py) the seq's longest
+     cached prefix leads its page table (shared tree pages, read only), only the
+     uncached rest gets new pages (unlocked LRU cache leaves are evicted when the
+     pool is short) and counts against ``max_num_batched_tokens``; a match that
+     ends inside a page is a ``PageCopy`` in ``page_copies`` that the worker does
+     before the forward. A seq whose next uncached full page another seq admitted
+     in this step computes waits one step (admission stops there) and then
+     shares that page.
    Then every RUNNING seq is listed in ``decode``: its last token (position
-   ``num_tokens - 1``) runs this step. If its pages cannot grow, the most
-   recently admitted RUNNING seq is preempted (``preempted``): it loses its
-   pages and goes back to the FRONT of WAITING as a local recompute, keeping
-   its output tokens.
+   ``num_tokens - 1``) runs this step. If its pages cannot grow (after evicting
+   unlocked cache pages), the most recently admitted RUNNING seq is preempted
+   (``preempted``): it gives up its pages (the cache keeps their KV while it
+   can) and goes back to the FRONT of WAITING as a local recompute, keeping its
+   output tokens.
 3. Results come back before the next ``schedule()``:
    - ``kv_ready(id, first_token)``: AWAITING_KV -> RUNNING.
-   - ``on_prefilled(id, token)``: PREFILLING -> RUNNING.
+   - ``on_prefilled(id, token)``: PREFILLING -> RUNNING (its full pages join
+     the prefix cache now, so later seqs share them while it decodes).
    - ``on_decoded(id, token)``: RUNNING -> RUNNING.
    Each returns a ``FinishReason`` when the seq is done; the scheduler has
-   then freed its pages and forgotten it (FINISHED).
-4. ``abort(id)`` from any state frees the pages once and forgets the seq.
+   then released its pages (into the prefix cache: every token whose KV is in
+   them, outputs included) and forgotten it (FINISHED).
+4. ``abort(id)`` from any state releases the pages once and forgets the seq.
 
 Results for a request id the scheduler no longer knows (aborted while its
 step was in flight) are ignored and return None, as vLLM does.
 
 Rules: AWAITING_KV seqs are never preempted (a sender writes into their
-pages); admission leaves the pages that this step's decodes need, so a new
-seq never pushes out an older running one.
+pages) and never touch the prefix cache; admission leaves the pages that this
+step's decodes need, so a new seq never pushes out an older running one.
+Free pages (``free_pages``, what the router sees) = free list + evictable
+cache pages.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
 from dataclasses import dataclass
 
 from engine.page_allocator import PageAllocator
+from engine.prefix_cache_manager import PageCopy, PrefixCacheManager
 from engine.sequence import FinishReason, Sequence, SequenceStatus, pages_needed
 
 S = SequenceStatus
@@ -76,8 +90,9 @@ class SchedulerOutput:
     # Remote seqs admitted this step, now AWAITING_KV: start their KV transfer
     # into seq.pages (prompt positions [0, num_prompt_tokens)); call kv_ready().
     reserved: tuple[Sequence, ...] = ()
-    # Local seqs, now PREFILLING: compute all_token_ids from position 0 into
-    # seq.pages, sample one token from the last position; call on_prefilled().
+    # Local seqs, now PREFILLING: compute all_token_ids[num_computed:] from position
+    # num_computed (> 0: served by the prefix cache) into seq.pages, sample one token
+    # from the last position; call on_prefilled().
     prefill: tuple[Sequence, ...] = ()
     # RUNNING seqs: run last_token_id at position num_tokens - 1 (pages already
     # cover it), sample one token; call on_decoded().
@@ -85,8 +100,11 @@ class SchedulerOutput:
     # Request ids that lost their pages this step and are WAITING again for a
     # local recompute; nothing to run for them.
     preempted: tuple[str, ...] = ()
-    # Sum of len(all_token_ids) over ``prefill``.
+    # Sum of len(all_token_ids) - num_computed over ``prefill`` (tokens to compute).
     num_prefill_tokens: int = 0
+    # Before running ``prefill``: partially matched cache pages to copy into a
+    # prefill seq's first own page (K and V, every layer).
+    page_copies: tuple[PageCopy, ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:
@@ -99,16 +117,19 @@ class SchedulerOutput:
 
 class DecodeScheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator | None = None,
-                 cached_prefix: Callable[[Sequence], int] | None = None):
-        """cached_prefix(seq): leading tokens a prefix cache will supply when `seq` is
-        prefilled locally; only the rest counts against max_num_batched_tokens."""
+                 prefix_cache: PrefixCacheManager | None = None):
+        """prefix_cache: serves local prefills from a radix tree over `allocator`'s pages
+        (None: no prefix caching)."""
         if allocator is None:
-            allocator = PageAllocator(config.num_pages)
-        elif allocator.num_total != config.num_pages:
+            allocator = PageAllocator(config.num_pages) if prefix_cache is None else prefix_cache.allocator
+        if allocator.num_total != config.num_pages:
             raise ValueError(f"allocator has {allocator.num_total} pages, config says {config.num_pages}")
+        if prefix_cache is not None and (prefix_cache.allocator is not allocator
+                                         or prefix_cache.page_size != config.page_size):
+            raise ValueError("the prefix cache must use the scheduler's allocator and page size")
         self.config = config
         self.allocator = allocator
-        self._cached_prefix = cached_prefix
+        self.prefix_cache = prefix_cache
         self._eos = frozenset(config.eos_token_ids)
         self._waiting: deque[Sequence] = deque()
         # Admitted seqs (AWAITING_KV, PREFILLING, RUNNING) in admission order.
@@ -140,7 +161,13 @@ class DecodeScheduler:
 
     @property
     def free_pages(self) -> int:
-        return self.allocator.num_free
+        """Pages a new request could get: the free list plus evictable cache pages."""
+        return self.allocator.num_free + self._evictable()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cache entry no seq holds (vLLM's reset_prefix_cache); True if the
+        cache is empty now."""
+        return self.prefix_cache is None or self.prefix_cache.reset()
 
     def get(self, request_id: str) -> Sequence | None:
         return self._seqs.get(request_id)
@@ -163,26 +190,41 @@ class DecodeScheduler:
 
     # ---- one step ------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        cfg, alloc = self.config, self.allocator
+        cfg = self.config
         running = [s for s in self._admitted.values() if s.status is S.RUNNING]
 
         # a) admission: FIFO, no overtaking, leave the pages decodes need now.
         decode_reserve = sum(self._growth(s) for s in running)
         reserved: list[Sequence] = []
         prefill: list[Sequence] = []
+        copies: list[PageCopy] = []
+        computing: set[tuple[int, ...]] = set()   # next_page keys of this step's prefills
         prefill_tokens = 0
         while self._waiting and len(self._admitted) < cfg.max_num_seqs:
             seq = self._waiting[0]
             n_tok = seq.num_tokens
-            n_new = n_tok
-            if self._cached_prefix is not None and not seq.remote_kv:
-                n_new = max(1, n_tok - self._cached_prefix(seq))
-            if not seq.remote_kv and prefill and prefill_tokens + n_new > cfg.max_num_batched_tokens:
-                break
-            need = pages_needed(n_tok, cfg.page_size)
-            if alloc.num_free - decode_reserve < need:
-                break
-            seq.pages = alloc.alloc(need)
+            if seq.remote_kv or self.prefix_cache is None:
+                n_new = n_tok
+                if not seq.remote_kv and prefill and prefill_tokens + n_new > cfg.max_num_batched_tokens:
+                    break
+                need = pages_needed(n_tok, cfg.page_size)
+                if self.free_pages - decode_reserve < need:
+                    break
+                seq.pages = self._alloc(need)
+            else:
+                plan = self.prefix_cache.plan(seq)
+                if plan.next_page in computing:
+                    break   # another prefill of this step computes its next page: share it next step
+                if prefill and prefill_tokens + n_tok - plan.num_cached > cfg.max_num_batched_tokens:
+                    break
+                admitted = self.prefix_cache.admit(seq, plan, reserve=decode_reserve, drop_partial=not prefill)
+                if admitted is None:
+                    break
+                n_new = n_tok - admitted.num_cached
+                if admitted.copy is not None:
+                    copies.append(admitted.copy)
+                if plan.next_page is not None:
+                    computing.add(plan.next_page)
             self._waiting.popleft()
             self._admitted[seq.request_id] = seq
             if seq.remote_kv:
@@ -201,7 +243,7 @@ class DecodeScheduler:
             seq = running[i]
             grow = self._growth(seq)
             while grow:
-                pages = alloc.alloc(grow)
+                pages = self._alloc(grow)
                 if pages is not None:
                     seq.pages.extend(pages)
                     break
@@ -215,7 +257,7 @@ class DecodeScheduler:
             i += 1
 
         return SchedulerOutput(tuple(reserved), tuple(prefill), tuple(decode),
-                               tuple(preempted), prefill_tokens)
+                               tuple(preempted), prefill_tokens, tuple(copies))
 
     # ---- results -------------------------------------------------------
     def kv_ready(self, request_id: str, first_token_id: int, cached_tokens: int = 0) -> FinishReason | None:
@@ -233,6 +275,8 @@ class DecodeScheduler:
         if seq is None:
             return None
         seq.num_computed = seq.num_tokens
+        if self.prefix_cache is not None:
+            self.prefix_cache.on_prefilled(seq)
         return self._append(seq, token_id)
 
     def on_decoded(self, request_id: str, token_id: int) -> FinishReason | None:
@@ -255,6 +299,23 @@ class DecodeScheduler:
         return True
 
     # ---- internals -----------------------------------------------------
+    def _evictable(self) -> int:
+        return self.prefix_cache.evictable_pages if self.prefix_cache is not None else 0
+
+    def _alloc(self, n: int) -> list[int] | None:
+        """n pages off the free list (evicting unlocked cache pages when it is short)."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache.alloc(n)
+        return self.allocator.alloc(n)
+
+    def _release(self, seq: Sequence, keep: bool) -> None:
+        """Give up seq's pages; keep: its computed KV may stay in the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(seq, keep)
+        else:
+            self.allocator.free(seq.pages)
+        seq.pages = []
+
     def _growth(self, seq: Sequence) -> int:
         """Pages a RUNNING seq must add before its last token's KV is written."""
         return max(0, pages_needed(seq.num_tokens, self.config.page_size) - len(seq.pages))
@@ -276,8 +337,7 @@ class DecodeScheduler:
         return reason
 
     def _preempt(self, seq: Sequence) -> None:
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._release(seq, keep=True)   # RUNNING: KV of num_computed tokens is in its pages
         seq.num_computed = 0
         seq.remote_kv = False
         seq.status = S.WAITING
@@ -287,24 +347,30 @@ class DecodeScheduler:
         self._waiting.appendleft(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        # A PREFILLING seq's own pages hold no KV yet; after an engine error trust none.
+        self._release(seq, keep=seq.status is S.RUNNING and reason is not FinishReason.ERROR)
         seq.status = S.FINISHED
         seq.finish_reason = reason
         self._admitted.pop(seq.request_id, None)
         del self._seqs[seq.request_id]
 
     def check_integrity(self) -> None:
-        """Every page is free or owned by exactly one live seq; states agree."""
+        """Every page is free, owned by the prefix cache, or owned by exactly one live
+        seq (a seq's shared pages are locked cache pages); states agree."""
         self.allocator.check_integrity()
+        cache = self.prefix_cache
         owner: dict[int, str] = {}
         for seq in self._seqs.values():
-            for p in seq.pages:
+            for p in seq.pages[cache.num_shared(seq) if cache else 0:]:
                 assert p not in owner, f"page {p} owned by {owner[p]!r} and {seq.request_id!r}"
                 assert self.allocator.is_allocated(p), f"page {p} of {seq.request_id!r} is free"
                 owner[p] = seq.request_id
-        assert len(owner) == self.allocator.num_used, (
-            f"{self.allocator.num_used} pages used, {len(owner)} owned: leak")
+        cached = 0
+        if cache is not None:
+            cache.check_integrity(self._seqs.values())
+            cached = cache.num_pages
+        assert len(owner) + cached == self.allocator.num_used, (
+            f"{self.allocator.num_used} pages used, {len(owner)} owned by seqs + {cached} cached: leak")
         assert len(self._waiting) + len(self._admitted) == len(self._seqs)
         ps = self.config.page_size
         for seq in self._waiting:

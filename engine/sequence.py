@@ -62,7 +62,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     remote_kv: bool = False        # True: a prefill worker sends the prompt KV
     arrival: int = -1              # order of add(); set by the scheduler
-    cached_tokens: int = 0         # prompt tokens the prefill side served from its prefix cache
+    cached_tokens: int = 0         # prompt tokens served from a prefix cache (the prefill worker's,
+                                   # or this engine's on the first local prefill)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
 

@@ -38,7 +38,7 @@ from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.worker_thread import EngineThread
-from prefill_worker.radix_cache import MatchResult, RadixCache
+from engine.radix_cache import MatchResult, RadixCache
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class PrefillCounters:
 
 
 class PrefillEngine(EngineThread):
-    def __init__(self, runner: ModelRunner, sampler: Sampler, loop, max_num_batched_tokens: int = 8192) -> None:
+    def __init__(self, runner: ModelRunner, sampler: Sampler, loop, max_num_batched_tokens: int = 8192,
+                 enable_prefix_caching: bool = True) -> None:
         super().__init__(loop, name="prefill-engine")
+        self.enable_prefix_caching = enable_prefix_caching  # False: nothing is matched or inserted
         self.runner = runner
         self.sampler = sampler
         self.allocator = PageAllocator(runner.num_pages)
@@ -174,7 +176,7 @@ class PrefillEngine(EngineThread):
         while self._queue:
             job = self._queue[0]
             n = len(job.prompt_token_ids)
-            if not self._admit(job):
+            if not self._admit(job, use_cache=self.enable_prefix_caching):
                 if batch:
                     break
                 # nothing else holds pages now: empty the cache and try without reuse
@@ -226,5 +228,5 @@ class PrefillEngine(EngineThread):
                 self.reply(job.on_done, -1, 0, 0, f"prefill failed: {exc}")
         finally:
             for job in batch:
-                self._release(job, insert=ok)
+                self._release(job, insert=ok and self.enable_prefix_caching)
         return True

@@ -26,7 +26,8 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     advertise = advertise or f"{host}:{port}"
     loop = asyncio.get_running_loop()
     runner = await loop.run_in_executor(None, ModelRunner, config)
-    engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens)
+    engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens,
+                           config.enable_prefix_caching)
     engine.start()
     sender = get_backend(kv_backend).sender_cls()
     server = make_server()

@@ -46,6 +46,7 @@ def engine_flags(args: argparse.Namespace, model: str) -> list[str]:
              "--max-num-batched-tokens", str(args.max_num_batched_tokens),
              "--attention-backend", args.attention_backend, "--seed", str(args.seed),
              "--log-level", args.log_level] + (["--enforce-eager"] if args.enforce_eager else [])
+    flags += [] if args.enable_prefix_caching else ["--no-enable-prefix-caching"]
     for name, value in (("--device", args.device), ("--num-pages", args.num_pages),
                         ("--max-model-len", args.max_model_len)):
         if value is not None:

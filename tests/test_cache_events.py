@@ -23,7 +23,7 @@ from openai import OpenAI
 from engine.page_allocator import PageAllocator
 from engine.prefix_hash import block_hashes
 from engine.tiny_models import make_tiny_model
-from prefill_worker.radix_cache import RadixCache
+from engine.radix_cache import RadixCache
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 

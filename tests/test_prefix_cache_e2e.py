@@ -7,10 +7,15 @@ an exact repeat, and chats sharing a system prompt. Every greedy output must
 equal transformers, usage.prompt_tokens_details.cached_tokens must be the
 token-granular longest cached prefix (capped at len(prompt) - 1: the last
 token is always computed), and the prefill worker's Stats must add up.
+Colocated (one decode worker prefilling with its own radix cache) the same
+sequence must give the same tokens; its cache also holds each finished
+request's output tokens, so the next turn reuses them, and requests sent
+together share the prefix one of them computes.
 """
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cluster import Cluster
@@ -55,25 +60,30 @@ def model_case(tmp_path_factory):
     return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_NEW)
 
 
-def check_sequence(c: Cluster, prompts, expected, num_pages: int) -> None:
+def check_sequence(c: Cluster, prompts, expected, num_pages: int) -> list[list[int]]:
+    """Send prompts one at a time; returns the token runs the cache now holds."""
     client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
-    sent: list[list[int]] = []
+    cached_kv: list[list[int]] = []   # what the cache holds per request: prompt (+ outputs colocated)
     total_cached = 0
     for i, (p, e) in enumerate(zip(prompts, expected)):
         r = client.completions.create(model="tiny", prompt=p, max_tokens=MAX_NEW, temperature=0,
                                       extra_body=EXTRA)
         assert r.choices[0].model_extra["token_ids"] == e, f"request {i}: output differs from transformers"
-        want = expected_cached(p, sent)
+        want = expected_cached(p, cached_kv)
         assert r.usage.prompt_tokens == len(p)
         assert r.usage.prompt_tokens_details.cached_tokens == want, f"request {i}"
-        sent.append(p)
+        cached_kv.append(p + e[:-1] if c.colocated else p)   # the last output's KV is never computed
         total_cached += want
-    st = c.prefill_stats()
-    assert st.cached_prompt_tokens == total_cached
-    assert st.computed_prompt_tokens == sum(map(len, prompts)) - total_cached
-    assert st.free_pages == num_pages                     # free + unlocked cache pages: nothing held
+    if not c.colocated:
+        st = c.prefill_stats()
+        assert st.cached_prompt_tokens == total_cached
+        assert st.computed_prompt_tokens == sum(map(len, prompts)) - total_cached
+        assert st.free_pages == num_pages                 # free + unlocked cache pages: nothing held
     d = c.decode_stats()
     assert d.cached_prompt_tokens == total_cached and d.free_pages == num_pages
+    if c.colocated:
+        assert d.computed_prompt_tokens == sum(map(len, prompts)) - total_cached
+    return cached_kv
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
@@ -83,6 +93,45 @@ def test_prefix_reuse_is_exact_and_accounted(model_case, page_size, tmp_path):
         check_sequence(c, prompts, expected, 512 // page_size + 8)
     cached = [expected_cached(p, prompts[:i]) for i, p in enumerate(prompts)]
     assert cached[:4] == [0, 23, 13, 22] and cached[5] == 20  # the scenario is what it claims
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_colocated_prefix_reuse_is_exact_and_accounted(model_case, page_size, tmp_path):
+    model_dir, prompts, expected = model_case
+    num_pages = 512 // page_size + 8
+    with Cluster(model_dir, colocated=True, num_pages=num_pages, page_size=page_size, log_dir=tmp_path) as c:
+        cached_kv = check_sequence(c, prompts, expected, num_pages)
+        # sent together: one computes the shared prompt, the others reuse it (in the same
+        # step's batch they wait one step for it), leaving it mid-page
+        base = prompts[0]
+        batch = [base + [t, t + 1, t + 2] for t in (5, 9, 13, 17)]
+        client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(len(batch)) as pool:
+            rs = list(pool.map(lambda p: client.completions.create(
+                model="tiny", prompt=p, max_tokens=MAX_NEW, temperature=0, extra_body=EXTRA), batch))
+        assert [r.choices[0].model_extra["token_ids"] for r in rs] == hf_greedy(model_dir, batch, MAX_NEW)
+        # base is cached from the sequence above (with its outputs); among themselves they
+        # share only base, so the batch adds nothing
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in rs] == [
+            expected_cached(p, cached_kv) for p in batch]
+        assert all(expected_cached(p, cached_kv) >= len(base) for p in batch)
+        assert c.decode_stats().free_pages == num_pages
+
+
+def test_colocated_concurrent_shared_prefix_reuses_in_batch(model_case, tmp_path):
+    model_dir, prompts, _ = model_case
+    system = prompts[4]                                   # 30 tokens, not cached before
+    batch = [system + [t, t + 1, t + 2, t + 3] for t in (5, 9, 13, 17, 21, 25)]
+    with Cluster(model_dir, colocated=True, num_pages=136, page_size=4, log_dir=tmp_path) as c:
+        client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(len(batch)) as pool:
+            rs = list(pool.map(lambda p: client.completions.create(
+                model="tiny", prompt=p, max_tokens=MAX_NEW, temperature=0, extra_body=EXTRA), batch))
+        assert [r.choices[0].model_extra["token_ids"] for r in rs] == hf_greedy(model_dir, batch, MAX_NEW)
+        cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in rs)
+        assert cached == [0] + [len(system)] * (len(batch) - 1)   # whatever order they arrived in
+        d = c.decode_stats()
+        assert d.cached_prompt_tokens == sum(cached) and d.free_pages == 136
 
 
 def test_small_pool_evicts_and_stays_exact(model_case, tmp_path):
@@ -217,3 +266,26 @@ def test_engine_small_pool_evicts_and_rejects_what_never_fits(model_case):
     assert out[0]["tok"] == expected[0][0]
     assert eng.allocator.num_used == eng.cache.num_pages <= 8
     assert eng.available_pages == 8
+
+
+def test_no_enable_prefix_caching_turns_the_colocated_cache_off(model_case, tmp_path):
+    from tandem_cli.args import build_parser, engine_config_from_args
+    from tandem_cli.serve import engine_flags
+
+    parse = build_parser().parse_args
+    assert engine_config_from_args(parse(["decode", "--model", "m", "--device", "cpu"])).enable_prefix_caching
+    off = parse(["decode", "--model", "m", "--device", "cpu", "--no-enable-prefix-caching"])
+    assert not engine_config_from_args(off).enable_prefix_caching
+    assert "--no-enable-prefix-caching" in engine_flags(parse(["serve", "--no-enable-prefix-caching"]), "m")
+    assert "--no-enable-prefix-caching" not in engine_flags(parse(["serve"]), "m")
+    model_dir, prompts, expected = model_case
+    with Cluster(model_dir, colocated=True, num_pages=136, page_size=4, log_dir=tmp_path,
+                 extra_worker_args=("--no-enable-prefix-caching",)) as c:
+        client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
+        for p, e in ((prompts[0], expected[0]), (prompts[3], expected[3])):   # the second repeats the first
+            r = client.completions.create(model="tiny", prompt=p, max_tokens=MAX_NEW, temperature=0,
+                                          extra_body=EXTRA)
+            assert r.choices[0].model_extra["token_ids"] == e
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+        d = c.decode_stats()
+        assert d.cached_prompt_tokens == 0 and d.computed_prompt_tokens == len(prompts[0]) + len(prompts[3])

@@ -15,7 +15,7 @@ from hypothesis.stateful import (
 )
 
 from engine.page_allocator import PageAllocator
-from prefill_worker.radix_cache import MatchResult, RadixCache
+from engine.radix_cache import MatchResult, RadixCache
 
 
 def make_cache(num_pages: int = 32, page_size: int = 4) -> RadixCache:
@@ -348,3 +348,31 @@ class RadixMachine(RuleBasedStateMachine):
 
 TestRadixMachine = RadixMachine.TestCase
 TestRadixMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_trim_makes_a_lock_pin_exactly_the_match(page_size):
+    ps = page_size
+    c = make_cache(num_pages=64, page_size=ps)
+    serve(c, list(range(4 * ps)))                              # one leaf of 4 pages
+    m = c.match_prefix(list(range(ps + ps // 2)) + [999])      # page 0 full, page 1 partial (ps > 1)
+    t = c.trim(m)
+    assert (t.num_tokens, t.pages, t.partial_page, t.partial_len) == (
+        m.num_tokens, m.pages, m.partial_page, m.partial_len)
+    pinned = 1 + (m.partial_page is not None)
+    assert t.handle.pages == [m.partial_page if ps > 1 else m.pages[-1]]
+    c.lock(t.handle)
+    c.check_integrity()
+    assert c.protected_pages == pinned and c.evictable_pages == 4 - pinned
+    assert c.evict(64) == 4 - pinned                           # the pages past the match go
+    c.unlock(t.handle)
+    c.check_integrity()
+    assert seqs(c) == {tuple(range(pinned * ps))}
+    # full pages only, ending inside a node; and a match of nothing
+    serve(c, list(range(4 * ps)))
+    t = c.trim(c.match_prefix(list(range(2 * ps))))
+    c.lock(t.handle)
+    assert c.protected_pages == 2 and t.partial_page is None
+    c.unlock(t.handle)
+    assert c.trim(c.match_prefix([999])).handle is c.root
+    c.check_integrity()

@@ -457,20 +457,3 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
-
-
-def test_cached_prefix_tokens_do_not_count_against_the_prefill_budget():
-    """With a prefix cache supplying most of each prompt, more prompts fit in one step."""
-    from engine.scheduler import DecodeScheduler, SchedulerConfig
-    from engine.sequence import Sequence
-
-    cfg = SchedulerConfig(page_size=4, num_pages=400, max_num_seqs=64, max_num_batched_tokens=100,
-                          max_model_len=256)
-    plain = DecodeScheduler(cfg)
-    hinted = DecodeScheduler(cfg, cached_prefix=lambda seq: 40)
-    for sched in (plain, hinted):
-        for i in range(10):
-            sched.add(Sequence(request_id=str(i), prompt_token_ids=list(range(1, 51))))
-    assert len(plain.schedule().prefill) == 2      # 50 + 50 tokens
-    assert len(hinted.schedule().prefill) == 10    # 10 new tokens each
-    hinted.check_integrity()

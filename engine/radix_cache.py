@@ -29,7 +29,8 @@ Request lifecycle and locking rules
 -----------------------------------
 1. ``m = cache.match_prefix(tokens)``; ``cache.lock(m.handle)`` at once (before
    anything can evict). A lock pins every page of the handle's node and of all
-   its ancestors: ``m.pages`` and ``m.partial_page``.
+   its ancestors: ``m.pages`` and ``m.partial_page`` (and the rest of that node;
+   ``m = cache.trim(m)`` first splits it so that the lock pins no more).
 2. Allocate pages for positions ``len(m.pages) * ps`` on (``evict()`` when the
    allocator is short: it never frees a locked page), copy slots
    ``[0, m.partial_len)`` of ``m.partial_page`` into the first new page.
@@ -287,6 +288,21 @@ class RadixCache(PrefixCache):
         for p in upper.pages:
             self._owner[p] = upper
         return upper
+
+    def trim(self, m: MatchResult) -> MatchResult:
+        """The same match with its handle's node split where the match ends, so that a
+        lock pins exactly m.pages and m.partial_page (which is then the handle's only
+        page, below a node ending at the last full page). Changes no page."""
+        node = m.handle
+        last = m.partial_page if m.partial_page is not None else (m.pages[-1] if m.pages else None)
+        if last is None or node is self.root:
+            return m
+        j = node.pages.index(last)
+        if j + 1 < len(node.pages):
+            node = self._split(node, j + 1)
+        if m.partial_page is not None and j > 0:
+            self._split(node, j)  # node keeps the partial page alone
+        return MatchResult(m.num_tokens, m.pages, m.partial_page, m.partial_len, node)
 
     # -- locks ------------------------------------------------------------------
     def lock(self, handle: RadixNode) -> None:
