@@ -26,6 +26,7 @@ Lifecycle of one call:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 from benchmarks import served_report as rep
+from benchmarks.pyspy import PySpy
 from tandem_cli.procs import free_port, stop_all, wait_http_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--inprocess-timeout", type=float, default=1200.0)
+    p.add_argument("--py-spy", default=None, metavar="DIR",
+                   help="sample the served processes with py-spy (GIL holder) during --py-spy-workloads; "
+                        "summaries land in DIR")
+    p.add_argument("--py-spy-workloads", default="W3")
     p.add_argument("--json", default=None)
     p.add_argument("--results-md", default=None, help="append a markdown section here")
     p.add_argument("--log-dir", default=None)
@@ -268,8 +274,11 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
             def progress(done, total, _show=_progress(f"{layout} {wl.name}")):
                 srv.check_alive()
                 _show(done, total)
-            run = pool.run(f"{srv.url}/v1/completions", model, [(p, wl.output_len) for p in prompts],
-                           args.request_timeout, progress)
+            spy = (PySpy(Path(args.py_spy), f"{layout}-{wl.name}", srv.proc.pid)
+                   if args.py_spy and wl.name in args.py_spy_workloads.split(",") else contextlib.nullcontext())
+            with spy:
+                run = pool.run(f"{srv.url}/v1/completions", model, [(p, wl.output_len) for p in prompts],
+                               args.request_timeout, progress)
             row = rep.row_metrics(layout, wl, run)
             result["rows"].append(row)
             save()
