@@ -80,15 +80,15 @@ class _RequestError(Exception):
 class _Request:
     """One request on this worker, whichever RPC carries it (see the module docstring)."""
 
-    def __init__(self, servicer: "DecodeServicer", request: pb.GenerateRequest,
-                 deliver: Callable[[pb.GenerateResponse], None]) -> None:
+    def __init__(self, servicer: "DecodeServicer", request: pb.GenerateRequest, deliver: "Deliver") -> None:
         self.servicer = servicer
         self.rid = request.request_id or uuid.uuid4().hex
         self.request = request
         self.prompt_len = len(request.prompt_token_ids)
         self.remote = bool(request.prefill_address)
-        self.deliver = deliver            # gets every GenerateResponse of this request, on the loop
+        self.deliver = deliver            # gets every response of this request (as fields), on the loop
         self.finished = False             # the last message was sent
+        self.sent_tokens = False          # a message with tokens was sent
         self.engine_done = False          # the engine finished it (and freed its pages)
         self.cached = 0
         self.transfers: list[str] = []    # the open KV transfer id, if any (closed in close())
@@ -120,18 +120,19 @@ class _Request:
             self._send([], FinishReason.ERROR, message, kind)
 
     def _send(self, tokens: list[int], finish: FinishReason | None, error: str, kind: ErrorKind) -> None:
-        if tokens:
+        if tokens and not self.sent_tokens:
+            self.sent_tokens = True
             self.timeline.mark("first_token")
-        if finish is not None:
-            self.finished = True
-            if tokens:
-                self.timeline.mark("last_token")
-            self.servicer.timelines.finish(self.rid, self.timeline, finish.value)
-        self.deliver(pb.GenerateResponse(
-            request_id=self.rid, token_ids=tokens, finish_reason=FINISH_TO_PB[finish],
-            prompt_tokens=self.prompt_len, cached_tokens=self.cached, error=error,
-            error_kind=ERROR_KIND_TO_PB[kind] if finish is FinishReason.ERROR else pb.ERROR_INTERNAL))
-        if finish is not None and self.on_finish is not None:
+        if finish is None:
+            self.deliver(self.rid, tokens, pb.FINISH_NONE, self.prompt_len, self.cached)
+            return
+        self.finished = True
+        if tokens:
+            self.timeline.mark("last_token")
+        self.servicer.timelines.finish(self.rid, self.timeline, finish.value)
+        self.deliver(self.rid, tokens, FINISH_TO_PB[finish], self.prompt_len, self.cached, error,
+                     ERROR_KIND_TO_PB[kind] if finish is FinishReason.ERROR else pb.ERROR_INTERNAL)
+        if self.on_finish is not None:
             self.on_finish()
 
     # -- lifecycle -----------------------------------------------------------
@@ -180,6 +181,16 @@ class _Request:
         self.finished = self.engine_done = True
 
 
+# deliver(request_id, tokens, finish_reason, prompt_tokens, cached_tokens, error="", error_kind=0)
+Deliver = Callable[..., None]
+
+
+def _response(rid: str, tokens: list[int], finish: int, prompt_tokens: int, cached: int, error: str = "",
+              error_kind: int = pb.ERROR_INTERNAL) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=rid, token_ids=tokens, finish_reason=finish, prompt_tokens=prompt_tokens,
+                               cached_tokens=cached, error=error, error_kind=error_kind)
+
+
 class _StreamCall:
     """One Decode.Stream call: its live requests and the batch being filled."""
 
@@ -187,18 +198,23 @@ class _StreamCall:
         self.loop = asyncio.get_running_loop()
         self.requests: dict[str, _Request] = {}
         self.outbox: asyncio.Queue[pb.StreamBatch | None] = asyncio.Queue()
-        self._pending: list[pb.GenerateResponse] = []
+        self._batch: pb.StreamBatch | None = None
 
-    def deliver(self, resp: pb.GenerateResponse) -> None:
-        if not self._pending:
+    def deliver(self, rid: str, tokens: list[int], finish: int, prompt_tokens: int, cached: int,
+                error: str = "", error_kind: int = pb.ERROR_INTERNAL) -> None:
+        if self._batch is None:
+            self._batch = pb.StreamBatch()
             # runs after the current callback: one engine reply (every request of the step) -> one batch
             self.loop.call_soon(self._flush)
-        self._pending.append(resp)
+        # built in place: no per-response message to copy into the batch
+        self._batch.responses.add(request_id=rid, token_ids=tokens, finish_reason=finish,
+                                  prompt_tokens=prompt_tokens, cached_tokens=cached, error=error,
+                                  error_kind=error_kind)
 
     def _flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self.outbox.put_nowait(pb.StreamBatch(responses=batch))
+        if self._batch is not None:
+            batch, self._batch = self._batch, None
+            self.outbox.put_nowait(batch)
 
 
 class DecodeServicer(pbg.DecodeServicer):
@@ -313,9 +329,8 @@ class DecodeServicer(pbg.DecodeServicer):
         problem = self._check(request)
         if problem is not None:
             kind, message = problem
-            call.deliver(pb.GenerateResponse(
-                request_id=request.request_id, finish_reason=pb.FINISH_ERROR, error=message,
-                prompt_tokens=len(request.prompt_token_ids), error_kind=ERROR_KIND_TO_PB[kind]))
+            call.deliver(request.request_id, [], pb.FINISH_ERROR, len(request.prompt_token_ids), 0, message,
+                         ERROR_KIND_TO_PB[kind])
             return
         req = self._begin(request, call.deliver)
 
@@ -337,7 +352,7 @@ class DecodeServicer(pbg.DecodeServicer):
                     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}.get(kind, grpc.StatusCode.INTERNAL)
             await context.abort(code, message)
         queue: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue()
-        req = self._begin(request, queue.put_nowait)
+        req = self._begin(request, lambda *fields: queue.put_nowait(_response(*fields)))
         try:
             req.start()
             while True:
