@@ -23,7 +23,7 @@ from test_e2e_openai import NUM_PAGES, wait_idle
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 
-arch_case = greedy.arch_case   # the module-scoped (model, prompts, transformers output) fixture
+arch_case = greedy.arch_case   # the module-scoped (arch, model, prompts, transformers output, ...) fixture
 
 
 def _nixl_import_error() -> str | None:
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(NIXL_ERROR is not None,
 
 @pytest.fixture(scope="module")
 def nixl_cluster(arch_case, tmp_path_factory):
-    _, model_dir, _, _ = arch_case
+    model_dir = arch_case[1]
     with Cluster(model_dir, num_pages=NUM_PAGES, page_size=4, kv_transfer_backend="nixl",
                  log_dir=tmp_path_factory.mktemp("nixl-logs")) as c:
         yield c
@@ -58,7 +58,7 @@ def kv_bytes_in(cluster: Cluster) -> float:
 
 @pytest.mark.parametrize("arch_case", ["llama"], indirect=True)  # one model is enough here
 def test_nixl_greedy_equals_transformers(arch_case, nixl_cluster):
-    arch, _, prompts, expected = arch_case
+    arch, _, prompts, expected = arch_case[:4]
     c = nixl_cluster
     # the decode worker really serves the nixl control plane (grpc workers answer UNIMPLEMENTED)
     with grpc.insecure_channel(c.decode_addr) as ch:
