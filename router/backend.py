@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.errors import RESOURCE_EXHAUSTED, is_resource_exhausted
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -316,8 +317,11 @@ class DecodeClient:
                     received = True
                     reason = response.finish_reason
                     if reason == pb.FINISH_ERROR:
-                        raise BackendError(500, f"decode worker {address} failed request {request_id}: "
-                                                f"{response.error or 'unknown error'}", code="worker_error")
+                        overloaded = is_resource_exhausted(response.error)  # out of GPU memory: 503
+                        raise BackendError(503 if overloaded else 500,
+                                           f"decode worker {address} failed request {request_id}: "
+                                           f"{response.error or 'unknown error'}",
+                                           code=RESOURCE_EXHAUSTED if overloaded else "worker_error")
                     if reason == pb.FINISH_ABORT:
                         raise BackendError(503, f"decode worker {address} aborted request {request_id}"
                                                 + (f": {response.error}" if response.error else ""),
