@@ -62,7 +62,7 @@ def profile_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len
 
 @dataclass(frozen=True)
 class Peaks:
-    """Bytes allocated at the peak of each pass, above what was allocated before it."""
+    """Device bytes the allocator reserved at the peak of each pass (see `_peak`)."""
     prefill: int
     decode_forward: int      # the forward alone (what a CUDA graph's pool holds)
     decode: int              # forward + sampling
@@ -109,17 +109,22 @@ def decode_pass(runner: "ModelRunner", kv: KVCache, page: int, batch: int, sampl
 
 
 def _peak(device: torch.device, fn, *args) -> int:
+    """Bytes the allocator reserved from the device at fn's peak, above its reservation before
+    (reserved, not allocated: the allocator's rounding and splitting are held too). Starts
+    from an empty cache, so fn cannot hide in blocks cached by earlier work."""
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    base = torch.cuda.memory_reserved(device)
     fn(*args)
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    return torch.cuda.memory_stats(device)["reserved_bytes.all.peak"] - base
 
 
 @torch.inference_mode()
 def measure(runner: "ModelRunner", kv: KVCache, page: int, shapes: ProfileShapes) -> Peaks:
     dev = runner.device
+    prefill_pass(runner, kv, page, shapes.prefill_lens)   # compile the kernels first, off the books
     prefill = _peak(dev, prefill_pass, runner, kv, page, shapes.prefill_lens)
     fwd = full = 0
     if shapes.decode_batch:

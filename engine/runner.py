@@ -159,9 +159,14 @@ class ModelRunner:
             log.info("%s; profiled %s", self.memory.describe(), self.shapes.describe())
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            log.info("GPU memory in use after start: %.2f of %.2f GiB (target %.2f GiB = util %.3f)",
-                     (total - free) / GiB, total / GiB, total * cfg.gpu_memory_utilization / GiB,
-                     cfg.gpu_memory_utilization)
+            target = total * cfg.gpu_memory_utilization
+            staging = self.memory.profile.staging_reserve if self.memory else 0
+            over = (total - free) + staging - target      # the staging is taken later, in transfers
+            log.log(logging.WARNING if over > 0.01 * total else logging.INFO,
+                    "GPU memory in use after start: %.2f of %.2f GiB (+ %.2f GiB transfer staging to come; "
+                    "target %.2f GiB = util %.3f: %s %.2f GiB)", (total - free) / GiB, total / GiB, staging / GiB,
+                    target / GiB, cfg.gpu_memory_utilization, "over by" if over > 0 else "under by",
+                    abs(over) / GiB)
 
     @torch.inference_mode()
     def forward(self, seqs: list[ForwardSeq],
