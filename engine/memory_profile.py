@@ -6,8 +6,8 @@ Lifecycle, driven by ModelRunner (engine/runner.py; the arithmetic is engine/mem
      one long prompt for the largest attention, the rest one-token prompts up to
      max_num_seqs for the most logits rows) and the largest decode batch (the largest
      CUDA graph bucket; none for a prefill worker, which never decodes).
-  2. `measure(runner, kv, page, shapes)` (CUDA): runs each pass, sampling included, on a
-     one-page pool and returns the peaks above the weights (`Peaks`).
+  2. `measure(runner, kv, page, shapes)` (CUDA): runs the passes, sampling included, on a
+     one-page pool and returns what the allocator reserved beyond the weights (`Peaks`).
   3. `warm_up(runner, kv, page, shapes)`: the same passes on the real pool, so that the
      memory the worker will use is held (and visible to a worker that starts after it)
      the moment it is ready.
@@ -62,14 +62,9 @@ def profile_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len
 
 @dataclass(frozen=True)
 class Peaks:
-    """Device bytes the allocator reserved at the peak of each pass (see `_peak`)."""
-    prefill: int
-    decode_forward: int      # the forward alone (what a CUDA graph's pool holds)
-    decode: int              # forward + sampling
-
-    @property
-    def activations(self) -> int:
-        return max(self.prefill, self.decode)
+    """Device bytes the allocator reserved at the peak of the passes (see `_peak`)."""
+    activations: int         # prefill then decode, sampling included, one cache: what a worker holds
+    decode_forward: int      # a decode forward alone (what a CUDA graph's pool holds)
 
 
 def prefill_pass(runner: "ModelRunner", kv: KVCache, page: int, lens: tuple[int, ...],
@@ -108,15 +103,17 @@ def decode_pass(runner: "ModelRunner", kv: KVCache, page: int, batch: int, sampl
         Sampler(0).sample(logits, [_WORST_SAMPLING] * batch, [0] * batch)
 
 
-def _peak(device: torch.device, fn, *args) -> int:
-    """Bytes the allocator reserved from the device at fn's peak, above its reservation before
-    (reserved, not allocated: the allocator's rounding and splitting are held too). Starts
-    from an empty cache, so fn cannot hide in blocks cached by earlier work."""
+def _peak(device: torch.device, *passes) -> int:
+    """Bytes the allocator reserved from the device at the peak of `passes` (fn, *args), run one
+    after the other in one cache, above its reservation before (reserved, not allocated: the
+    allocator's rounding, splitting and blocks cached for one pass that another cannot reuse
+    are held too). Starts from an empty cache, so nothing hides in blocks cached earlier."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_reserved(device)
-    fn(*args)
+    for fn, *args in passes:
+        fn(*args)
     torch.cuda.synchronize(device)
     return torch.cuda.memory_stats(device)["reserved_bytes.all.peak"] - base
 
@@ -125,12 +122,12 @@ def _peak(device: torch.device, fn, *args) -> int:
 def measure(runner: "ModelRunner", kv: KVCache, page: int, shapes: ProfileShapes) -> Peaks:
     dev = runner.device
     prefill_pass(runner, kv, page, shapes.prefill_lens)   # compile the kernels first, off the books
-    prefill = _peak(dev, prefill_pass, runner, kv, page, shapes.prefill_lens)
-    fwd = full = 0
+    passes = [(prefill_pass, runner, kv, page, shapes.prefill_lens)]
+    fwd = 0
     if shapes.decode_batch:
-        fwd = _peak(dev, decode_pass, runner, kv, page, shapes.decode_batch, False)
-        full = _peak(dev, decode_pass, runner, kv, page, shapes.decode_batch, True)
-    return Peaks(prefill=prefill, decode_forward=fwd, decode=full)
+        fwd = _peak(dev, (decode_pass, runner, kv, page, shapes.decode_batch, False))
+        passes.append((decode_pass, runner, kv, page, shapes.decode_batch, True))
+    return Peaks(activations=_peak(dev, *passes), decode_forward=fwd)
 
 
 @torch.inference_mode()
