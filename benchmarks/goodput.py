@@ -43,6 +43,7 @@ from benchmarks.metrics import RequestTrace
 from benchmarks.slo import (SLO, Arrival, SearchResult, Shape, format_rows, meets_slo, poisson_arrivals,
                             rate_row, search_goodput)
 from benchmarks.workloads import workloads
+from engine.config import resolve_attention_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
         gpus = tuple(str(i) for i in range(max(1, min(n_workers, torch.cuda.device_count()))))
     else:
         gpus = ()
-    backend = args.attention_backend if args.attention_backend != "auto" else ("triton" if cuda else "torch")
+    backend = resolve_attention_backend(args.attention_backend, args.device)[0]  # the workers' rule
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-goodput-logs-"))
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tandem-goodput-model-") as tmp:

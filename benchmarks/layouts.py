@@ -12,11 +12,12 @@ Lifecycle of a `Layout`:
   1. `write_model_dir(dir, tiny)`: config.json (Llama-3.1-8B or the tiny Llama, dummy
      weights) plus a word-level tokenizer over the whole vocabulary (the router needs one;
      every id decodes to the text "<tN>", so a client can count streamed tokens);
-  2. `start()`: workers start in waves: wave j = the j-th worker of every GPU, so the
-     workers sharing a GPU size their KV cache one after the other (the runner's
-     budget is total * util - memory already in use; worker j of k on a GPU gets
-     util * (j + 1) / k, i.e. an equal split); wait until each answers gRPC; then the
-     router with the static member lists; wait for /health;
+  2. `start()`: workers start in waves by `tandem_cli.gpu_share.plan_starts`, the rule
+     `tandem serve` uses too: the workers sharing a GPU start one after the other
+     (decode first), each once the previous answers gRPC, with cumulative shares of
+     `gpu_memory_utilization` (P+D on one GPU: decode 0.6 of it, prefill the rest;
+     replicas: equal); without GPUs everyone starts at once. Then the router with
+     the static member lists; wait for /health;
   3. the benchmark drives `base_url`; `wait_idle()` between rates polls every worker's
      Stats until nothing runs or waits; `kv_counters()` scrapes the decode workers'
      /metrics (KV bytes received, seconds of completed transfers);
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA
+from tandem_cli.gpu_share import plan_starts, waves
 from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +54,9 @@ class LayoutConfig:
     gpus: tuple[str, ...] = ()          # CUDA device ids; () = no pinning (CPU)
     device: str = "cpu"                 # worker --device
     dtype: str = "float32"
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"     # triton on cuda, torch on cpu
     max_model_len: int = 2048
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     gpu_memory_utilization: float = 0.88  # per GPU, split among the workers sharing it
     prefill_pages: int | None = None    # explicit KV pages (default: sized from memory)
@@ -158,21 +160,11 @@ class Layout:
         c = self.config
         c.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            plan = c.workers()
-            per_gpu: dict[str, int] = {}
-            waves: list[list[tuple[str, str, str, float]]] = []
-            for name, role, gpu in plan:
-                k = sum(1 for _, _, g in plan if g == gpu)
-                j = per_gpu.get(gpu, 0)
-                per_gpu[gpu] = j + 1
-                util = c.gpu_memory_utilization * (j + 1) / k
-                wave = j if gpu else 0          # CPU: KV sized from --kv-cache-memory, no race
-                while len(waves) <= wave:
-                    waves.append([])
-                waves[wave].append((name, role, gpu, util))
-            for wave in waves:
+            starts = plan_starts(c.workers(), c.gpu_memory_utilization, sequential=bool(c.gpus))
+            for wave in waves(starts):
                 started = []
-                for name, role, gpu, util in wave:
+                for w in wave:
+                    name, role, gpu, util = w.name, w.role, w.gpu, w.gpu_memory_utilization
                     port, mport = free_port(), free_port()
                     addr = f"127.0.0.1:{port}"
                     p = self._spawn(name, self._worker_args(role, port, mport, util), gpu if gpu else None)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.prefix_cache_manager import PageCopy
+from engine.errors import ResourceExhaustedError
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
@@ -202,12 +203,13 @@ class DecodeEngine(EngineThread):
 
     def on_step_error(self, exc: BaseException) -> None:
         """A failed forward pass fails the requests in flight, not the worker."""
+        kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL
         for request_id, sink in list(self._sinks.items()):
             seq = self.scheduler.get(request_id)
             self.scheduler.abort(request_id)
             del self._sinks[request_id]
             self._outbox.append((sink, EngineOutput(request_id, [], FinishReason.ERROR,
-                                                    f"decode step failed: {exc}", ErrorKind.INTERNAL,
+                                                    f"decode step failed: {exc}", kind,
                                                     seq.cached_tokens if seq is not None else 0)))
 
     def stats(self) -> dict[str, int]:

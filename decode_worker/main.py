@@ -54,6 +54,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     await server.start()
     # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
     start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
+    log.info("KV transport: %s (receiving into this worker's pool; advertised at %s)", kv_backend, advertise)
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,

@@ -9,7 +9,7 @@ transformers 5 layout (`rope_parameters` with `rope_theta` inside).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +158,21 @@ def _as_ids(x: Any) -> list[int]:
     return [int(i) for i in x]
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ROLES = ("colocated", "prefill", "decode")
+
+
+def resolve_attention_backend(requested: str, device: str) -> tuple[str, str]:
+    """(backend, why): "auto" is triton on CUDA (Triton kernels, fused layer ops and, for
+    decode, CUDA graphs) and the torch reference on the CPU; an explicit name stays."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose from {ATTENTION_BACKENDS}")
+    if requested != "auto":
+        return requested, f"--attention-backend {requested}"
+    chosen = "triton" if device == "cuda" else "torch"
+    return chosen, f"auto -> {chosen} on {device}"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str                                   # local HF dir or hub id
@@ -167,14 +182,20 @@ class EngineConfig:
     page_size: int = 16                          # tokens per KV page
     num_pages: int | None = None                 # None: size the pool from memory below
     kv_cache_memory_bytes: int = 256 * 1024 * 1024   # CPU pool budget when num_pages is None
-    gpu_memory_utilization: float = 0.9          # CUDA: fraction of total memory we may use
+    # CUDA: once this worker is up the GPU holds at most this fraction of its memory
+    # (alone on a GPU: the fraction this worker may use; see engine/memory.py)
+    gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None             # None: model's max_position_embeddings
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256                      # vLLM's default; decode CUDA graphs cover 1..this
     max_num_batched_tokens: int = 8192
-    attention_backend: str = "torch"
+    # "auto" is resolved at construction (resolve_attention_backend): never "auto" afterwards
+    attention_backend: str = "auto"
     seed: int = 0                                # dummy weight init
     enforce_eager: bool = False                  # True: no CUDA graphs for decode (vLLM's flag)
     enable_prefix_caching: bool = True           # radix prefix cache (prefill worker, and local prefills on decode)
+    role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
+    kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
+    attention_backend_reason: str = field(default="", compare=False)  # set with the resolution
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -189,3 +210,15 @@ class EngineConfig:
             raise ValueError("num_pages must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        backend, why = resolve_attention_backend(self.attention_backend, self.device)
+        if backend != self.attention_backend or not self.attention_backend_reason:
+            object.__setattr__(self, "attention_backend", backend)
+            object.__setattr__(self, "attention_backend_reason", why)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs: triton on CUDA, not eager, and the worker decodes."""
+        return (self.device == "cuda" and self.attention_backend == "triton" and not self.enforce_eager
+                and self.role != "prefill")

@@ -1,8 +1,14 @@
 """ModelRunner: a loaded model, its paged KV pool and an attention backend, behind one `forward`.
 
-Lifecycle: construct once per worker (resolve model dir -> parse config -> load or
-make weights -> size and allocate the KV pool); then call `forward` with ragged
-batches of `ForwardSeq`s, any mix of prefill, chunked/extend prefill and decode.
+Lifecycle: construct once per worker: resolve model dir -> parse config -> import the
+attention backend (a missing package fails here, with one clear line) -> load or make
+weights -> size the KV pool (CUDA: profile the worst-case batches on a one-page pool and
+keep the GPU within --gpu-memory-utilization, engine/memory.py; CPU: --kv-cache-memory;
+or --num-pages) -> allocate it -> capture decode CUDA graphs -> warm up -> log one line
+each for backend, graphs, KV pool, max_model_len and the memory breakdown. Then call
+`forward` with ragged batches of `ForwardSeq`s, any mix of prefill, chunked/extend
+prefill and decode; running out of memory there raises ResourceExhaustedError, whose
+message names the batch and what to lower (engine/errors.py).
 The runner never allocates pages: callers own page tables (see page_allocator).
 """
 from __future__ import annotations
@@ -14,11 +20,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from engine import memory_profile
 from engine.attention import get_attention_backend
 from engine.attention.base import PinnedStaging, build_metadata_and_ids
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import graph_buckets
+from engine.errors import EngineStartupError, ResourceExhaustedError, classify_step_error
 from engine.kv_cache import KVCache
 from engine.layer_ops import get_layer_ops
+from engine.memory import (GiB, InsufficientMemoryError, KVBudget, MemoryProfile, graph_reserve_bytes, kv_budget,
+                           staging_reserve_bytes)
+from engine.memory_profile import profile_shapes
+from engine.model import TORCH_OPS
 from engine.weights import load_model, resolve_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -35,14 +48,18 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = torch.device(config.device)
+        in_use_at_start = 0
+        if self.device.type == "cuda":  # before anything of ours is on the device
+            free, total = torch.cuda.mem_get_info(self.device)
+            in_use_at_start = total - free
         self.model_path = resolve_model_path(config.model, weights=config.load_format != "dummy")
         self.model_config: ModelConfig = ModelConfig.from_dir(self.model_path)
         mc = self.model_config
         self.dtype = resolve_dtype(config.dtype, mc)
+        self.backend = get_attention_backend(config.attention_backend)  # fails here, before the weights
         self.model = load_model(self.model_path, mc, self.dtype, self.device,
                                 config.load_format, config.seed)
         self.model.fuse_projections()
-        self.backend = get_attention_backend(config.attention_backend)
         # Fused Triton elementwise kernels go with the Triton attention backend on a GPU;
         # everywhere else the torch reference ops run.
         if self.device.type == "cuda" and config.attention_backend == "triton":
@@ -52,36 +69,104 @@ class ModelRunner:
             limit = min(limit, mc.sliding_window)
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.page_size = config.page_size
-        self.num_pages = config.num_pages or self._auto_num_pages()
+        use_graphs = config.uses_cuda_graphs
+        self.graph_buckets = graph_buckets(config.max_num_seqs) if use_graphs else ()
+        self.shapes = profile_shapes(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                                     0 if config.role == "prefill" else config.max_num_seqs)
+        self.memory: KVBudget | None = None
+        if config.num_pages:
+            self.num_pages = config.num_pages
+        elif self.device.type == "cuda":
+            self.memory = self._budget_from_profile(in_use_at_start)
+            self.num_pages = self.memory.num_pages
+        else:
+            self.num_pages = self._cpu_num_pages()
         self.graphs = None
         self.staging = PinnedStaging() if self.device.type == "cuda" else None
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                      and config.attention_backend == "triton")
         # With graphs, one scratch page beyond the pool takes the padding rows' K/V.
         self.kv = KVCache(mc.num_layers, self.num_pages + int(use_graphs), self.page_size, mc.num_kv_heads,
                           mc.head_dim, self.dtype, self.device)
+        graphs_took = 0
         if use_graphs:
             from engine.cuda_graphs import DecodeGraphs
 
+            before = torch.cuda.mem_get_info(self.device)[0]
             self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
             self.graphs.capture()
-        log.info("model %s (%s, %s) on %s: %d KV pages of %d tokens, max_model_len %d",
-                 self.model_path, mc.arch, self.dtype, self.device, self.num_pages,
-                 self.page_size, self.max_model_len)
+            graphs_took = before - torch.cuda.mem_get_info(self.device)[0]
+        if self.device.type == "cuda":
+            # hold the activation memory now, so a worker started after this one sees it
+            memory_profile.warm_up(self, self.kv, self.num_pages if use_graphs else 0, self.shapes)
+        self._log_startup(graphs_took)
 
-    def _auto_num_pages(self) -> int:
+    def _budget_from_profile(self, in_use_at_start: int) -> KVBudget:
+        """Profile on a one-page pool, then size the KV (engine/memory.py)."""
+        cfg, mc, dev = self.config, self.model_config, self.device
+        weights = torch.cuda.memory_allocated(dev)
+        scratch = KVCache(mc.num_layers, 1, self.page_size, mc.num_kv_heads, mc.head_dim, self.dtype, dev)
+        peaks = memory_profile.measure(self, scratch, 0, self.shapes)
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = max(0, (total - free) - in_use_at_start - torch.cuda.memory_reserved(dev))
+        del scratch
+        torch.cuda.empty_cache()
+        per_page = self.bytes_per_page
+        batch_pages = -(-cfg.max_num_batched_tokens // self.page_size)
+        graphs = graph_reserve_bytes(self.graph_buckets, mc.vocab_size, peaks.decode_forward,
+                                     -(-self.max_model_len // self.page_size))
+        profile = MemoryProfile(
+            total=total, in_use_at_start=in_use_at_start, weights=weights, activation_peak=peaks.activations,
+            non_torch=non_torch, graph_reserve=graphs,
+            staging_reserve=staging_reserve_bytes(cfg.role, cfg.kv_transfer_backend, batch_pages * per_page))
+        try:
+            return kv_budget(profile, cfg.gpu_memory_utilization, per_page)
+        except InsufficientMemoryError as exc:
+            raise EngineStartupError(str(exc)) from None
+
+    @property
+    def bytes_per_page(self) -> int:
         mc = self.model_config
-        per_page = KVCache.bytes_per_page(mc.num_layers, self.page_size, mc.num_kv_heads,
-                                          mc.head_dim, self.dtype)
+        return KVCache.bytes_per_page(mc.num_layers, self.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+
+    def _cpu_num_pages(self) -> int:
+        budget = self.config.kv_cache_memory_bytes
+        pages = budget // self.bytes_per_page
+        if pages < 1:
+            raise EngineStartupError(f"no memory left for the KV cache (--kv-cache-memory {budget} B, "
+                                     f"one page is {self.bytes_per_page} B)")
+        return int(pages)
+
+    def _log_startup(self, graphs_took: int) -> None:
+        """One line each: attention backend, CUDA graphs, KV pool, max_model_len (+ GPU memory)."""
+        cfg, mc = self.config, self.model_config
+        log.info("model %s (%s, %s) on %s", self.model_path, mc.arch, self.dtype, self.device)
+        ops = "fused Triton layer ops" if self.model.ops is not TORCH_OPS else "torch layer ops"
+        log.info("attention backend: %s (%s; %s)", cfg.attention_backend, cfg.attention_backend_reason, ops)
+        if self.graphs is not None:
+            log.info("CUDA graphs for decode: batch buckets %s (took %.2f GiB)",
+                     ",".join(map(str, self.graph_buckets)), graphs_took / GiB)
+        else:
+            why = ("--enforce-eager" if cfg.enforce_eager else "prefill worker: no decode steps"
+                   if cfg.role == "prefill" else f"{cfg.attention_backend} on {self.device.type}")
+            log.info("CUDA graphs for decode: eager (%s)", why)
+        kv_bytes = self.num_pages * self.bytes_per_page
+        log.info("KV cache: %d pages x %d tokens = %d tokens, %.3f MiB/page, %.2f GiB (%s)", self.num_pages,
+                 self.page_size, self.num_pages * self.page_size, self.bytes_per_page / (1 << 20),
+                 kv_bytes / GiB, "--num-pages" if cfg.num_pages else
+                 "sized from GPU memory" if self.memory else "--kv-cache-memory")
+        log.info("max_model_len: %d (model limit %d%s)", self.max_model_len, self.model_config.max_position_embeddings,
+                 f", --max-model-len {cfg.max_model_len}" if cfg.max_model_len else "")
+        if self.memory is not None:
+            log.info("%s; profiled %s", self.memory.describe(), self.shapes.describe())
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
-        else:
-            budget = self.config.kv_cache_memory_bytes
-        pages = budget // per_page
-        if pages < 1:
-            raise ValueError(f"no memory left for the KV cache (budget {budget} B, page {per_page} B)")
-        return int(pages)
+            target = total * cfg.gpu_memory_utilization
+            staging = self.memory.profile.staging_reserve if self.memory else 0
+            over = (total - free) + staging - target      # the staging is taken later, in transfers
+            log.log(logging.WARNING if over > 0.01 * total else logging.INFO,
+                    "GPU memory in use after start: %.2f of %.2f GiB (+ %.2f GiB transfer staging to come; "
+                    "target %.2f GiB = util %.3f: %s %.2f GiB)", (total - free) / GiB, total / GiB, staging / GiB,
+                    target / GiB, cfg.gpu_memory_utilization, "over by" if over > 0 else "under by",
+                    abs(over) / GiB)
 
     @torch.inference_mode()
     def forward(self, seqs: list[ForwardSeq],
@@ -97,6 +182,18 @@ class ModelRunner:
             if s.start_pos < 0 or s.start_pos + len(s.token_ids) > self.max_model_len:
                 raise ValueError(f"seq {i}: positions up to {s.start_pos + len(s.token_ids)} "
                                  f"exceed max_model_len {self.max_model_len}")
+        try:
+            return self._forward(seqs, on_layer_done)
+        except Exception as exc:  # noqa: BLE001 - out of memory becomes a resource error (engine/errors.py)
+            decode = all(len(s.token_ids) == 1 for s in seqs)
+            err = classify_step_error(exc, "decode" if decode else "prefill", len(seqs),
+                                      sum(len(s.token_ids) for s in seqs),
+                                      "GPU" if self.device.type == "cuda" else "host")
+            if err.is_resource and not isinstance(exc, ResourceExhaustedError):
+                raise ResourceExhaustedError(err.message) from exc
+            raise
+
+    def _forward(self, seqs: list[ForwardSeq], on_layer_done: Callable[[int], None] | None) -> torch.Tensor:
         # One host->device copy carries the metadata and the token ids.
         meta, ids = build_metadata_and_ids(
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],

@@ -22,6 +22,9 @@ a long forward pass never blocks RPCs. Lifecycle:
      results while this thread waits for the device instead of competing with
      the host work that launches the next step.
   5. `stop()` ends the loop after the current step and joins the thread.
+  A step that raises fails its requests through `on_step_error(exc)`, not the
+  thread; running out of memory arrives there as a ResourceExhaustedError
+  (engine/errors.py), whatever part of the step it hit.
   `step_observer(seconds)`, when set (metrics), is called on the engine thread
   after every step that ran work.
 
@@ -37,7 +40,17 @@ import threading
 import time
 from typing import Any, Callable
 
+from engine.errors import ResourceExhaustedError, classify_step_error
+
 log = logging.getLogger(__name__)
+
+
+def _classified(exc: Exception) -> Exception:
+    """An out-of-memory error not yet classified (e.g. in sampling) as a ResourceExhaustedError."""
+    err = classify_step_error(exc)
+    if err.is_resource and not isinstance(exc, ResourceExhaustedError):
+        return ResourceExhaustedError(err.message)
+    return exc
 
 
 class EngineThread:
@@ -113,7 +126,7 @@ class EngineThread:
                             self.step_observer(time.perf_counter() - t0)
                     except Exception as exc:  # noqa: BLE001 - reported to requests
                         log.exception("engine step failed")
-                        self.on_step_error(exc)
+                        self.on_step_error(_classified(exc))
                         failed = True
                 if failed or idle or not self.has_work():
                     self.flush()

@@ -2,7 +2,8 @@
 
 Per request (driven by prefill_worker/server.py):
   1. `submit(job)`: queued until local pages for its uncached suffix are free.
-  2. `step()` takes every queued job that fits (pages, token budget). For each:
+  2. `step()` takes every queued job that fits (pages, token budget, at most
+     max_num_seqs prompts, the batch the runner's memory profile covers). For each:
      match the prompt (minus its last token, which is always recomputed for
      logits) in the radix cache and lock the path; allocate pages for the rest,
      evicting unlocked LRU cache leaves when the pool is short; copy the valid
@@ -33,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from engine.errors import classify_step_error
 from engine.page_allocator import PageAllocator
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
@@ -78,7 +80,7 @@ class PrefillCounters:
 
 class PrefillEngine(EngineThread):
     def __init__(self, runner: ModelRunner, sampler: Sampler, loop, max_num_batched_tokens: int = 8192,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256) -> None:
         super().__init__(loop, name="prefill-engine")
         self.enable_prefix_caching = enable_prefix_caching  # False: nothing is matched or inserted
         self.runner = runner
@@ -86,6 +88,7 @@ class PrefillEngine(EngineThread):
         self.allocator = PageAllocator(runner.num_pages)
         self.cache = RadixCache(self.allocator, runner.page_size)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs      # prompts per batch: bounds the logits (memory profile)
         self.counters = PrefillCounters()
         self._queue: deque[PrefillJob] = deque()
         self._cache_subscribers: list[Callable[[str, list[int]], None]] = []  # engine thread only
@@ -173,7 +176,7 @@ class PrefillEngine(EngineThread):
     def _take_batch(self) -> list[PrefillJob]:
         batch: list[PrefillJob] = []
         tokens = 0
-        while self._queue:
+        while self._queue and len(batch) < self.max_num_seqs:
             job = self._queue[0]
             n = len(job.prompt_token_ids)
             if not self._admit(job, use_cache=self.enable_prefix_caching):
@@ -224,8 +227,10 @@ class PrefillEngine(EngineThread):
                 self.reply(job.on_done, tok, cached, n - cached, "")
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
             log.exception("prefill batch failed")
+            err = classify_step_error(exc, "prefill", len(batch),
+                                      sum(len(j.prompt_token_ids) - j.cached_tokens for j in batch))
             for job in batch:
-                self.reply(job.on_done, -1, 0, 0, f"prefill failed: {exc}")
+                self.reply(job.on_done, -1, 0, 0, f"prefill failed: {err.message}")
         finally:
             for job in batch:
                 self._release(job, insert=ok and self.enable_prefix_caching)

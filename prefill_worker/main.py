@@ -27,7 +27,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     loop = asyncio.get_running_loop()
     runner = await loop.run_in_executor(None, ModelRunner, config)
     engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens,
-                           config.enable_prefix_caching)
+                           config.enable_prefix_caching, max_num_seqs=config.max_num_seqs)
     engine.start()
     sender = get_backend(kv_backend).sender_cls()
     server = make_server()
@@ -37,6 +37,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     await server.start()
     # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
     start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
+    log.info("KV transport: %s (sending to the decode workers' pools)", kv_backend)
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.errors import RESOURCE_EXHAUSTED, is_resource_exhausted
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -351,6 +352,8 @@ class DecodeClient:
                             retry = True  # refused before starting (e.g. not registered): next worker
                             break
                         status, code = _STATUS_BY_KIND.get(response.error_kind, (500, "worker_error"))
+                        if is_resource_exhausted(response.error):  # out of GPU memory: 503
+                            status, code = 503, RESOURCE_EXHAUSTED
                         raise BackendError(status, f"decode worker {address} failed request {request_id}: "
                                                    f"{response.error or 'unknown error'}", code=code)
                     if reason == pb.FINISH_ABORT:

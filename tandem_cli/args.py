@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import EngineConfig
+from engine.config import ATTENTION_BACKENDS, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -23,13 +23,20 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--block-size", type=int, default=16, help="KV page size in tokens")
     g.add_argument("--num-gpu-blocks-override", "--num-pages", dest="num_pages", type=int, default=None,
                    help="number of KV pages (default: sized from memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="a worker: the GPU holds at most this fraction of its memory once the worker is up "
+                        "(alone on a GPU: the fraction it may use, as in vLLM; KV gets what weights, "
+                        "profiled activations, CUDA graphs and transfer staging leave). serve: the budget "
+                        "of the whole GPU, shared by its workers")
     g.add_argument("--kv-cache-memory", type=int, default=256 << 20,
                    help="bytes of KV cache on CPU when --num-pages is not given")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences in a decode batch (decode CUDA graphs cover 1..this)")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="auto: triton on cuda (Triton kernels, fused layer ops, decode CUDA graphs), "
+                        "torch on cpu")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -38,6 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The resolved EngineConfig (device, attention backend) of `tandem serve|prefill|decode`."""
     if args.tensor_parallel_size != 1:
         raise SystemExit("error: --tensor-parallel-size > 1 is not supported yet")
     device = args.device
@@ -61,6 +69,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
+        role=args.command if args.command in ("prefill", "decode") else "colocated",
+        kv_transfer_backend=getattr(args, "kv_transfer_backend", "") or "",
     )
 
 

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import sys
 
+from engine.errors import EngineStartupError
 from tandem_cli.args import build_parser, engine_config_from_args
 
 
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> None:
             etcd_prefix=args.etcd_prefix, placement=args.placement,
         ))
         return
+    try:
+        run_worker(args)
+    except EngineStartupError as exc:  # one clear line, no traceback (engine/errors.py)
+        print(f"error: {args.command} worker cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run_worker(args) -> None:
     config = engine_config_from_args(args)
     advertise_host = args.advertise_host or args.host
     advertise = f"{advertise_host}:{args.port}"

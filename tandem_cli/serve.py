@@ -2,8 +2,13 @@
 
 Lifecycle:
   1. resolve the model (no --model: the built-in demo model, made once and cached);
-  2. pick free loopback ports, start the decode and prefill workers (or one
-     colocated worker) and wait until their gRPC servers answer Stats;
+  2. resolve the engine config once (device, attention backend "auto" -> triton on
+     CUDA, torch on CPU) and pass it to every worker as explicit flags; pick free
+     loopback ports and start the decode and prefill workers (or one colocated
+     worker), printing progress. On CUDA they share the GPU by tandem_cli.gpu_share:
+     --gpu-memory-utilization is the whole GPU's budget, decode starts first with 0.6
+     of it and prefill, once decode is ready (KV allocated), gets the rest. On the
+     CPU both start at once. Each is ready when its gRPC server answers;
   3. start the router with the static member list and wait for /health;
      with --etcd HOST:PORT the workers register there instead and the router
      follows etcd (no static list); serve waits until /health lists them;
@@ -18,8 +23,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import EngineConfig
+from tandem_cli.args import engine_config_from_args
+from tandem_cli.gpu_share import plan_starts, waves
 from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready, wait_members
 
 DEMO_NOTE = ("NOTE: serving the built-in demo model. Its weights are random: it produces noise, "
@@ -39,19 +48,77 @@ def demo_model_dir() -> Path:
     return path
 
 
-def engine_flags(args: argparse.Namespace, model: str) -> list[str]:
-    flags = ["--model", model, "--load-format", args.load_format, "--dtype", args.dtype,
-             "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-             "--kv-cache-memory", str(args.kv_cache_memory), "--max-num-seqs", str(args.max_num_seqs),
-             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--attention-backend", args.attention_backend, "--seed", str(args.seed),
-             "--log-level", args.log_level] + (["--enforce-eager"] if args.enforce_eager else [])
-    flags += [] if args.enable_prefix_caching else ["--no-enable-prefix-caching"]
-    for name, value in (("--device", args.device), ("--num-pages", args.num_pages),
-                        ("--max-model-len", args.max_model_len)):
+def engine_flags(config: EngineConfig, args: argparse.Namespace, model: str,
+                 gpu_memory_utilization: float) -> list[str]:
+    """Worker flags from serve's resolved EngineConfig (device and attention backend are
+    explicit, never left for each worker to guess)."""
+    flags = ["--model", model, "--load-format", config.load_format, "--dtype", config.dtype,
+             "--device", config.device, "--block-size", str(config.page_size),
+             "--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}",
+             "--kv-cache-memory", str(config.kv_cache_memory_bytes), "--max-num-seqs", str(config.max_num_seqs),
+             "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+             "--attention-backend", config.attention_backend, "--seed", str(config.seed),
+             "--log-level", args.log_level] + (["--enforce-eager"] if config.enforce_eager else [])
+    flags += [] if config.enable_prefix_caching else ["--no-enable-prefix-caching"]
+    for name, value in (("--num-pages", config.num_pages), ("--max-model-len", config.max_model_len)):
         if value is not None:
             flags += [name, str(value)]
     return flags
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    role: str                       # "decode" | "prefill" (the tandem_cli subcommand)
+    address: str                    # host:port of its gRPC server
+    argv: tuple[str, ...]           # arguments after `python -m tandem_cli.main`
+    wave: int                       # starts once every worker of earlier waves is ready
+    gpu_memory_utilization: float   # its --gpu-memory-utilization (cumulative share, gpu_share)
+    on_gpu: bool
+
+
+def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
+                 ports: tuple[int, int]) -> list[WorkerLaunch]:
+    """The workers of `tandem serve` (config: `engine_config_from_args(args)`), in start
+    order: one colocated decode worker, or decode + prefill sharing the GPU by
+    tandem_cli.gpu_share's rule (on CUDA decode first with its share of
+    --gpu-memory-utilization, prefill once decode is ready)."""
+    roles = [("decode", "decode", "")] + ([] if args.colocated else [("prefill", "prefill", "")])
+    starts = plan_starts(roles, config.gpu_memory_utilization, sequential=config.device == "cuda")
+    etcd = ["--etcd", args.etcd] if args.etcd else []
+    # the KV transport matters only between separate prefill and decode workers
+    kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
+    port = {"decode": ports[0], "prefill": ports[1]}
+    role_flags = {"decode": ["--request-trace-file", args.request_trace_file] if args.request_trace_file else [],
+                  "prefill": []}
+    return [WorkerLaunch(s.role, f"127.0.0.1:{port[s.role]}",
+                         tuple([s.role, "--port", str(port[s.role])]
+                               + engine_flags(config, args, model, s.gpu_memory_utilization) + kv + etcd
+                               + role_flags[s.role]),
+                         s.wave, s.gpu_memory_utilization, config.device == "cuda") for s in starts]
+
+
+def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subprocess.Popen]) -> None:
+    """Start the plan wave by wave, printing progress; a wave waits for the previous one."""
+    for wave in waves(plan):
+        started = []
+        for w in wave:
+            mem = (f" (the GPU stays within {w.gpu_memory_utilization:.0%} of its memory once it is up)"
+                   if w.on_gpu else "")
+            print(f"starting the {w.role} worker on {w.address}{mem} ...", flush=True)
+            procs.append(subprocess.Popen(cli + list(w.argv)))
+            started.append((w, procs[-1], time.monotonic()))
+        for w, proc, t0 in started:
+            deadline = t0 + 600
+            while True:
+                try:
+                    wait_grpc_ready(w.address, proc, timeout=min(30.0, max(0.1, deadline - time.monotonic())))
+                    break
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"the {w.role} worker was not ready after 600 s") from None
+                    print(f"  still starting the {w.role} worker ({time.monotonic() - t0:.0f} s: loading weights, "
+                          "profiling memory, capturing CUDA graphs)", flush=True)
+            print(f"{w.role} worker ready ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -74,22 +141,16 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         decode_port = args.worker_base_port or free_port()
-        decode_addr = f"127.0.0.1:{decode_port}"
+        prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
+        config = engine_config_from_args(args)
+        plan = plan_workers(config, args, model, (decode_port, prefill_port))
+        print(f"device {config.device}, attention backend {config.attention_backend} "
+              f"({config.attention_backend_reason}), CUDA graphs "
+              f"{'on' if config.uses_cuda_graphs else 'off'}", flush=True)
+        _start_workers(cli, plan, procs)
+        decode_addr = next(w.address for w in plan if w.role == "decode")
+        prefill_addr = next((w.address for w in plan if w.role == "prefill"), "")
         etcd = ["--etcd", args.etcd] if args.etcd else []
-        # the KV transport matters only between separate prefill and decode workers
-        kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
-        trace = ["--request-trace-file", args.request_trace_file] if args.request_trace_file else []
-        procs.append(subprocess.Popen(cli + ["decode", "--port", str(decode_port)] + engine_flags(args, model)
-                                      + kv + etcd + trace))
-        prefill_addr = ""
-        if not args.colocated:
-            prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
-            prefill_addr = f"127.0.0.1:{prefill_port}"
-            procs.append(subprocess.Popen(cli + ["prefill", "--port", str(prefill_port)] + engine_flags(args, model)
-                                          + kv + etcd))
-        wait_grpc_ready(decode_addr, procs[0], timeout=600)
-        if prefill_addr:
-            wait_grpc_ready(prefill_addr, procs[1], timeout=600)
         router_cmd = cli + ["router", "--model", model, "--host", args.host, "--port", str(args.port),
                             "--log-level", args.log_level]
         router_cmd += etcd or ["--decode", decode_addr, "--prefill", prefill_addr]

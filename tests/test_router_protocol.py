@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
+from stream_adapter import StreamFromGenerate
 from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.server import create_app
@@ -239,7 +240,7 @@ def test_unknown_route_and_method(dead_client):
 
 # ---------------------------------------------------------------- fake decode worker
 
-class FakeDecode(pbg.DecodeServicer):
+class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
     """Streams `reply` token by token; records requests and cancellations."""
 
     def __init__(self, reply: list[int], eos: int) -> None:
@@ -275,34 +276,6 @@ class FakeDecode(pbg.DecodeServicer):
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-
-    async def Stream(self, request_iterator, context):
-        """The router's multiplexed call: each request runs Generate above in a task of its
-        own (one response per batch); an abort cancels that task."""
-        out: asyncio.Queue = asyncio.Queue()
-        tasks: dict[str, asyncio.Task] = {}
-
-        async def run_one(request):
-            async for resp in self.Generate(request, context):
-                out.put_nowait(pb.StreamBatch(responses=[resp]))
-
-        async def read():
-            async for msg in request_iterator:
-                if msg.WhichOneof("msg") == "generate":
-                    tasks[msg.generate.request_id] = asyncio.ensure_future(run_one(msg.generate))
-                else:
-                    task = tasks.pop(msg.abort_request_id, None)
-                    if task is not None:
-                        task.cancel()
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while True:
-                yield await out.get()
-        finally:
-            reader.cancel()
-            for task in tasks.values():
-                task.cancel()
 
 
 REPLY_TEXT = " the cat runs fast STOP the dog runs slow"

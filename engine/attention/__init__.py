@@ -6,6 +6,7 @@ import importlib
 from types import MappingProxyType
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, build_metadata
+from engine.errors import EngineStartupError
 
 _BACKENDS = MappingProxyType({
     "torch": ("engine.attention.torch_ref", "TorchRefBackend"),
@@ -22,7 +23,13 @@ def get_attention_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
     module_name, cls_name = _BACKENDS[name]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # never fall back silently to another backend
+        raise EngineStartupError(
+            f"attention backend {name!r} cannot be used: importing it failed ({type(exc).__name__}: {exc}); "
+            f"install its package{' (pip install triton)' if name == 'triton' else ''} "
+            "or pass --attention-backend torch") from None
     return getattr(module, cls_name)()
 
 
