@@ -127,6 +127,12 @@ class ModelRunner:
         mc = self.model_config
         return KVCache.bytes_per_page(mc.num_layers, self.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
 
+    @property
+    def batch_kv_bytes(self) -> int:
+        """K+V of every layer of one full batch (max_num_batched_tokens): what a prefill worker's
+        transport may hold in copies (engine/memory.py reserves it)."""
+        return -(-self.config.max_num_batched_tokens // self.page_size) * self.bytes_per_page
+
     def _cpu_num_pages(self) -> int:
         budget = self.config.kv_cache_memory_bytes
         pages = budget // self.bytes_per_page

@@ -91,9 +91,11 @@ class PoolLayout:
 
 # ---------------------------------------------------------------------------- NIXL notification
 # Attached to each layer's WRITE; NIXL delivers it only after that WRITE (flushed) completed.
-def layer_notif(transfer_id: str, token: bytes, layer: int, page_offset: int, num_pages: int) -> bytes:
+def layer_notif(transfer_id: str, token: bytes, layer: int, page_offset: int, num_pages: int,
+                num_layers: int = 1) -> bytes:
     return pb.NixlLayerNotif(transfer_id=transfer_id, token=token, layer=layer, page_offset=page_offset,
-                             num_pages=num_pages).SerializeToString()
+                             num_pages=num_pages, num_layers=num_layers if num_layers > 1 else 0
+                             ).SerializeToString()
 
 
 def parse_layer_notif(data) -> pb.NixlLayerNotif:

@@ -199,24 +199,26 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
                 or t.state not in _LIVE):
             self.chunks_rejected += 1
             return
+        nl = max(1, notif.num_layers)   # one WRITE may carry a run of consecutive layers
         bad = None
-        if not 0 <= layer < t.num_layers:
-            bad = f"layer {layer} outside 0..{t.num_layers - 1}"
+        if not (0 <= layer and layer + nl <= t.num_layers):
+            bad = f"layers {layer}..{layer + nl - 1} outside 0..{t.num_layers - 1}"
         elif n < 1 or off < 0 or off + n > len(t.pages):
             bad = f"pages {off}..{off + n - 1} outside the reservation 0..{len(t.pages) - 1}"
-        elif any(t.received[layer][off:off + n]):
-            bad = f"layer {layer} pages {off}..{off + n - 1} written twice"
+        elif any(any(t.received[lay][off:off + n]) for lay in range(layer, layer + nl)):
+            bad = f"layers {layer}..{layer + nl - 1} pages {off}..{off + n - 1} written twice"
         if bad is not None:
             self.chunks_rejected += 1
             self._finish(t, TransferState.FAILED, bad, "invalid_chunk")
             return
-        t.received[layer][off:off + n] = b"\x01" * n
-        t.pages_left -= n
-        t.writes += 1
-        payload = 2 * n * self.page_bytes
+        for lay in range(layer, layer + nl):
+            t.received[lay][off:off + n] = b"\x01" * n
+        t.pages_left -= n * nl
+        t.writes += nl                  # counted in layer-writes, as the sender's END counts them
+        payload = 2 * n * self.page_bytes * nl
         t.nbytes += payload
         self.bytes_received += payload
-        self.chunks_received += 1
+        self.chunks_received += nl
         if t.state is TransferState.PENDING:
             t.state = TransferState.IN_PROGRESS
             t.first_write_ns = time.time_ns()

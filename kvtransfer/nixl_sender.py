@@ -93,6 +93,8 @@ class NixlSendHandle(HandleState, SendHandle):
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(k_pages.device))
         w = LayerWrite(self, layer, page_offset, k_pages, v_pages, ready)
+        if self._layout is not None:   # backpressure: copies waiting to be sent are device memory
+            self._sender._worker.wait_for_room(w.nbytes)
         with self._lock:
             if self._state.terminal:
                 return
@@ -265,17 +267,21 @@ class NixlKVSender(KVSender):
     reason)` as for the grpc sender."""
 
     def __init__(self, deadline_s: float | None = None, connect_timeout_s: float = 10.0,
-                 poll_interval_s: float = 0.0002, channel_options: list | None = None) -> None:
+                 poll_interval_s: float = 0.0002, channel_options: list | None = None,
+                 max_pending_bytes: int = 2 << 30, layers_per_write: int = 0) -> None:
+        """max_pending_bytes: layer copies held for sending before send_layer blocks its caller;
+        layers_per_write: consecutive layers per WRITE (0: all; see XferWorker)."""
         self.deadline_s = deadline_s
         self.connect_timeout_s = connect_timeout_s
         self.poll_interval_s = poll_interval_s
         self.bytes_sent = 0          # K+V bytes of transfers that completed
         self.bytes_streamed = 0      # K+V bytes of every completed WRITE
-        self.chunks_streamed = 0     # completed WRITEs (one per send_layer)
+        self.chunks_streamed = 0     # completed layer writes (one per send_layer; a WRITE carries several)
         self.on_transfer_end: Callable[[TransferState, float, str], None] | None = None
         self._options = list(channel_options or [])
         self.agent = make_agent("tandem-kv-send")
-        self._worker = XferWorker(self.agent, poll_interval_s)
+        self._worker = XferWorker(self.agent, poll_interval_s, layers_per_write=layers_per_write,
+                                  max_pending_bytes=max_pending_bytes)
         self._worker.start()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._peers: dict[str, asyncio.Future] = {}

@@ -29,7 +29,10 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens,
                            config.enable_prefix_caching, max_num_seqs=config.max_num_seqs)
     engine.start()
-    sender = get_backend(kv_backend).sender_cls()
+    kw = {}
+    if kv_backend == "nixl":  # the layer copies it may hold: the batch's KV, as engine/memory.py reserves
+        kw["max_pending_bytes"] = runner.batch_kv_bytes
+    sender = get_backend(kv_backend).sender_cls(**kw)
     server = make_server()
     servicer = PrefillServicer(engine, sender)
     pbg.add_PrefillServicer_to_server(servicer, server)

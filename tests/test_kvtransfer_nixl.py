@@ -93,6 +93,9 @@ def test_wrong_token_never_done(side, child):
     # a forger that somehow has the token but is not the session's agent is refused too
     assert child("forge", address=dst["address"], tid="tok", token=dst["token"], layer=LAYERS - 1,
                  offset=0, pool_page=3)["state"] == "DONE"
+    deadline = time.monotonic() + 5   # the sender groups layers into one WRITE for up to max_group_wait_s
+    while side.state("tok") != "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(0.3)
     assert side.state("tok") == "in_progress"          # pages of layer 2 never admitted
     assert side.receiver.chunks_rejected >= rejected + 4
