@@ -123,3 +123,26 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 TestAllocatorMachine = AllocatorMachine.TestCase
 TestAllocatorMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_prompts_get_consecutive_runs_and_growth_pages_come_from_the_top():
+    """KV transfers cost one descriptor per run of consecutive pages: a multi-page alloc takes
+    the lowest run that fits even when freed pages are scattered; single pages come from the top."""
+    a = PageAllocator(64)
+    assert a.alloc(1) == [63]                       # decode growth: highest free id
+    prompts = [a.alloc(8) for _ in range(4)]        # 0-7, 8-15, 16-23, 24-31
+    assert prompts[1] == list(range(8, 16))
+    growth = [a.alloc(1)[0] for _ in range(5)]
+    assert growth == [62, 61, 60, 59, 58]
+    a.free(prompts[1][::2])                         # 8, 10, 12, 14: holes, no run of 2
+    a.free(prompts[3])                              # 24-31: a run of 8
+    assert a.alloc(6) == list(range(24, 30))        # the run, not the holes
+    assert a.alloc(4) == list(range(30, 34))        # 30, 31 and the fresh 32, 33 are consecutive
+    a.check_integrity()
+    b = PageAllocator(6)
+    b.alloc(2)                                      # 0, 1
+    b.free([0])
+    b.alloc(2)                                      # no run of 2 below: lowest run is 2, 3
+    assert not b.is_allocated(0) and b.is_allocated(2) and b.is_allocated(3)
+    assert b.alloc(3) == [0, 4, 5]                  # no run of 3: the lowest free ids
+    b.check_integrity()
