@@ -307,7 +307,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     wanted = [w for w in args.workloads.split(",") if w]
-    wls = [w for w in workloads(args.tiny) if w.name in wanted]
+    by_name = {w.name: w for w in workloads(args.tiny)}
+    wls = [by_name[w] for w in wanted if w in by_name]      # in the order asked (see served_1gpu.sh)
     layouts = [x for x in args.layouts.split(",") if x]
     if len(wls) != len(wanted) or not wls or set(layouts) - {"colocated", "pd"}:
         print(f"unknown workload or layout in {args.workloads!r} / {args.layouts!r}", file=sys.stderr)
