@@ -276,8 +276,11 @@ def test_no_enable_prefix_caching_turns_the_colocated_cache_off(model_case, tmp_
     assert engine_config_from_args(parse(["decode", "--model", "m", "--device", "cpu"])).enable_prefix_caching
     off = parse(["decode", "--model", "m", "--device", "cpu", "--no-enable-prefix-caching"])
     assert not engine_config_from_args(off).enable_prefix_caching
-    assert "--no-enable-prefix-caching" in engine_flags(parse(["serve", "--no-enable-prefix-caching"]), "m")
-    assert "--no-enable-prefix-caching" not in engine_flags(parse(["serve"]), "m")
+    def flags(argv):
+        args = parse(["serve", "--device", "cpu", *argv])
+        return engine_flags(engine_config_from_args(args), args, "m", 0.9)
+    assert "--no-enable-prefix-caching" in flags(["--no-enable-prefix-caching"])
+    assert "--no-enable-prefix-caching" not in flags([])
     model_dir, prompts, expected = model_case
     with Cluster(model_dir, colocated=True, num_pages=136, page_size=4, log_dir=tmp_path,
                  extra_worker_args=("--no-enable-prefix-caching",)) as c:
