@@ -201,6 +201,20 @@ class DecodeEngine(EngineThread):
             finish = self.scheduler.on_decoded(seq.request_id, tok)
             self._emit(seq, [tok], finish)
 
+    def on_command_error(self, fn, args: tuple, exc: Exception) -> None:
+        """A command about one request raised (e.g. kv_ready for a request in another state):
+        that request fails with the error; the others and the thread go on."""
+        rid = args[0].request_id if args and isinstance(args[0], Sequence) else (
+            args[0] if args and isinstance(args[0], str) else None)
+        sink = self._sinks.pop(rid, None) if rid is not None else None
+        if rid is None:
+            return
+        seq = self.scheduler.get(rid)
+        self.scheduler.abort(rid, FinishReason.ERROR)
+        if sink is not None:
+            self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"engine command failed: {exc}",
+                                                    ErrorKind.INTERNAL, seq.cached_tokens if seq else 0)))
+
     def on_step_error(self, exc: BaseException) -> None:
         """A failed forward pass fails the requests in flight, not the worker."""
         kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL

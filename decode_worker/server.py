@@ -233,6 +233,8 @@ class DecodeServicer(pbg.DecodeServicer):
         self.metrics = metrics or WorkerMetrics(role="decode", address=config.address)
         self.metrics.attach(self.metrics_snapshot, engine=engine, transport=receiver)
         self.timelines = TimelineRecorder(self.metrics.registry, config.trace_file)
+        self.dead: str = ""                        # why the engine loop died ("" = alive)
+        engine.on_fatal = self.engine_died
 
     def metrics_snapshot(self) -> WorkerSnapshot:
         """Read at scrape time, off the event loop (see engine/metrics.py)."""
@@ -260,8 +262,23 @@ class DecodeServicer(pbg.DecodeServicer):
             self._prefill_channels[address] = ch
         return pbg.PrefillStub(ch)
 
+    def engine_died(self, exc: BaseException) -> None:
+        """The engine loop is gone (event loop): fail every open request now, refuse new ones,
+        answer Stats with UNAVAILABLE (the router stops placing here) and leave etcd."""
+        self.dead = f"decode engine loop died: {type(exc).__name__}: {exc}"
+        log.error("%s; failing %d open requests and leaving the pool", self.dead, len(self.live))
+        for req in list(self.live.values()):
+            req.fail(self.dead, ErrorKind.UNAVAILABLE)
+            self._end(req)
+        if self.registry is not None:
+            task = asyncio.get_running_loop().create_task(self.registry.stop())
+            self.draining.add(task)
+            task.add_done_callback(self.draining.discard)
+
     def _check(self, request: pb.GenerateRequest) -> tuple[ErrorKind, str] | None:
         """Why this request cannot start here, or None."""
+        if self.dead:
+            return ErrorKind.UNAVAILABLE, self.dead
         if self.registry is not None and not self.registry.serving:
             return ErrorKind.UNAVAILABLE, "not registered in etcd (lease lapsed); no new work"
         prompt = request.prompt_token_ids
@@ -270,7 +287,10 @@ class DecodeServicer(pbg.DecodeServicer):
         if request.request_id and request.request_id in self.live:
             return ErrorKind.INVALID_ARGUMENT, f"duplicate request id {request.request_id!r}"
         max_len = self.engine.scheduler.config.max_model_len
-        max_tokens = SamplingParams.from_proto(request.sampling).max_tokens
+        try:
+            max_tokens = SamplingParams.from_proto(request.sampling).max_tokens
+        except ValueError as exc:
+            return ErrorKind.INVALID_ARGUMENT, str(exc)
         if len(prompt) + max(max_tokens, 1) > max_len:
             return ErrorKind.INVALID_ARGUMENT, (f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
                                                 f"this worker's max_model_len {max_len}")
@@ -427,6 +447,8 @@ class DecodeServicer(pbg.DecodeServicer):
         return pb.AbortResponse(found=True)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        if self.dead:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.dead)
         # prompt tokens of this worker's requests: remote prefills' counts + local prefills
         st = self.engine.stats()
         return pb.StatsResponse(

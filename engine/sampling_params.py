@@ -20,6 +20,27 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
+    def __post_init__(self) -> None:
+        """The ranges the router enforces, checked again here: a worker called directly
+        (or a bug) must fail the one request, not a sampling step of the whole batch."""
+        import math
+
+        bad = []
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            bad.append(f"temperature {self.temperature} (>= 0)")
+        if not (0.0 <= self.top_p <= 1.0):      # 0 keeps the top token alone (the router asks > 0)
+            bad.append(f"top_p {self.top_p} (in [0, 1])")
+        if self.top_k < -1:
+            bad.append(f"top_k {self.top_k} (>= -1)")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad.append(f"min_p {self.min_p} (in [0, 1])")
+        if self.max_tokens < 0:
+            bad.append(f"max_tokens {self.max_tokens} (>= 0)")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad.append("a negative stop token id")
+        if bad:
+            raise ValueError("invalid sampling parameters: " + ", ".join(bad))
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1

@@ -27,6 +27,11 @@ a long forward pass never blocks RPCs. Lifecycle:
   (engine/errors.py), whatever part of the step it hit.
   `step_observer(seconds)`, when set (metrics), is called on the engine thread
   after every step that ran work.
+  A command or a step that raises fails what it was about (`on_command_error`,
+  `on_step_error`), never the thread. If the thread dies anyway (a bug in those
+  handlers, an interpreter error), `fatal_error` is set and `on_fatal(exc)`
+  runs on the event loop, once: the worker then fails every open request,
+  reports unhealthy and leaves the pool.
 
 Subclasses implement `has_work()` and `step()` and keep all engine state
 private to the thread.
@@ -60,6 +65,8 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = False
         self.fatal_error: BaseException | None = None
+        # on the event loop, once, if the thread dies: the worker must leave the pool loudly
+        self.on_fatal: Callable[[BaseException], None] | None = None
         self.step_observer: Callable[[float], None] | None = None
 
     # -- asyncio side -------------------------------------------------------
@@ -86,6 +93,10 @@ class EngineThread:
         """Run one step; return False when there was nothing to run."""
         raise NotImplementedError
 
+    def on_command_error(self, fn: Callable[..., Any], args: tuple, exc: Exception) -> None:
+        """A posted command raised (engine thread). Default: logged only; subclasses fail the
+        request the command was about."""
+
     def flush(self) -> None:
         """Called on the engine thread after each iteration (drain + step): send what it produced."""
 
@@ -102,7 +113,11 @@ class EngineThread:
             if item is None:
                 return False
             fn, args = item
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - a bad command fails its request, not the thread
+                log.exception("engine command %s failed", getattr(fn, "__name__", fn))
+                self.on_command_error(fn, args, exc)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -133,3 +148,5 @@ class EngineThread:
         except BaseException as exc:  # noqa: BLE001
             self.fatal_error = exc
             log.exception("engine thread died")
+            if self.on_fatal is not None:
+                self.reply(self.on_fatal, exc)

@@ -119,13 +119,21 @@ class PrefillEngine(EngineThread):
 
     def submit(self, job: PrefillJob) -> None:
         job.queued_ns = time.time_ns()
-        self.post(self._queue.append, job)
+        self.post(self._enqueue, job)   # self._queue is read when the command runs, never bound early
 
     def abort(self, request_id: str) -> None:
         self.post(self._abort, request_id)
 
+    def _enqueue(self, job: PrefillJob) -> None:
+        self._queue.append(job)
+
     def _abort(self, request_id: str) -> None:
-        self._queue = deque(j for j in self._queue if j.request_id != request_id)
+        # in place: the queue object is never replaced (a job submitted while an abort waited
+        # in the inbox once landed in a discarded deque and never ran)
+        kept = [j for j in self._queue if j.request_id != request_id]
+        if len(kept) != len(self._queue):
+            self._queue.clear()
+            self._queue.extend(kept)
 
     @property
     def num_waiting(self) -> int:

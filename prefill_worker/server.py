@@ -49,6 +49,10 @@ class PrefillServicer(pbg.PrefillServicer):
         # Prometheus metrics: engine state read at scrape time, batches and transfers via hooks.
         self.metrics = metrics or WorkerMetrics(role="prefill")
         self.metrics.attach(self.metrics_snapshot, engine=engine, transport=sender)
+        self._live: dict[str, asyncio.Future] = {}   # request id -> its result future (open Prefill calls)
+        self._tasks: set[asyncio.Task] = set()
+        self.dead = ""                                # why the engine loop died ("" = alive)
+        engine.on_fatal = self.engine_died
 
     def metrics_snapshot(self) -> WorkerSnapshot:
         """Read at scrape time, off the event loop (see engine/metrics.py)."""
@@ -64,13 +68,46 @@ class PrefillServicer(pbg.PrefillServicer):
             kv_transfer_chunks=getattr(self.sender, "chunks_streamed", 0),
         )
 
+    def engine_died(self, exc: BaseException) -> None:
+        """The engine loop is gone (event loop): fail every waiting Prefill call now, refuse new
+        ones, answer Stats with UNAVAILABLE and leave etcd."""
+        self.dead = f"prefill engine loop died: {type(exc).__name__}: {exc}"
+        log.error("%s; failing %d open prefills and leaving the pool", self.dead, len(self._live))
+        for done in list(self._live.values()):
+            if not done.done():
+                done.set_result((-1, 0, 0, self.dead))
+        if self.registry is not None:
+            self._tasks.add(asyncio.get_running_loop().create_task(self.registry.stop()))
+
+    def _invalid(self, request: pb.PrefillRequest) -> str:
+        """Why this request must not join a batch ("" = fine): checked before it is queued, so
+        a bad request fails alone instead of failing the batch it would have joined."""
+        prompt, runner = request.prompt_token_ids, self.engine.runner
+        if not prompt:
+            return "empty prompt"
+        vocab = runner.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            return f"token id outside [0, {vocab})"
+        if len(prompt) > runner.max_model_len:
+            return f"prompt of {len(prompt)} tokens exceeds max_model_len {runner.max_model_len}"
+        if request.request_id and request.request_id in self._live:
+            return f"duplicate request id {request.request_id!r}"
+        try:
+            SamplingParams.from_proto(request.sampling)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        if self.dead:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.dead)
         if self.registry is not None and not self.registry.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "not registered in etcd (lease lapsed); no new work")
         prompt = list(request.prompt_token_ids)
         runner = self.engine.runner
-        if not prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+        problem = self._invalid(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.dst.page_size != runner.page_size:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"page size mismatch: decode {request.dst.page_size}, prefill {runner.page_size}")
@@ -87,12 +124,14 @@ class PrefillServicer(pbg.PrefillServicer):
         job = PrefillJob(request_id=request.request_id, prompt_token_ids=prompt,
                          params=SamplingParams.from_proto(request.sampling),
                          send_layer=handle.send_layer, on_done=on_done)  # thread-safe
+        key = request.request_id or str(id(done))
+        self._live[key] = done
         self.engine.submit(job)
         ok = False
         try:
             tok, cached, computed, error = await done
             if error:
-                await context.abort(grpc.StatusCode.INTERNAL, error)
+                await context.abort(grpc.StatusCode.UNAVAILABLE if self.dead else grpc.StatusCode.INTERNAL, error)
             handle.finish()
             state = await handle.wait(self.kv_send_timeout_s)
             if not state.terminal:
@@ -105,6 +144,8 @@ class PrefillServicer(pbg.PrefillServicer):
                                       queued_unix_ns=job.queued_ns, start_unix_ns=job.start_ns,
                                       end_unix_ns=job.end_ns)
         finally:
+            if self._live.get(key) is done:
+                del self._live[key]
             if not ok:
                 self.engine.abort(request.request_id)
                 handle.abort()
@@ -139,10 +180,17 @@ class PrefillServicer(pbg.PrefillServicer):
             self.engine.unsubscribe_cache_events(on_event)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        done = self._live.get(request.request_id)
+        if done is None:
+            return pb.AbortResponse(found=False)
         self.engine.abort(request.request_id)
+        if not done.done():
+            done.set_result((-1, 0, 0, "aborted by an Abort call"))
         return pb.AbortResponse(found=True)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        if self.dead:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.dead)
         e = self.engine
         # free_pages counts unlocked prefix-cache pages too: a new prompt can have them
         return pb.StatsResponse(
