@@ -15,7 +15,7 @@ One request's lifecycle:
      scheduler to reserve pages, open a KV transfer into them, call Prefill
      on the prefill worker, wait until every layer has arrived, then hand the
      first token to the engine (`kv_ready`); a failure ends the request with
-     FINISH_ERROR (error_kind UNAVAILABLE);
+     FINISH_ERROR (error_kind PREFILL_FAILED: the router retries elsewhere);
   3. tokens flow from the engine's one-reply-per-step batches (`on_output`)
      to the call: Generate coalesces what queued up into one message, Stream
      appends to its call's pending batch, flushed once per engine reply;
@@ -60,6 +60,7 @@ ERROR_KIND_TO_PB = {
     ErrorKind.INVALID_ARGUMENT: pb.ERROR_INVALID_ARGUMENT,
     ErrorKind.RESOURCE_EXHAUSTED: pb.ERROR_RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: pb.ERROR_UNAVAILABLE,
+    ErrorKind.PREFILL_FAILED: pb.ERROR_PREFILL_FAILED,
 }
 
 
@@ -417,13 +418,13 @@ class DecodeServicer(pbg.DecodeServicer):
             )
         except grpc.aio.AioRpcError as exc:
             raise _RequestError(f"prefill worker {request.prefill_address} failed: "
-                                f"{exc.code().name}: {exc.details()}", ErrorKind.UNAVAILABLE) from exc
+                                f"{exc.code().name}: {exc.details()}", ErrorKind.PREFILL_FAILED) from exc
         state = await self.receiver.wait(transfer_id, self.config.kv_transfer_timeout_s)
         if not state.terminal:
             self.metrics.transfer_failed("timeout")
         if state != TransferState.DONE:
             raise _RequestError(f"KV transfer {transfer_id} ended in state {state.name}: "
-                                f"{self.receiver.error(transfer_id)}", ErrorKind.UNAVAILABLE)
+                                f"{self.receiver.error(transfer_id)}", ErrorKind.PREFILL_FAILED)
         self.cached_prompt_tokens += resp.cached_tokens
         self.computed_prompt_tokens += resp.computed_tokens
         req.cached = resp.cached_tokens

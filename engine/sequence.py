@@ -43,7 +43,8 @@ class ErrorKind(str, enum.Enum):
     INTERNAL = "internal"                        # a bug or a failed step: 500
     INVALID_ARGUMENT = "invalid_argument"        # the request itself is bad: 400
     RESOURCE_EXHAUSTED = "resource_exhausted"    # out of pages / memory, over a limit: 503
-    UNAVAILABLE = "unavailable"                  # a peer (prefill worker, KV transfer) failed: 503
+    UNAVAILABLE = "unavailable"                  # this worker cannot serve (not registered, dead engine): 503
+    PREFILL_FAILED = "prefill_failed"            # the remote prefill or its KV transfer failed: retried, then 503
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

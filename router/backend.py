@@ -46,6 +46,7 @@ from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 from router.cache_index import CacheIndex
 from router.errors import BackendError
+from router.ejection import Ejections
 from router.placement import Placement, PlacementConfig, WorkerLoad
 from router.streams import DecodeStream, StreamBroken
 
@@ -63,7 +64,9 @@ _STATUS_BY_KIND = {
     pb.ERROR_INVALID_ARGUMENT: (400, "invalid_request"),
     pb.ERROR_RESOURCE_EXHAUSTED: (503, "worker_overloaded"),
     pb.ERROR_UNAVAILABLE: (503, "worker_unavailable"),
+    pb.ERROR_PREFILL_FAILED: (503, "prefill_failed"),
 }
+MAX_ATTEMPTS = 3   # placements of one request (a refused decode worker or a failed prefill: the next)
 
 _STATUS_BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: (503, "worker_unavailable"),
@@ -101,7 +104,8 @@ class DecodeClient:
 
     def __init__(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str] = (),
                  request_timeout_s: float = 600.0, placement: str | PlacementConfig = "cache_aware",
-                 stats_interval_s: float = 0.5) -> None:
+                 stats_interval_s: float = 0.5, on_event=None) -> None:
+        """on_event(kind, address): "placed" / "ejected" / "readmitted" / "retried" / "local_prefill"."""
         self.decode_addresses = tuple(decode_addresses)   # may be empty until set_members (etcd)
         self.prefill_addresses = tuple(prefill_addresses)
         self.request_timeout_s = request_timeout_s
@@ -116,6 +120,13 @@ class DecodeClient:
         self._stubs: dict[str, pbg.DecodeStub] = {}
         self._prefill_stubs: dict[str, pbg.PrefillStub] = {}
         self._streams: dict[str, DecodeStream] = {}
+        self._on_event = on_event or (lambda kind, address: None)
+        self.ejections = Ejections(lambda a, why, out: self._on_event("ejected" if out else "readmitted", a))
+
+    def set_event_hook(self, on_event) -> None:
+        """on_event(kind, address) for "placed", "ejected", "readmitted", "retried", "local_prefill"."""
+        self._on_event = on_event
+        self._said_local_prefill = False
         self._poller: asyncio.Task | None = None
         self._subscriptions: dict[str, asyncio.Task] = {}
 
@@ -137,6 +148,7 @@ class DecodeClient:
                 del self._workers[address]
         for address in [a for a in self.cache_index.workers if a not in self.prefill_addresses]:
             self.cache_index.remove(address)
+        self.ejections.forget(keep)
         if self._loop is not None and not self._loop.is_closed():
             self._sync_subscriptions()
 
@@ -145,12 +157,23 @@ class DecodeClient:
     def _worker(self, address: str) -> _Worker:
         return self._workers.setdefault(address, _Worker())
 
-    def _choose_prefill(self, request_id: str, prompt_ids: Sequence[int]) -> str:
-        """A prefill worker address (now counted in flight there), or "" in colocated mode
-        (decode prefills itself)."""
+    def _choose_prefill(self, request_id: str, prompt_ids: Sequence[int], exclude: set[str] = frozenset()) -> str:
+        """A prefill worker address (now counted in flight there), or "" (the decode worker
+        prefills itself): colocated mode, or every prefill worker ejected or already tried for
+        this request (then said once in the log and counted: a slower path than asked for)."""
         if not self.prefill_addresses:
             return ""
-        loads = [self._worker(a).load(a) for a in self.prefill_addresses]
+        candidates = [a for a in self.ejections.healthy(self.prefill_addresses) if a not in exclude]
+        if not candidates:
+            if not self._said_local_prefill:
+                self._said_local_prefill = True
+                log.warning("no prefill worker can take request %s (ejected: %s, tried: %s): the decode "
+                            "worker prefills it itself (counted in tandem_router_fallbacks_total"
+                            "{what=\"local_prefill\"}; said once)", request_id,
+                            sorted(self.ejections.snapshot()), sorted(exclude))
+            self._on_event("local_prefill", "")
+            return ""
+        loads = [self._worker(a).load(a) for a in candidates]
         matched = self.cache_index.match(prompt_ids) if self.placement.config.policy == "cache_aware" else {}
         choice = self.placement.choose_prefill(loads, matched, len(prompt_ids))
         self._track(choice.address, request_id, self.placement.prefill_cost(len(prompt_ids), choice.matched_tokens))
@@ -160,9 +183,10 @@ class DecodeClient:
         """A decode worker with room; waits while every worker is full (until deadline)."""
         headroom = self.placement.config.decode_headroom_pages
         while True:
-            addresses = [a for a in self.decode_addresses if a not in exclude]
+            addresses = [a for a in self.ejections.healthy(self.decode_addresses) if a not in exclude]
             if not addresses:
-                raise BackendError(503, "no decode worker available", code="worker_unavailable")
+                raise BackendError(503, "no decode worker available", code="worker_unavailable",
+                                   retry_after=1)
             loads = [self._worker(a).load(a) for a in addresses]
             choice = self.placement.choose_decode(loads, prompt_tokens)
             if choice is not None:
@@ -178,6 +202,7 @@ class DecodeClient:
     def _track(self, address: str, request_id: str, tokens: int) -> None:
         self._worker(address).in_flight[request_id] = (tokens, time.monotonic())
         self.placed[address] = self.placed.get(address, 0) + 1
+        self._on_event("placed", address)
 
     def _untrack(self, address: str, request_id: str) -> None:
         w = self._workers.get(address)
@@ -246,8 +271,16 @@ class DecodeClient:
             try:
                 stub = self._prefill_stub(address) if prefill else self._stub(address)
                 st = await stub.Stats(pb.StatsRequest(), timeout=max(1.0, 2 * self.stats_interval_s))
-            except Exception:  # noqa: BLE001 - unreachable worker: generate() reports it
+            except grpc.aio.AioRpcError as exc:
+                # unreachable, timed out, or (a dead engine says so) unavailable: no placement until
+                # it answers; other codes (a worker without Stats) say nothing about its health
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
+                        address in self.decode_addresses or address in self.prefill_addresses):
+                    self.ejections.eject(address, f"Stats failed: {exc.code().name}: {exc.details()}")
                 return
+            except Exception:  # noqa: BLE001 - e.g. a channel of a closed loop: keep the last Stats
+                return
+            self.ejections.readmit(address)
             w = self._workers.get(address)
             if w is not None or address in self.decode_addresses or address in self.prefill_addresses:
                 w = self._worker(address)
@@ -313,13 +346,15 @@ class DecodeClient:
         `contextlib.aclosing`) to abort the request on the worker."""
         self._bind_loop()
         deadline = time.monotonic() + self.request_timeout_s
-        tried: set[str] = set()
+        tried: set[str] = set()           # decode workers that refused this request
+        prefill_failed: set[str] = set()  # prefill workers that failed it
         n = len(prompt_ids)
-        while True:
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                self._on_event("retried", "")
             address = await self._choose_decode(n, tried, deadline)
-            tried.add(address)
             self._track(address, request_id, n)
-            prefill = self._choose_prefill(request_id, prompt_ids)
+            prefill = self._choose_prefill(request_id, prompt_ids, prefill_failed)
             request = pb.GenerateRequest(
                 request_id=request_id,
                 prompt_token_ids=list(prompt_ids),
@@ -329,7 +364,7 @@ class DecodeClient:
             )
             if prefill:
                 self.cache_index.note_routed(prefill, prompt_ids)
-            can_retry = any(a not in tried for a in self.decode_addresses)
+            last = attempt + 1 == MAX_ATTEMPTS
             rs = self._stream(address).open(request, deadline)
             retry = settled = False
             try:
@@ -337,9 +372,12 @@ class DecodeClient:
                     try:
                         response = await rs.get()
                     except StreamBroken as exc:
-                        if exc.code == grpc.StatusCode.UNAVAILABLE and not rs.received and can_retry:
-                            retry = True  # nothing reached that worker: try the next one
-                            break
+                        if exc.code == grpc.StatusCode.UNAVAILABLE:
+                            self.ejections.eject(address, f"Decode.Stream: {exc.details}")
+                            if not rs.received and not last:
+                                tried.add(address)
+                                retry = True  # nothing reached that worker: try the next one
+                                break
                         raise _stream_error(exc, address, request_id) from None
                     if prefill and not settled:
                         settled = True  # the first message means the prefill is done
@@ -347,11 +385,18 @@ class DecodeClient:
                         self.cache_index.settle(prefill, prompt_ids)
                     reason = response.finish_reason
                     if reason == pb.FINISH_ERROR:
-                        if (response.error_kind == pb.ERROR_UNAVAILABLE and not response.token_ids
-                                and response.prompt_tokens == 0 and can_retry):
-                            retry = True  # refused before starting (e.g. not registered): next worker
+                        kind = response.error_kind
+                        if kind == pb.ERROR_PREFILL_FAILED and prefill and not last:
+                            self.ejections.eject(prefill, f"failed a prefill: {response.error[:200]}")
+                            prefill_failed.add(prefill)
+                            retry = True  # another prefill worker (or the decode worker itself)
                             break
-                        status, code = _STATUS_BY_KIND.get(response.error_kind, (500, "worker_error"))
+                        if (kind == pb.ERROR_UNAVAILABLE and not response.token_ids
+                                and not rs.received_tokens and not last):
+                            tried.add(address)  # refused before starting (not registered, dead engine)
+                            retry = True
+                            break
+                        status, code = _STATUS_BY_KIND.get(kind, (500, "worker_error"))
                         if is_resource_exhausted(response.error):  # out of GPU memory: 503
                             status, code = 503, RESOURCE_EXHAUSTED
                         raise BackendError(status, f"decode worker {address} failed request {request_id}: "

@@ -37,8 +37,9 @@ class OpenAIError(Exception):
     """An error that becomes an OpenAI error body with HTTP `status`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
+                 code: str | None = None, type: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
+        self.retry_after = retry_after   # seconds, sent as Retry-After (503 / 429)
         self.status = status
         self.message = message
         self.param = param
@@ -49,14 +50,16 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_response(self) -> JSONResponse:
-        return JSONResponse(self.to_dict(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.to_dict(), status_code=self.status, headers=headers)
 
 
 class BackendError(OpenAIError):
     """A decode/prefill worker failed, was unreachable or timed out (5xx)."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
-        super().__init__(status, message, code=code)
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(status, message, code=code, retry_after=retry_after)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:

@@ -65,9 +65,32 @@ class RouterMetrics:
         self.fallbacks = Counter("tandem_router_fallbacks",
                                  "Times the router took a slower path than the one it prefers, by what.",
                                  ["what"], registry=r)
+        self.ejections = Counter("tandem_router_worker_ejections",
+                                 "Workers the router stopped placing on after a failure, by worker.",
+                                 ["worker"], registry=r)
+        self.readmissions = Counter("tandem_router_worker_readmissions",
+                                    "Ejected workers whose Stats answered again, by worker.", ["worker"], registry=r)
+        self.placements = Counter("tandem_router_placements",
+                                  "Requests placed on a worker (decode and prefill; retries count again).",
+                                  ["worker"], registry=r)
+        self.retries = Counter("tandem_router_request_retries",
+                               "Requests placed again after a worker refused or a prefill failed.", registry=r)
         self.members = Gauge("tandem_members", "Cluster members known to the router, by role and state.",
                              ["role", "state"], registry=r)
         self._member_labels: set[tuple[str, str]] = set()
+
+    def on_backend_event(self, kind: str, address: str) -> None:
+        """router.backend.DecodeClient's hook."""
+        if kind == "placed":
+            self.placements.labels(address).inc()
+        elif kind == "ejected":
+            self.ejections.labels(address).inc()
+        elif kind == "readmitted":
+            self.readmissions.labels(address).inc()
+        elif kind == "retried":
+            self.retries.inc()
+        elif kind == "local_prefill":
+            self.fallbacks.labels(what="local_prefill").inc()
 
     # -- members (static list at start; an etcd view keeps it current) -------
     def set_members(self, role: str, state: str, n: int) -> None:

@@ -290,6 +290,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     config = config.resolved()
     metrics = metrics or RouterMetrics()
     gw = _Gateway(config, tokenizer, client, metrics)
+    client.set_event_hook(metrics.on_backend_event)
     if not config.etcd_endpoints:  # static members; an etcd view calls metrics.set_members itself
         metrics.set_members("decode", "static", len(config.decode_addresses))
         metrics.set_members("prefill", "static", len(config.prefill_addresses))
@@ -353,9 +354,10 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        out: dict[str, Any] = {"status": "ok", "ejected": client.ejections.snapshot()}
         if membership is not None:
-            return {"status": "ok", "membership": membership.snapshot()}
-        return {"status": "ok"}
+            out["membership"] = membership.snapshot()
+        return out
 
     return app
 

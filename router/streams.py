@@ -47,11 +47,13 @@ class StreamBroken(Exception):
 class RequestStream:
     """One request's responses on a DecodeStream (consumed by one coroutine)."""
 
-    __slots__ = ("request_id", "received", "finished", "_items", "_event", "_error", "_owner", "_timer")
+    __slots__ = ("request_id", "received", "received_tokens", "finished", "_items", "_event", "_error",
+                 "_owner", "_timer")
 
     def __init__(self, request_id: str, owner: "DecodeStream") -> None:
         self.request_id = request_id
         self.received = False       # got at least one response
+        self.received_tokens = False  # ... one with tokens (then it must not be retried elsewhere)
         self.finished = False       # got the response with a finish reason
         self._items: deque[pb.GenerateResponse] = deque()
         self._event = asyncio.Event()
@@ -80,6 +82,8 @@ class RequestStream:
             nxt.token_ids[:0] = resp.token_ids
             resp = nxt
         self.received = True
+        if resp.token_ids:
+            self.received_tokens = True
         if resp.finish_reason != pb.FINISH_NONE:
             self.finished = True
         return resp

@@ -24,7 +24,7 @@ class Cluster:
     def __init__(self, model_dir: Path, colocated: bool = False, num_pages: int = 256, page_size: int = 4,
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
                  log_dir: Path | None = None, kv_transfer_backend: str = "grpc",
-                 decode_args: tuple[str, ...] = ()) -> None:
+                 decode_args: tuple[str, ...] = (), num_prefill: int = 1) -> None:
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
@@ -37,10 +37,13 @@ class Cluster:
         self.kv_transfer_backend = kv_transfer_backend
         self.procs: list[subprocess.Popen] = []
         self.decode_addr = f"127.0.0.1:{free_port()}"
-        self.prefill_addr = "" if colocated else f"127.0.0.1:{free_port()}"
+        self.prefill_addrs = [] if colocated else [f"127.0.0.1:{free_port()}" for _ in range(num_prefill)]
+        self.prefill_addr = self.prefill_addrs[0] if self.prefill_addrs else ""
         self.http_port = free_port()
         self.decode_metrics_port = free_port()
-        self.prefill_metrics_port = 0 if colocated else free_port()
+        self.prefill_metrics_ports = [free_port() for _ in self.prefill_addrs]
+        self.prefill_metrics_port = self.prefill_metrics_ports[0] if self.prefill_metrics_ports else 0
+        self.prefill_procs: list[subprocess.Popen] = []
 
     @property
     def base_url(self) -> str:
@@ -72,13 +75,14 @@ class Cluster:
         try:
             decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1]),
                                             "--metrics-port", str(self.decode_metrics_port), *self.decode_args])
-            if self.prefill_addr:
-                prefill = self._spawn("prefill", ["prefill", *self._worker_args(self.prefill_addr.split(":")[1]),
-                                                  "--metrics-port", str(self.prefill_metrics_port)])
-                self._wait_grpc(self.prefill_addr, prefill)
+            for i, (addr, mport) in enumerate(zip(self.prefill_addrs, self.prefill_metrics_ports)):
+                prefill = self._spawn("prefill" if i == 0 else f"prefill{i}",
+                                      ["prefill", *self._worker_args(addr.split(":")[1]), "--metrics-port", str(mport)])
+                self.prefill_procs.append(prefill)
+                self._wait_grpc(addr, prefill)
             self._wait_grpc(self.decode_addr, decode)
             args = ["router", "--model", str(self.model_dir), "--port", str(self.http_port),
-                    "--decode", self.decode_addr, "--prefill", self.prefill_addr,
+                    "--decode", self.decode_addr, "--prefill", ",".join(self.prefill_addrs),
                     "--served-model-name", self.served_name]
             if self.api_key:
                 args += ["--api-key", self.api_key]

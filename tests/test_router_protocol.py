@@ -96,7 +96,7 @@ def chat(**kw) -> dict:
 # ---------------------------------------------------------------- validation (dead worker)
 
 def test_health_and_models(dead_client):
-    assert dead_client.get("/health").json() == {"status": "ok"}
+    assert dead_client.get("/health").json() == {"status": "ok", "ejected": {}}
     body = dead_client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny", "tiny-alias"]
@@ -321,14 +321,32 @@ def sse_events(text: str) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
+@contextlib.asynccontextmanager
+async def reachable_addresses(n: int):
+    """n live gRPC servers with no service: reachable workers (the router does not eject them;
+    their Stats are UNIMPLEMENTED) whose addresses only end up in GenerateRequest.prefill_address."""
+    servers, addresses = [], []
+    for _ in range(n):
+        server = grpc.aio.server()
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        servers.append(server)
+    try:
+        yield tuple(addresses)
+    finally:
+        for server in servers:
+            await server.stop(grace=None)
+
+
 def test_completion_non_streaming(tokenizer):
     async def body():
-        async with gateway(tokenizer, prefill_addresses=("p0:1", "p1:1")) as (servicer, c):
-            r = await c.post("/v1/completions", json=cmpl(max_tokens=50))
-            r2 = await c.post("/v1/completions", json=cmpl(max_tokens=3, prompt=[5, 6, 7]))
-            return servicer, r, r2
+        async with reachable_addresses(2) as prefills:
+            async with gateway(tokenizer, prefill_addresses=prefills) as (servicer, c):
+                r = await c.post("/v1/completions", json=cmpl(max_tokens=50))
+                r2 = await c.post("/v1/completions", json=cmpl(max_tokens=3, prompt=[5, 6, 7]))
+                return servicer, r, r2, prefills
 
-    servicer, r, r2 = run(body())
+    servicer, r, r2, prefills = run(body())
     body = r.json()
     assert r.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == REPLY_TEXT and body["choices"][0]["finish_reason"] == "stop"
@@ -337,7 +355,7 @@ def test_completion_non_streaming(tokenizer):
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_reply,
                              "total_tokens": n_prompt + n_reply, "prompt_tokens_details": {"cached_tokens": 2}}
     assert r2.json()["choices"][0]["finish_reason"] == "length" and r2.json()["usage"]["completion_tokens"] == 3
-    assert [q.prefill_address for q in servicer.requests] == ["p0:1", "p1:1"]
+    assert [q.prefill_address for q in servicer.requests] == list(prefills)
     assert list(servicer.requests[1].prompt_token_ids) == [5, 6, 7]
     assert servicer.requests[1].sampling.max_tokens == 3
 
