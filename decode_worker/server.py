@@ -458,4 +458,5 @@ class DecodeServicer(pbg.DecodeServicer):
             cached_prompt_tokens=self.cached_prompt_tokens + self.engine.counters.prefill_cached_tokens,
             computed_prompt_tokens=self.computed_prompt_tokens + self.engine.counters.prefilled_tokens,
             active_transfers=self.receiver.active_transfers,
+            max_running=self.engine.scheduler.config.max_num_seqs,
         )

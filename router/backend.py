@@ -96,7 +96,7 @@ class _Worker:
             free_pages=st.free_pages if st is not None else None,
             num_pages=st.num_pages if st is not None else None, page_size=page_size,
             running=st.running if st is not None else 0, waiting=st.waiting if st is not None else 0,
-            pending_pages=pending)
+            pending_pages=pending, max_running=(st.max_running or None) if st is not None else None)
 
 
 class DecodeClient:
@@ -104,11 +104,12 @@ class DecodeClient:
 
     def __init__(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str] = (),
                  request_timeout_s: float = 600.0, placement: str | PlacementConfig = "cache_aware",
-                 stats_interval_s: float = 0.5, on_event=None) -> None:
+                 stats_interval_s: float = 0.5, on_event=None, queue_timeout_s: float = 30.0) -> None:
         """on_event(kind, address): "placed" / "ejected" / "readmitted" / "retried" / "local_prefill"."""
         self.decode_addresses = tuple(decode_addresses)   # may be empty until set_members (etcd)
         self.prefill_addresses = tuple(prefill_addresses)
         self.request_timeout_s = request_timeout_s
+        self.queue_timeout_s = queue_timeout_s    # longest wait for a decode worker with room
         self.stats_interval_s = stats_interval_s
         config = placement if isinstance(placement, PlacementConfig) else PlacementConfig(policy=placement)
         self.placement = Placement(config)
@@ -133,8 +134,10 @@ class DecodeClient:
     @classmethod
     def from_config(cls, config) -> "DecodeClient":
         """Build from a `router.config.RouterConfig`."""
+        placement = PlacementConfig(policy=getattr(config, "placement", "cache_aware"),
+                                    max_queued_per_worker=getattr(config, "max_queued_per_worker", 256))
         return cls(config.decode_addresses, config.prefill_addresses, config.request_timeout_s,
-                   placement=getattr(config, "placement", "cache_aware"))
+                   placement=placement, queue_timeout_s=getattr(config, "queue_timeout_s", 30.0))
 
     # ---- membership ---------------------------------------------------------
 
@@ -180,14 +183,20 @@ class DecodeClient:
         return choice.address
 
     async def _choose_decode(self, prompt_tokens: int, exclude: set[str], deadline: float) -> str:
-        """A decode worker with room; waits while every worker is full (until deadline)."""
+        """A decode worker with room. Every worker's waiting queue full: 503 at once (with
+        Retry-After). Queues open but no KV pages free: waits, at most queue_timeout_s."""
         headroom = self.placement.config.decode_headroom_pages
+        deadline = min(deadline, time.monotonic() + self.queue_timeout_s)
         while True:
             addresses = [a for a in self.ejections.healthy(self.decode_addresses) if a not in exclude]
             if not addresses:
                 raise BackendError(503, "no decode worker available", code="worker_unavailable",
                                    retry_after=1)
             loads = [self._worker(a).load(a) for a in addresses]
+            if not self.placement.admissible(loads):
+                raise BackendError(503, "overloaded: every decode worker's waiting queue is full "
+                                        f"({self.placement.config.max_queued_per_worker} beyond its running "
+                                        "batch); retry later", code="worker_overloaded", retry_after=1)
             choice = self.placement.choose_decode(loads, prompt_tokens)
             if choice is not None:
                 return choice.address
@@ -196,7 +205,7 @@ class DecodeClient:
                 return min(loads, key=lambda w: w.batch).address
             if time.monotonic() >= deadline:
                 raise BackendError(503, "no decode worker has free KV pages for the prompt",
-                                   code="worker_overloaded")
+                                   code="worker_overloaded", retry_after=1)
             await asyncio.sleep(0.05)
 
     def _track(self, address: str, request_id: str, tokens: int) -> None:

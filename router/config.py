@@ -24,6 +24,9 @@ class RouterConfig:
     etcd_endpoints: tuple[str, ...] = ()        # "host:port" of etcd; () = the static address lists above
     etcd_prefix: str = "/tandem"                # key prefix of this cluster's members
     placement: str = "cache_aware"              # "round_robin" | "least_load" | "cache_aware"
+    max_queued_per_worker: int | None = 256     # requests waiting on a decode worker beyond its batch
+                                                # (--max-queued-requests); all full: 503 + Retry-After
+    queue_timeout_s: float = 30.0               # longest wait for a decode worker with free KV pages
 
     def __post_init__(self) -> None:
         if not self.decode_addresses and not self.etcd_endpoints:
@@ -32,6 +35,10 @@ class RouterConfig:
             raise ValueError(f"unknown placement policy {self.placement!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_queued_per_worker is not None and self.max_queued_per_worker < 0:
+            raise ValueError(f"max_queued_per_worker must be >= 0, got {self.max_queued_per_worker}")
+        if self.queue_timeout_s <= 0:
+            raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         # Normalise sequences handed in as lists so the dataclass stays hashable.

@@ -44,10 +44,16 @@ class PlacementConfig:
     request_cost_tokens: int = 128         # prefill work of a request on top of its uncached tokens
     min_match_tokens: int = 1              # cache_aware: shorter matches count as no match
     decode_headroom_pages: int = 1         # decode: free pages needed beyond the prompt's own
+    # decode admission: requests a worker may hold waiting beyond its running batch (its Stats'
+    # max_running); a worker with max_running + max_queued requests in flight takes no more, and
+    # when every worker is that full the router answers 503 at once. None = unbounded.
+    max_queued_per_worker: int | None = 256
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown placement policy {self.policy!r}; choose from {POLICIES}")
+        if self.max_queued_per_worker is not None and self.max_queued_per_worker < 0:
+            raise ValueError("max_queued_per_worker must be >= 0")
         if self.balance_threshold_tokens < 0 or self.decode_headroom_pages < 0:
             raise ValueError("placement thresholds must be >= 0")
 
@@ -65,6 +71,7 @@ class WorkerLoad:
     running: int = 0                   # last Stats: running batch
     waiting: int = 0                   # last Stats: queued requests
     pending_pages: int = 0             # pages of in-flight requests placed after that Stats was taken
+    max_running: int | None = None     # last Stats: the worker's running-batch limit
 
     @property
     def available_pages(self) -> int | None:
@@ -86,6 +93,12 @@ class WorkerLoad:
     def has_room(self, tokens: int, headroom: int = 0) -> bool:
         avail, need = self.available_pages, self.pages_for(tokens, headroom)
         return avail is None or need is None or avail >= need
+
+    def has_queue_room(self, max_queued: int | None) -> bool:
+        """Whether it may take one more request: fewer than max_running + max_queued in flight."""
+        if max_queued is None or not self.max_running:
+            return True
+        return self.batch < self.max_running + max_queued
 
     def could_ever_fit(self, tokens: int, headroom: int = 0) -> bool:
         """Whether the whole pool (everything freed) would hold the request."""
@@ -158,10 +171,14 @@ class Placement:
 
     # ---- decode -----------------------------------------------------------------
 
+    def admissible(self, workers: Sequence[WorkerLoad]) -> list[WorkerLoad]:
+        """Decode workers whose waiting queue is not full (see max_queued_per_worker)."""
+        return [w for w in workers if w.has_queue_room(self.config.max_queued_per_worker)]
+
     def choose_decode(self, workers: Sequence[WorkerLoad], prompt_tokens: int) -> DecodeChoice | None:
-        """A decode worker with room for the prompt, or None if none has room now."""
+        """A decode worker with room for the prompt (pages, queue), or None if none has room now."""
         headroom = self.config.decode_headroom_pages
-        fits = [w for w in workers if w.has_room(prompt_tokens, headroom)]
+        fits = [w for w in self.admissible(workers) if w.has_room(prompt_tokens, headroom)]
         if not fits:
             return None
         if self.config.policy == "round_robin":

@@ -99,6 +99,14 @@ def add_kv_transfer_arg(p: argparse.ArgumentParser) -> None:
                         "nixl needs the `nixl` package)")
 
 
+def add_admission_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait on each decode worker beyond its running batch; when every "
+                        "worker is that full the router answers 503 with Retry-After at once (-1: no limit)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for a decode worker with free KV pages before a 503")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
     serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
+    add_admission_args(serve)
     serve.add_argument("--request-trace-file", default="",
                        help="the decode worker appends one JSON line per request timeline here")
 
@@ -127,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--decode", default="", help="comma-separated decode worker addresses (static members)")
     router.add_argument("--prefill", default="", help="comma-separated prefill worker addresses (empty: colocated)")
     router.add_argument("--request-timeout", type=float, default=600.0)
+    add_admission_args(router)
     router.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
     add_cluster_args(router, worker=False)
 

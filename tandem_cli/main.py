@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
             request_timeout_s=args.request_timeout,
             etcd_endpoints=tuple(a for a in args.etcd.split(",") if a),
             etcd_prefix=args.etcd_prefix, placement=args.placement,
+            max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
+            queue_timeout_s=args.queue_timeout,
         ))
         return
     try:

@@ -24,13 +24,15 @@ class Cluster:
     def __init__(self, model_dir: Path, colocated: bool = False, num_pages: int = 256, page_size: int = 4,
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
                  log_dir: Path | None = None, kv_transfer_backend: str = "grpc",
-                 decode_args: tuple[str, ...] = (), num_prefill: int = 1) -> None:
+                 decode_args: tuple[str, ...] = (), num_prefill: int = 1,
+                 router_args: tuple[str, ...] = ()) -> None:
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
         self.page_size = page_size
         self.extra = list(extra_worker_args)
         self.decode_args = list(decode_args)     # decode worker only
+        self.router_args = list(router_args)
         self.served_name = served_name
         self.api_key = api_key
         self.log_dir = log_dir
@@ -86,6 +88,7 @@ class Cluster:
                     "--served-model-name", self.served_name]
             if self.api_key:
                 args += ["--api-key", self.api_key]
+            args += self.router_args
             router = self._spawn("router", args)
             self._wait_http(f"http://127.0.0.1:{self.http_port}/health", router)
         except BaseException:
