@@ -10,11 +10,16 @@ Lifecycle of a `Registry`:
   3. keepalive, every ttl/3: refresh the lease.
      - reply TTL > 0: still registered;
      - reply TTL <= 0 (lease revoked behind our back, or expired during a long
-       pause), or no successful refresh for a whole TTL (partition): LAPSED.
-       `serving` turns False at once and `on_lapse(reason)` callbacks run: the
-       router has dropped (or is dropping) us, so the worker refuses new work.
-       Then it registers again under a new lease (retrying with backoff) and
-       `serving` turns True; the process carries on, no restart.
+       pause), or no successful refresh for a whole TTL (etcd down, a
+       partition): LAPSED. `on_lapse(reason)` callbacks run and it registers
+       again under a new lease (retrying with backoff); the process carries on.
+  Fencing rule: a worker stops taking work only when it knows it was REPLACED,
+  i.e. when it finds its key held by another member (another process with the
+  same address and a later start epoch). A lease it merely could not refresh
+  says nothing of the sort: the router keeps its last view through an etcd
+  outage, so the worker keeps serving too (a control-plane outage is not a
+  data-plane outage), and a router that did drop it simply sends it nothing.
+  `serving` is False before the first registration and once fenced.
   4. `await stop()`: cancel the task, revoke the lease (the key goes at once,
      so the router stops placing work here before the gRPC server stops),
      close the client.
@@ -66,7 +71,8 @@ class Registry:
         self.lease_id = 0                      # current lease; 0 = not registered
         self.registrations = 0                 # how many times a lease was granted + key put
         self.lapses = 0
-        self._serving = False
+        self._serving = False                  # registered at least once and not fenced
+        self.fenced_by = ""                    # the member that replaced us ("" = not fenced)
         self._on_lapse: list[Callable[[str], None]] = []
         self._endpoints = parse_endpoints(config.endpoints)
         self._endpoint_index = 0
@@ -78,9 +84,9 @@ class Registry:
 
     @property
     def serving(self) -> bool:
-        """False while not registered (before the first registration, after a lapse):
-        the worker must not take new work then."""
-        return self._serving
+        """False before the first registration and after another member replaced this one
+        (see the fencing rule): the worker must not take new work then."""
+        return self._serving and not self.fenced_by
 
     def on_lapse(self, callback: Callable[[str], None]) -> None:
         """`callback(reason)` runs on the event loop when the lease lapses."""
@@ -124,7 +130,9 @@ class Registry:
         backoff = 0.2
         last_ok = 0.0
         while True:
-            if not self._serving:
+            if self.fenced_by:
+                return              # replaced: nothing to keep alive
+            if not self.lease_id:
                 try:
                     await self._register()
                     last_ok, backoff = time.monotonic(), 0.2
@@ -161,6 +169,15 @@ class Registry:
 
     async def _register(self) -> None:
         client = self._ensure_client()
+        held = await client.get(self.key.encode())
+        if held is not None and held.value:
+            other = pb.MemberInfo.FromString(held.value)
+            if other.start_epoch_ms > self.info.start_epoch_ms:   # a later process at our address
+                self.fenced_by = f"{other.member_id} (started {other.start_epoch_ms})"
+                self._serving = False
+                log.error("%s is held by a newer member %s: this worker was replaced and takes no "
+                          "more work", self.key, self.fenced_by)
+                return
         lease = await client.lease(self.config.lease_ttl)
         self.info.lease_id = lease.id
         await client.put(self.key.encode(), self.info.SerializeToString(), lease=lease.id)
@@ -172,10 +189,10 @@ class Registry:
                  "" if self.registrations == 1 else f", registration #{self.registrations}")
 
     def _lapse(self, reason: str) -> None:
-        self._serving = False
         self.lapses += 1
-        log.warning("lease %x of %s lapsed: %s; refusing new work and registering again",
+        log.warning("lease %x of %s lapsed: %s; still serving (fencing rule) and registering again",
                     self.lease_id, self.key, reason)
+        self.lease_id = 0
         for callback in self._on_lapse:
             try:
                 callback(reason)
