@@ -9,10 +9,12 @@ Lifecycle of a `Registry`:
      task keeps trying in the background and `serving` stays False.
   3. keepalive, every ttl/3: refresh the lease.
      - reply TTL > 0: still registered;
-     - reply TTL <= 0 (lease revoked behind our back, or expired during a long
-       pause), or no successful refresh for a whole TTL (etcd down, a
-       partition): LAPSED. `on_lapse(reason)` callbacks run and it registers
-       again under a new lease (retrying with backoff); the process carries on.
+     - no successful refresh for a whole TTL (etcd down, a partition): LAPSED;
+       `on_lapse(reason)` callbacks run and it keeps refreshing the same lease
+       (etcd restores live leases after a restart);
+     - reply TTL <= 0 (revoked behind our back, or expired meanwhile): LAPSED,
+       and it registers again under a new lease (retrying with backoff).
+     The process carries on either way, no restart.
   Fencing rule: a worker stops taking work only when it knows it was REPLACED,
   i.e. when it finds its key held by another member (another process with the
   same address and a later start epoch). A lease it merely could not refresh
@@ -112,9 +114,9 @@ class Registry:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.lease_id and self._client is not None:
+        if self.lease_id:   # a fresh client if the last one was dropped after a failure
             try:
-                await asyncio.wait_for(self._client.revoke_lease(self.lease_id), self.config.ttl_s)
+                await asyncio.wait_for(self._ensure_client().revoke_lease(self.lease_id), self.config.ttl_s)
                 log.info("revoked lease %x of %s", self.lease_id, self.key)
             except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
                 log.warning("could not revoke lease %x (%s); it expires in %ds", self.lease_id, exc,
@@ -129,13 +131,14 @@ class Registry:
         interval = self.config.ttl_s / 3
         backoff = 0.2
         last_ok = 0.0
+        lapsed = False
         while True:
             if self.fenced_by:
                 return              # replaced: nothing to keep alive
-            if not self.lease_id:
+            if not self.lease_id:   # not registered yet, or the lease is known to be gone
                 try:
                     await self._register()
-                    last_ok, backoff = time.monotonic(), 0.2
+                    last_ok, backoff, lapsed = time.monotonic(), 0.2, False
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - etcd down or unreachable: retry
@@ -145,27 +148,26 @@ class Registry:
                     backoff = min(backoff * 2, interval)
                     continue
             await asyncio.sleep(max(0.0, last_ok + interval - time.monotonic()))
-            if time.monotonic() - last_ok > self.config.lease_ttl:
-                # We did not run for a whole TTL (a long pause): the lease is gone or
-                # about to be; refuse work before even asking etcd.
-                self._lapse(f"no keepalive for {time.monotonic() - last_ok:.1f}s")
-                continue
             try:
                 reply = await self._ensure_client().refresh_lease(self.lease_id)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - etcd down or unreachable
-                if time.monotonic() - last_ok > self.config.lease_ttl:
+            except Exception as exc:  # noqa: BLE001 - etcd down or unreachable: keep the lease id, retry
+                if time.monotonic() - last_ok > self.config.lease_ttl and not lapsed:
+                    lapsed = True
                     self._lapse(f"etcd unreachable for a whole TTL ({exc})")
                 else:
                     log.warning("lease keepalive failed (%s); retrying", exc)
-                    await self._reconnect()
-                    await asyncio.sleep(min(interval, 0.5))
+                await self._reconnect()
+                await asyncio.sleep(min(interval, 0.5))
                 continue
             if reply is None or reply.TTL <= 0:
+                # the lease is gone (expired while we could not refresh it, or revoked): the key
+                # went with it, so register again under a new lease
                 self._lapse("lease expired or revoked")
+                self.lease_id = 0
                 continue
-            last_ok = time.monotonic()
+            last_ok, lapsed = time.monotonic(), False
 
     async def _register(self) -> None:
         client = self._ensure_client()
@@ -190,9 +192,7 @@ class Registry:
 
     def _lapse(self, reason: str) -> None:
         self.lapses += 1
-        log.warning("lease %x of %s lapsed: %s; still serving (fencing rule) and registering again",
-                    self.lease_id, self.key, reason)
-        self.lease_id = 0
+        log.warning("lease %x of %s lapsed: %s; still serving (fencing rule)", self.lease_id, self.key, reason)
         for callback in self._on_lapse:
             try:
                 callback(reason)
