@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     checks = acceptance(rows)
     result = {
         "device": dev_name, "date": args.date or datetime.date.today().isoformat(),
-        "commit": args.commit or _commit(), "command": "python -m benchmarks.bench " + shlex.join(argv or sys.argv[1:]),
+        "commit": args.commit or git_commit(), "command": "python -m benchmarks.bench " + shlex.join(argv or sys.argv[1:]),
         "torch": torch.__version__, "tiny": args.tiny, "ceilings": summ, "notes": notes,
         "rows": rows, "acceptance": checks, "total_s": time.perf_counter() - t_all,
     }

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from benchmarks import served_report as rep
+from benchmarks.bench import git_commit
 from benchmarks.pyspy import PySpy
 from tandem_cli.procs import free_port, stop_all, wait_http_ready
 
@@ -100,14 +101,6 @@ def forward_from_bench(argv: list[str] | None) -> int | None:
             return 2
         return main(rest)
     return None
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _device_name(args) -> str:
@@ -319,7 +312,7 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     names = [w.name for w in wls]
     result = {"device": None, "date": args.date or datetime.date.today().isoformat(),
-              "commit": args.commit or _commit(),
+              "commit": args.commit or git_commit(),
               "command": "python -m benchmarks.served " + shlex.join(sys.argv[1:] if argv is None else argv),
               "tiny": args.tiny, "workloads": names, "client_procs": args.client_procs,
               "engine_flags": dict(engine_flags(args)), "inprocess": {}, "layouts": {}, "rows": [],

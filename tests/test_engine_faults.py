@@ -25,6 +25,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.tiny_models import make_tiny_model
+from test_colocated_prefix_cache import _DirectLoop, _Sink  # the hand-stepped engine's loop and sink
 from kvtransfer.base import get_backend
 from prefill_worker.engine import PrefillEngine, PrefillJob
 from prefill_worker.server import PrefillServicer
@@ -39,28 +40,6 @@ def model_dir(tmp_path_factory):
 
 def config(model_dir, **kw) -> EngineConfig:
     return EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=4, num_pages=64, **kw)
-
-
-class _DirectLoop:
-    """Stands in for the event loop when an engine is stepped by hand."""
-
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
-
-
-class _Sink:
-    def __init__(self):
-        self.tokens, self.finish, self.error = [], None, ""
-
-    def on_reserved(self, pages):
-        pass
-
-    def on_output(self, out):
-        self.tokens += out.tokens
-        self.finish, self.error = out.finish, out.error
 
 
 def test_a_job_submitted_behind_an_abort_still_runs(model_dir):
