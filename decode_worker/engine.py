@@ -35,7 +35,7 @@ from engine.errors import ResourceExhaustedError
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
-from engine.sequence import ErrorKind, FinishReason, Sequence
+from engine.sequence import ErrorKind, FinishReason, Sequence, SequenceStatus
 from engine.worker_thread import EngineThread
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class DecodeEngine(EngineThread):
         self.counters = DecodeCounters()
         self._sinks: dict[str, RequestSink] = {}
         self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
+        self._in_pass: list[Sequence] = []     # the seqs of the forward pass running now (on_step_error)
 
     # -- commands (posted from the asyncio side) ----------------------------
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -171,6 +172,7 @@ class DecodeEngine(EngineThread):
                 kv.v[layer][c.dst_page, :c.num_slots] = kv.v[layer][c.src_page, :c.num_slots]
 
     def _run_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = ()) -> None:
+        self._in_pass = list(seqs)
         if copies:
             self._copy_pages(copies)
         batch = [
@@ -185,8 +187,10 @@ class DecodeEngine(EngineThread):
             self.counters.prefill_cached_tokens += fs.start_pos
             finish = self.scheduler.on_prefilled(seq.request_id, tok)
             self._emit(seq, [tok], finish)
+        self._in_pass = []
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
+        self._in_pass = list(seqs)
         batch = [
             ForwardSeq(token_ids=[s.last_token_id], start_pos=s.num_tokens - 1, page_table=s.pages)
             for s in seqs
@@ -200,6 +204,7 @@ class DecodeEngine(EngineThread):
         for seq, tok in zip(seqs, tokens):
             finish = self.scheduler.on_decoded(seq.request_id, tok)
             self._emit(seq, [tok], finish)
+        self._in_pass = []
 
     def on_command_error(self, fn, args: tuple, exc: Exception) -> None:
         """A command about one request raised (e.g. kv_ready for a request in another state):
@@ -216,15 +221,21 @@ class DecodeEngine(EngineThread):
                                                     ErrorKind.INTERNAL, seq.cached_tokens if seq else 0)))
 
     def on_step_error(self, exc: BaseException) -> None:
-        """A failed forward pass fails the requests in flight, not the worker."""
+        """A failed forward pass fails the requests of that pass, not the worker and not the
+        others: requests waiting (for a slot, or for KV a sender is still writing into their
+        pages) and those of the other pass of the step go on."""
         kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL
-        for request_id, sink in list(self._sinks.items()):
-            seq = self.scheduler.get(request_id)
-            self.scheduler.abort(request_id)
-            del self._sinks[request_id]
-            self._outbox.append((sink, EngineOutput(request_id, [], FinishReason.ERROR,
-                                                    f"decode step failed: {exc}", kind,
-                                                    seq.cached_tokens if seq is not None else 0)))
+        failed, self._in_pass = self._in_pass, []
+        if not failed:   # not in a forward pass (a scheduler bug): every request whose pages no sender writes
+            failed = [q for rid in list(self._sinks) if (q := self.scheduler.get(rid)) is not None
+                      and q.status is not SequenceStatus.AWAITING_KV]
+        for seq in failed:
+            rid = seq.request_id
+            sink = self._sinks.pop(rid, None)
+            self.scheduler.abort(rid, FinishReason.ERROR)
+            if sink is not None:
+                self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"decode step failed: {exc}",
+                                                        kind, seq.cached_tokens)))
 
     def stats(self) -> dict[str, int]:
         s, cache = self.scheduler, self.scheduler.prefix_cache

@@ -194,3 +194,40 @@ def test_prefill_worker_validates_each_request(model_dir):
             await sender.close() if asyncio.iscoroutinefunction(sender.close) else sender.close()
             engine.stop()
     asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_a_raising_pass_fails_only_its_requests(model_dir):
+    """A prefill pass that raises (a token id past the embedding table, which only a bug
+    upstream could let through) fails the requests of that pass; a request decoding and one
+    whose KV a sender is still writing keep going, with their pages."""
+    engine = make_decode_engine(config(model_dir), _DirectLoop())
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    class _RemoteSink(_Sink):
+        def on_reserved(self, pages):
+            self.pages = pages
+
+    running, remote, bad = _Sink(), _RemoteSink(), _Sink()
+    engine.submit(Sequence("running", [5, 6, 7], params), running)
+    engine.submit(Sequence("remote", [8, 9, 10, 11, 12], params, remote_kv=True), remote)
+    engine._drain(block=False)
+    engine.step()                                   # running: prefilled; remote: pages reserved
+    remote_pages = list(engine.scheduler.get("remote").pages)
+    assert remote_pages and engine.scheduler.get("remote").status.name == "AWAITING_KV"
+    engine.submit(Sequence("bad", [5, vocab + 7], params), bad)
+    engine._drain(block=False)
+    with pytest.raises(Exception):
+        engine.step()                               # the prefill pass of "bad" raises ...
+    engine.on_step_error(RuntimeError("index out of range"))   # ... as the engine thread reports it
+    engine.flush()
+    assert bad.finish is FinishReason.ERROR and "decode step failed" in bad.error
+    assert running.finish is None and remote.finish is None
+    assert all(engine.scheduler.allocator.is_allocated(p) for p in remote_pages)   # a sender may still write
+    engine.kv_ready("remote", 13, 0)                # the KV arrives after all
+    engine._drain(block=False)
+    while engine.has_work():
+        engine.step()
+    engine.flush()
+    assert running.finish is FinishReason.LENGTH and len(running.tokens) == 6
+    assert remote.finish is FinishReason.LENGTH and len(remote.tokens) == 6
+    engine.scheduler.check_integrity()
