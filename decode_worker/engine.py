@@ -181,7 +181,7 @@ class DecodeEngine(EngineThread):
         ]
         logits = self.runner.forward(batch)
         self.flush()  # the GPU runs the pass: let the event loop send the previous step's results now
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
         for seq, fs, tok in zip(seqs, batch, tokens):
             self.counters.prefilled_tokens += len(fs.token_ids)
             self.counters.prefill_cached_tokens += fs.start_pos
@@ -197,7 +197,7 @@ class DecodeEngine(EngineThread):
         ]
         logits = self.runner.forward(batch)
         self.flush()  # as in _run_prefill
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [len(s.output_token_ids) for s in seqs])
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
         self.counters.decoded_tokens += len(tokens)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)

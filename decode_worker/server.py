@@ -140,7 +140,8 @@ class _Request:
     def start(self) -> None:
         s = self.servicer
         seq = Sequence(request_id=self.rid, prompt_token_ids=list(self.request.prompt_token_ids),
-                       params=SamplingParams.from_proto(self.request.sampling), remote_kv=self.remote)
+                       params=SamplingParams.from_proto(self.request.sampling), remote_kv=self.remote,
+                       output_offset=max(0, self.request.output_offset))
         s.engine.submit(seq, self)
         if self.remote:
             self.prefill_task = asyncio.get_running_loop().create_task(self._remote_prefill())
@@ -413,7 +414,8 @@ class DecodeServicer(pbg.DecodeServicer):
         try:
             resp = await self._prefill_stub(request.prefill_address).Prefill(
                 pb.PrefillRequest(request_id=req.rid, prompt_token_ids=request.prompt_token_ids,
-                                  sampling=request.sampling, dst=dst.to_proto()),
+                                  sampling=request.sampling, dst=dst.to_proto(),
+                                  output_offset=request.output_offset),
                 timeout=self.config.prefill_timeout_s,
             )
         except grpc.aio.AioRpcError as exc:

@@ -67,6 +67,7 @@ class Sequence:
                                    # or this engine's on the first local prefill)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
+    output_offset: int = 0         # outputs generated before this seq (a migrated request): sampling index base
 
     pages_needed = staticmethod(pages_needed)
 

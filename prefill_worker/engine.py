@@ -54,6 +54,7 @@ class PrefillJob:
     send_layer: Callable[[int, torch.Tensor, torch.Tensor], None]
     # called on the event loop: (first_token, cached_tokens, computed_tokens, error)
     on_done: Callable[[int, int, int, str], None]
+    output_offset: int = 0                               # the first token's output index (migrated requests)
     # set while the job is in a batch (engine thread only):
     match: MatchResult | None = None                     # locked cache match
     own_pages: list[int] = field(default_factory=list)   # allocated for the uncached part
@@ -222,7 +223,7 @@ class PrefillEngine(EngineThread):
                     job.send_layer(layer, kv.k[layer].index_select(0, idx), kv.v[layer].index_select(0, idx))
 
             logits = self.runner.forward(seqs, on_layer_done=layer_done)
-            tokens = self.sampler.sample(logits, [j.params for j in batch], [0] * len(batch))
+            tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
             end_ns = time.time_ns()
             for job in batch:
                 job.end_ns = end_ns

@@ -123,7 +123,8 @@ class PrefillServicer(pbg.PrefillServicer):
 
         job = PrefillJob(request_id=request.request_id, prompt_token_ids=prompt,
                          params=SamplingParams.from_proto(request.sampling),
-                         send_layer=handle.send_layer, on_done=on_done)  # thread-safe
+                         send_layer=handle.send_layer, on_done=on_done,  # thread-safe
+                         output_offset=max(0, request.output_offset))
         key = request.request_id or str(id(done))
         self._live[key] = done
         self.engine.submit(job)

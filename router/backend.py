@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -104,12 +104,14 @@ class DecodeClient:
 
     def __init__(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str] = (),
                  request_timeout_s: float = 600.0, placement: str | PlacementConfig = "cache_aware",
-                 stats_interval_s: float = 0.5, on_event=None, queue_timeout_s: float = 30.0) -> None:
+                 stats_interval_s: float = 0.5, on_event=None, queue_timeout_s: float = 30.0,
+                 migration_limit: int = 3) -> None:
         """on_event(kind, address): "placed" / "ejected" / "readmitted" / "retried" / "local_prefill"."""
         self.decode_addresses = tuple(decode_addresses)   # may be empty until set_members (etcd)
         self.prefill_addresses = tuple(prefill_addresses)
         self.request_timeout_s = request_timeout_s
         self.queue_timeout_s = queue_timeout_s    # longest wait for a decode worker with room
+        self.migration_limit = migration_limit    # times one request may move after its decode worker died
         self.stats_interval_s = stats_interval_s
         config = placement if isinstance(placement, PlacementConfig) else PlacementConfig(policy=placement)
         self.placement = Placement(config)
@@ -137,7 +139,8 @@ class DecodeClient:
         placement = PlacementConfig(policy=getattr(config, "placement", "cache_aware"),
                                     max_queued_per_worker=getattr(config, "max_queued_per_worker", 256))
         return cls(config.decode_addresses, config.prefill_addresses, config.request_timeout_s,
-                   placement=placement, queue_timeout_s=getattr(config, "queue_timeout_s", 30.0))
+                   placement=placement, queue_timeout_s=getattr(config, "queue_timeout_s", 30.0),
+                   migration_limit=getattr(config, "migration_limit", 3))
 
     # ---- membership ---------------------------------------------------------
 
@@ -355,27 +358,35 @@ class DecodeClient:
         `contextlib.aclosing`) to abort the request on the worker."""
         self._bind_loop()
         deadline = time.monotonic() + self.request_timeout_s
-        tried: set[str] = set()           # decode workers that refused this request
+        tried: set[str] = set()           # decode workers that refused or lost this request
         prefill_failed: set[str] = set()  # prefill workers that failed it
-        n = len(prompt_ids)
-        for attempt in range(MAX_ATTEMPTS):
+        generated: list[int] = []         # tokens already yielded (a migration re-prefills them)
+        attempt = migrations = 0
+        first_cached: int | None = None
+        while True:
             if attempt:
                 self._on_event("retried", "")
+            ids = list(prompt_ids) + generated
+            n = len(ids)
             address = await self._choose_decode(n, tried, deadline)
             self._track(address, request_id, n)
-            prefill = self._choose_prefill(request_id, prompt_ids, prefill_failed)
+            prefill = self._choose_prefill(request_id, ids, prefill_failed)
+            sampling = params if not generated else replace(params, max_tokens=params.max_tokens - len(generated))
             request = pb.GenerateRequest(
                 request_id=request_id,
-                prompt_token_ids=list(prompt_ids),
-                sampling=params.to_proto(),
+                prompt_token_ids=ids,
+                sampling=sampling.to_proto(),
                 prefill_address=prefill,
                 received_unix_ns=received_unix_ns,
+                output_offset=len(generated),
             )
             if prefill:
-                self.cache_index.note_routed(prefill, prompt_ids)
-            last = attempt + 1 == MAX_ATTEMPTS
+                self.cache_index.note_routed(prefill, ids)
+            last = attempt + 1 >= MAX_ATTEMPTS
+            can_migrate = migrations < self.migration_limit
             rs = self._stream(address).open(request, deadline)
-            retry = settled = False
+            retry = migrate = settled = False
+            decode_lost = True    # the retry below is the decode worker's fault (not a failed prefill)
             try:
                 while True:
                     try:
@@ -384,27 +395,31 @@ class DecodeClient:
                         if exc.code == grpc.StatusCode.UNAVAILABLE:
                             self.ejections.eject(address, f"Decode.Stream: {exc.details}")
                             if not rs.received and not last:
-                                tried.add(address)
                                 retry = True  # nothing reached that worker: try the next one
+                                break
+                            if (rs.received_tokens or generated) and can_migrate:
+                                migrate = True  # it died mid-stream: continue elsewhere
                                 break
                         raise _stream_error(exc, address, request_id) from None
                     if prefill and not settled:
                         settled = True  # the first message means the prefill is done
                         self._untrack(prefill, request_id)
-                        self.cache_index.settle(prefill, prompt_ids)
+                        self.cache_index.settle(prefill, ids)
                     reason = response.finish_reason
                     if reason == pb.FINISH_ERROR:
                         kind = response.error_kind
                         if kind == pb.ERROR_PREFILL_FAILED and prefill and not last:
                             self.ejections.eject(prefill, f"failed a prefill: {response.error[:200]}")
                             prefill_failed.add(prefill)
-                            retry = True  # another prefill worker (or the decode worker itself)
+                            retry, decode_lost = True, False  # another prefill worker (or decode itself)
                             break
-                        if (kind == pb.ERROR_UNAVAILABLE and not response.token_ids
-                                and not rs.received_tokens and not last):
-                            tried.add(address)  # refused before starting (not registered, dead engine)
-                            retry = True
-                            break
+                        if kind == pb.ERROR_UNAVAILABLE and not response.token_ids:
+                            if not rs.received_tokens and not last:
+                                retry = True  # refused before starting (not registered, dead engine)
+                                break
+                            if (rs.received_tokens or generated) and can_migrate:
+                                migrate = True  # its engine died mid-stream: continue elsewhere
+                                break
                         status, code = _STATUS_BY_KIND.get(kind, (500, "worker_error"))
                         if is_resource_exhausted(response.error):  # out of GPU memory: 503
                             status, code = 503, RESOURCE_EXHAUSTED
@@ -414,6 +429,10 @@ class DecodeClient:
                         raise BackendError(503, f"decode worker {address} aborted request {request_id}"
                                                 + (f": {response.error}" if response.error else ""),
                                            code="worker_aborted")
+                    if first_cached is None:
+                        first_cached = response.cached_tokens
+                    response.cached_tokens = first_cached  # a migration's re-prefill is not the prompt's cache
+                    generated.extend(response.token_ids)
                     yield response
                     if reason != pb.FINISH_NONE:
                         return
@@ -422,10 +441,21 @@ class DecodeClient:
                 self._untrack(address, request_id)
                 if prefill:
                     if not settled:
-                        self.cache_index.settle(prefill, prompt_ids)
+                        self.cache_index.settle(prefill, ids)
                     self._untrack(prefill, request_id)
+            if decode_lost:
+                tried.add(address)
+            if migrate:
+                migrations += 1
+                attempt = 0
+                self._on_event("migrated", address)
+                log.warning("decode worker %s lost request %s after %d tokens: continuing it elsewhere "
+                            "(migration %d of at most %d)", address, request_id, len(generated), migrations,
+                            self.migration_limit)
+                continue
             if not retry:
                 return
+            attempt += 1
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, pb.StatsResponse | str]:
         """Stats of every decode worker by address (an error string where it failed)."""

@@ -27,6 +27,8 @@ class RouterConfig:
     max_queued_per_worker: int | None = 256     # requests waiting on a decode worker beyond its batch
                                                 # (--max-queued-requests); all full: 503 + Retry-After
     queue_timeout_s: float = 30.0               # longest wait for a decode worker with free KV pages
+    migration_limit: int = 3                    # times a stream may move to another decode worker after
+                                                # its own died mid-stream (0 = never)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses and not self.etcd_endpoints:

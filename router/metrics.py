@@ -73,6 +73,9 @@ class RouterMetrics:
         self.placements = Counter("tandem_router_placements",
                                   "Requests placed on a worker (decode and prefill; retries count again).",
                                   ["worker"], registry=r)
+        self.migrations = Counter("tandem_router_request_migrations",
+                                  "Streams moved to another decode worker after theirs died mid-stream.",
+                                  registry=r)
         self.retries = Counter("tandem_router_request_retries",
                                "Requests placed again after a worker refused or a prefill failed.", registry=r)
         self.members = Gauge("tandem_members", "Cluster members known to the router, by role and state.",
@@ -87,6 +90,8 @@ class RouterMetrics:
             self.ejections.labels(address).inc()
         elif kind == "readmitted":
             self.readmissions.labels(address).inc()
+        elif kind == "migrated":
+            self.migrations.inc()
         elif kind == "retried":
             self.retries.inc()
         elif kind == "local_prefill":

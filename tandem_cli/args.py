@@ -105,6 +105,9 @@ def add_admission_args(p: argparse.ArgumentParser) -> None:
                         "worker is that full the router answers 503 with Retry-After at once (-1: no limit)")
     p.add_argument("--queue-timeout", type=float, default=30.0,
                    help="seconds a request may wait for a decode worker with free KV pages before a 503")
+    p.add_argument("--migration-limit", type=int, default=3,
+                   help="times a stream may continue on another decode worker after its own died mid-stream "
+                        "(its prompt and the tokens so far are prefilled again; 0 = end it with an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:

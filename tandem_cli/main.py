@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             etcd_endpoints=tuple(a for a in args.etcd.split(",") if a),
             etcd_prefix=args.etcd_prefix, placement=args.placement,
             max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
-            queue_timeout_s=args.queue_timeout,
+            queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
         ))
         return
     try:

@@ -161,7 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.max_model_len:
             router_cmd += ["--max-model-len", str(args.max_model_len)]
         router_cmd += ["--max-queued-requests", str(args.max_queued_requests),
-                       "--queue-timeout", str(args.queue_timeout), "--placement", args.placement]
+                       "--queue-timeout", str(args.queue_timeout), "--placement", args.placement,
+                       "--migration-limit", str(args.migration_limit)]
         procs.append(subprocess.Popen(router_cmd))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         wait_http_ready(f"http://{host}:{args.port}/health", procs[-1], timeout=120)

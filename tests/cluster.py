@@ -25,7 +25,7 @@ class Cluster:
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
                  log_dir: Path | None = None, kv_transfer_backend: str = "grpc",
                  decode_args: tuple[str, ...] = (), num_prefill: int = 1,
-                 router_args: tuple[str, ...] = ()) -> None:
+                 router_args: tuple[str, ...] = (), num_decode: int = 1) -> None:
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
@@ -38,11 +38,14 @@ class Cluster:
         self.log_dir = log_dir
         self.kv_transfer_backend = kv_transfer_backend
         self.procs: list[subprocess.Popen] = []
-        self.decode_addr = f"127.0.0.1:{free_port()}"
+        self.decode_addrs = [f"127.0.0.1:{free_port()}" for _ in range(num_decode)]
+        self.decode_addr = self.decode_addrs[0]
+        self.decode_procs: list[subprocess.Popen] = []
         self.prefill_addrs = [] if colocated else [f"127.0.0.1:{free_port()}" for _ in range(num_prefill)]
         self.prefill_addr = self.prefill_addrs[0] if self.prefill_addrs else ""
         self.http_port = free_port()
-        self.decode_metrics_port = free_port()
+        self.decode_metrics_ports = [free_port() for _ in self.decode_addrs]
+        self.decode_metrics_port = self.decode_metrics_ports[0]
         self.prefill_metrics_ports = [free_port() for _ in self.prefill_addrs]
         self.prefill_metrics_port = self.prefill_metrics_ports[0] if self.prefill_metrics_ports else 0
         self.prefill_procs: list[subprocess.Popen] = []
@@ -75,16 +78,20 @@ class Cluster:
 
     def start(self) -> "Cluster":
         try:
-            decode = self._spawn("decode", ["decode", *self._worker_args(self.decode_addr.split(":")[1]),
-                                            "--metrics-port", str(self.decode_metrics_port), *self.decode_args])
+            for i, (addr, mport) in enumerate(zip(self.decode_addrs, self.decode_metrics_ports)):
+                self.decode_procs.append(self._spawn(
+                    "decode" if i == 0 else f"decode{i}",
+                    ["decode", *self._worker_args(addr.split(":")[1]), "--metrics-port", str(mport), *self.decode_args]))
+            decode = self.decode_procs[0]
             for i, (addr, mport) in enumerate(zip(self.prefill_addrs, self.prefill_metrics_ports)):
                 prefill = self._spawn("prefill" if i == 0 else f"prefill{i}",
                                       ["prefill", *self._worker_args(addr.split(":")[1]), "--metrics-port", str(mport)])
                 self.prefill_procs.append(prefill)
                 self._wait_grpc(addr, prefill)
-            self._wait_grpc(self.decode_addr, decode)
+            for addr, proc in zip(self.decode_addrs, self.decode_procs):
+                self._wait_grpc(addr, proc)
             args = ["router", "--model", str(self.model_dir), "--port", str(self.http_port),
-                    "--decode", self.decode_addr, "--prefill", ",".join(self.prefill_addrs),
+                    "--decode", ",".join(self.decode_addrs), "--prefill", ",".join(self.prefill_addrs),
                     "--served-model-name", self.served_name]
             if self.api_key:
                 args += ["--api-key", self.api_key]
