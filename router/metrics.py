@@ -19,6 +19,8 @@ Members by role and state: static members are set once at app start
 """
 from __future__ import annotations
 
+import asyncio
+
 import time
 from typing import Any, Mapping
 
@@ -194,6 +196,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_counted)
+        except asyncio.CancelledError:
+            count(499)          # the server cancelled the handler because the client went away
+            raise
         except BaseException:
             count(500)
             raise

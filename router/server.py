@@ -30,6 +30,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
@@ -327,13 +328,21 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = parse_request(CompletionRequest, await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:                 # gone before its body arrived: nothing to answer
+            return Response(status_code=499)
+        req = parse_request(CompletionRequest, raw)
         job = gw.completion_job(req)
         return await (gw.stream(request, job, chat=False) if job.stream else gw.complete(request, job, chat=False))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:                 # gone before its body arrived: nothing to answer
+            return Response(status_code=499)
+        req = parse_request(ChatCompletionRequest, raw)
         job = gw.chat_job(req)
         return await (gw.stream(request, job, chat=True) if job.stream else gw.complete(request, job, chat=True))
 
