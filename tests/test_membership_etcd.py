@@ -243,15 +243,15 @@ def test_router_survives_an_etcd_restart(env):
     env.complete(retry_s=TTL + 1)  # a worker that lapsed during the restart registers again first
 
 
-def test_etcd_down_for_three_ttls_fails_no_request(env):
-    """A control-plane outage is not a data-plane outage: with etcd stopped for 3 TTLs every
-    lease lapses, yet the router keeps its view and the workers keep serving (fencing rule in
-    membership/registry.py); every request sent meanwhile completes at the first try."""
+def test_etcd_down_for_30s_fails_no_request(env):
+    """A control-plane outage is not a data-plane outage: with etcd stopped for 30 s (15 TTLs)
+    every lease lapses, yet the router keeps its view and the workers keep serving (fencing rule
+    in membership/registry.py); every request sent meanwhile completes at the first try."""
     a, p = env.addrs["A"], env.addrs["P"]      # B was killed and C stopped by the tests above
     env.wait_pool({a}, {p}, timeout=TTL + 3)
     env.etcd.stop()
     try:
-        end = time.monotonic() + 3 * TTL
+        end = time.monotonic() + 30.0
         done = 0
         while time.monotonic() < end:
             env.complete()          # no retry: any failure fails the test
