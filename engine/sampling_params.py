@@ -6,6 +6,7 @@ router concern (they need detokenised text) and are not sent to workers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -23,8 +24,6 @@ class SamplingParams:
     def __post_init__(self) -> None:
         """The ranges the router enforces, checked again here: a worker called directly
         (or a bug) must fail the one request, not a sampling step of the whole batch."""
-        import math
-
         bad = []
         if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
             bad.append(f"temperature {self.temperature} (>= 0)")

@@ -183,7 +183,8 @@ class XferWorker(threading.Thread):
         self._q: queue.SimpleQueue[LayerWrite | None] = queue.SimpleQueue()
         self._waiting: deque[LayerWrite] = deque()   # CUDA writes waiting for a staging slot (FIFO)
         self._staging: deque[LayerWrite] = deque()   # copies queued, not ready yet (FIFO)
-        self._groups: dict[object, tuple[float, list[LayerWrite]]] = {}  # handle -> (oldest, ready writes)
+        # handle -> [oldest (monotonic), ready writes, holds the transfer's last layer]
+        self._groups: dict[object, list] = {}
         self._inflight: list[_Post] = []
         self._stopping = False
         self.registered_writes = 0                   # writes that registered their own tensors
@@ -284,20 +285,22 @@ class XferWorker(threading.Thread):
             self._group(self._staging.popleft())
 
     def _group(self, w: LayerWrite) -> None:
-        oldest, ws = self._groups.get(w.handle, (time.monotonic(), []))
-        ws.append(w)
-        self._groups[w.handle] = (oldest, ws)
+        g = self._groups.get(w.handle)
+        if g is None:
+            g = self._groups[w.handle] = [time.monotonic(), [], False]
+        g[1].append(w)
+        g[2] = g[2] or w.layer == w.handle._num_layers - 1   # kept here: the poll loop must stay O(groups)
 
     def _post_groups(self, arena_full: bool) -> None:
         now = time.monotonic()
-        for h, (oldest, ws) in list(self._groups.items()):
+        for h, (oldest, ws, has_last) in list(self._groups.items()):
             if h._state.terminal or self._stopping:
                 del self._groups[h]
                 for w in ws:
                     self._release_write(w)
                 continue
             limit = self.layers_per_write or h._num_layers
-            if not (len(ws) >= limit or any(w.layer == h._num_layers - 1 for w in ws) or h._finished
+            if not (len(ws) >= limit or has_last or h._finished
                     or arena_full or now - oldest >= self.max_group_wait_s):
                 continue
             del self._groups[h]
