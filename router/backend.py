@@ -36,11 +36,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import grpc
 
-from engine.errors import RESOURCE_EXHAUSTED, is_resource_exhausted
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -48,7 +47,8 @@ from router.cache_index import CacheIndex
 from router.errors import BackendError
 from router.ejection import Ejections
 from router.placement import Placement, PlacementConfig, WorkerLoad
-from router.streams import DecodeStream, StreamBroken
+from router import attempts
+from router.streams import DecodeStream
 
 log = logging.getLogger(__name__)
 _EVENT_KIND = {pb.CacheEvent.RESET: "reset", pb.CacheEvent.INSERT: "insert", pb.CacheEvent.EVICT: "evict"}
@@ -58,24 +58,6 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
 )
-
-_STATUS_BY_KIND = {
-    pb.ERROR_INTERNAL: (500, "worker_error"),
-    pb.ERROR_INVALID_ARGUMENT: (400, "invalid_request"),
-    pb.ERROR_RESOURCE_EXHAUSTED: (503, "worker_overloaded"),
-    pb.ERROR_UNAVAILABLE: (503, "worker_unavailable"),
-    pb.ERROR_PREFILL_FAILED: (503, "prefill_failed"),
-}
-MAX_ATTEMPTS = 3   # placements of one request (a refused decode worker or a failed prefill: the next)
-
-_STATUS_BY_CODE = {
-    grpc.StatusCode.UNAVAILABLE: (503, "worker_unavailable"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "worker_overloaded"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    grpc.StatusCode.CANCELLED: (503, "worker_cancelled"),
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request"),
-}
-
 
 @dataclass
 class _Worker:
@@ -350,112 +332,13 @@ class DecodeClient:
 
     # ---- RPCs -----------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       received_unix_ns: int = 0) -> AsyncIterator[pb.GenerateResponse]:
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                 received_unix_ns: int = 0) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the decode worker's responses; the last one has a finish reason
         (FINISH_STOP or FINISH_LENGTH). FINISH_ERROR / FINISH_ABORT and gRPC
         failures raise BackendError. Close the iterator (e.g. with
         `contextlib.aclosing`) to abort the request on the worker."""
-        self._bind_loop()
-        deadline = time.monotonic() + self.request_timeout_s
-        tried: set[str] = set()           # decode workers that refused or lost this request
-        prefill_failed: set[str] = set()  # prefill workers that failed it
-        generated: list[int] = []         # tokens already yielded (a migration re-prefills them)
-        attempt = migrations = 0
-        first_cached: int | None = None
-        while True:
-            if attempt:
-                self._on_event("retried", "")
-            ids = list(prompt_ids) + generated
-            n = len(ids)
-            address = await self._choose_decode(n, tried, deadline)
-            self._track(address, request_id, n)
-            prefill = self._choose_prefill(request_id, ids, prefill_failed)
-            sampling = params if not generated else replace(params, max_tokens=params.max_tokens - len(generated))
-            request = pb.GenerateRequest(
-                request_id=request_id,
-                prompt_token_ids=ids,
-                sampling=sampling.to_proto(),
-                prefill_address=prefill,
-                received_unix_ns=received_unix_ns,
-                output_offset=len(generated),
-            )
-            if prefill:
-                self.cache_index.note_routed(prefill, ids)
-            last = attempt + 1 >= MAX_ATTEMPTS
-            can_migrate = migrations < self.migration_limit
-            rs = self._stream(address).open(request, deadline)
-            retry = migrate = settled = False
-            decode_lost = True    # the retry below is the decode worker's fault (not a failed prefill)
-            try:
-                while True:
-                    try:
-                        response = await rs.get()
-                    except StreamBroken as exc:
-                        if exc.code == grpc.StatusCode.UNAVAILABLE:
-                            self.ejections.eject(address, f"Decode.Stream: {exc.details}")
-                            if not rs.received and not last:
-                                retry = True  # nothing reached that worker: try the next one
-                                break
-                            if (rs.received_tokens or generated) and can_migrate:
-                                migrate = True  # it died mid-stream: continue elsewhere
-                                break
-                        raise _stream_error(exc, address, request_id) from None
-                    if prefill and not settled:
-                        settled = True  # the first message means the prefill is done
-                        self._untrack(prefill, request_id)
-                        self.cache_index.settle(prefill, ids)
-                    reason = response.finish_reason
-                    if reason == pb.FINISH_ERROR:
-                        kind = response.error_kind
-                        if kind == pb.ERROR_PREFILL_FAILED and prefill and not last:
-                            self.ejections.eject(prefill, f"failed a prefill: {response.error[:200]}")
-                            prefill_failed.add(prefill)
-                            retry, decode_lost = True, False  # another prefill worker (or decode itself)
-                            break
-                        if kind == pb.ERROR_UNAVAILABLE and not response.token_ids:
-                            if not rs.received_tokens and not last:
-                                retry = True  # refused before starting (not registered, dead engine)
-                                break
-                            if (rs.received_tokens or generated) and can_migrate:
-                                migrate = True  # its engine died mid-stream: continue elsewhere
-                                break
-                        status, code = _STATUS_BY_KIND.get(kind, (500, "worker_error"))
-                        if is_resource_exhausted(response.error):  # out of GPU memory: 503
-                            status, code = 503, RESOURCE_EXHAUSTED
-                        raise BackendError(status, f"decode worker {address} failed request {request_id}: "
-                                                   f"{response.error or 'unknown error'}", code=code)
-                    if reason == pb.FINISH_ABORT:
-                        raise BackendError(503, f"decode worker {address} aborted request {request_id}"
-                                                + (f": {response.error}" if response.error else ""),
-                                           code="worker_aborted")
-                    if first_cached is None:
-                        first_cached = response.cached_tokens
-                    response.cached_tokens = first_cached  # a migration's re-prefill is not the prompt's cache
-                    generated.extend(response.token_ids)
-                    yield response
-                    if reason != pb.FINISH_NONE:
-                        return
-            finally:
-                rs.close()  # sends an abort unless the request finished
-                self._untrack(address, request_id)
-                if prefill:
-                    if not settled:
-                        self.cache_index.settle(prefill, ids)
-                    self._untrack(prefill, request_id)
-            if decode_lost:
-                tried.add(address)
-            if migrate:
-                migrations += 1
-                attempt = 0
-                self._on_event("migrated", address)
-                log.warning("decode worker %s lost request %s after %d tokens: continuing it elsewhere "
-                            "(migration %d of at most %d)", address, request_id, len(generated), migrations,
-                            self.migration_limit)
-                continue
-            if not retry:
-                return
-            attempt += 1
+        return attempts.run(self, request_id, prompt_ids, params, received_unix_ns)   # retries, migrations
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, pb.StatsResponse | str]:
         """Stats of every decode worker by address (an error string where it failed)."""
@@ -468,12 +351,3 @@ class DecodeClient:
 
         results = await asyncio.gather(*(one(a) for a in self.decode_addresses))
         return dict(zip(self.decode_addresses, results))
-
-
-def _stream_error(exc: StreamBroken, address: str, request_id: str) -> BackendError:
-    status, code = _STATUS_BY_CODE.get(exc.code, (500, "worker_error"))
-    if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        message = f"request {request_id} timed out on decode worker {address}"
-    else:
-        message = f"decode worker {address} failed request {request_id}: {exc.code.name}: {exc.details}"
-    return BackendError(status, message, code=code)
