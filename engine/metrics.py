@@ -57,6 +57,7 @@ class WorkerSnapshot:
     kv_transfers_active: int = 0              # KV transfers not yet finished
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved
+    fallbacks: tuple[tuple[str, int], ...] = ()  # (what, count): slower paths taken than the one asked
 
 
 _GAUGES = {  # field -> (metric name, help)
@@ -119,6 +120,12 @@ class _SnapshotCollector:
                                      labels=["direction"])
         chunks.add_metric([d], s.kv_transfer_chunks)
         yield from (active, moved, chunks)
+        if s.fallbacks:
+            fb = CounterMetricFamily("tandem_worker_fallbacks", "Times this worker took a slower path than "
+                                     "the one configured (each also logged once).", labels=["what"])
+            for what, n in s.fallbacks:
+                fb.add_metric([what], n)
+            yield fb
 
 
 class WorkerMetrics:

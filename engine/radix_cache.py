@@ -95,7 +95,8 @@ class MatchResult:
 class InsertResult:
     cached_tokens: int            # tokens of the inserted sequence the tree held already
     adopted_pages: int            # caller pages now owned by the tree
-    freed_pages: int              # caller pages freed as duplicates of tree pages
+    freed_pages: int              # caller pages that duplicate tree pages (freed, or handed back)
+    duplicates: tuple[int, ...] = ()  # those pages, when insert(..., free_duplicates=False)
 
 
 class PrefixCache(ABC):
@@ -106,9 +107,11 @@ class PrefixCache(ABC):
         """Longest cached prefix of token_ids; marks the path recently used. Takes no lock."""
 
     @abstractmethod
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int]) -> InsertResult:
+    def insert(self, token_ids: Sequence[int], pages: Sequence[int],
+               free_duplicates: bool = True) -> InsertResult:
         """Cache token_ids whose K/V is in pages (one per page_size tokens). Takes ownership
-        of every page it is given: each ends up in the tree or back in the allocator."""
+        of every page it is given: each ends up in the tree or back in the allocator (or, with
+        free_duplicates=False, in InsertResult.duplicates for the caller to free)."""
 
     @abstractmethod
     def lock(self, handle: RadixNode) -> None:
@@ -145,6 +148,7 @@ class RadixCache(PrefixCache):
         self._protected = 0                      # pages of nodes with ref > 0
         self._clock = itertools.count(1)
         self.listener: CacheListener | None = None  # see "Cache events" in the module docstring
+        self._free_dups = True                   # the current insert's free_duplicates
 
     # -- accounting (plain ints: safe to read from another thread) --------------
     @property
@@ -204,7 +208,11 @@ class RadixCache(PrefixCache):
             node = node.parent
 
     # -- insert -----------------------------------------------------------------
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int]) -> InsertResult:
+    def insert(self, token_ids: Sequence[int], pages: Sequence[int],
+               free_duplicates: bool = True) -> InsertResult:
+        """free_duplicates=False: the caller's duplicate pages stay allocated and are returned
+        (InsertResult.duplicates) for the caller to free later (a transfer still reads them)."""
+        self._free_dups = free_duplicates
         ps, n = self.page_size, len(token_ids)
         pages = list(pages)
         if len(pages) != -(-n // ps):
@@ -271,6 +279,8 @@ class RadixCache(PrefixCache):
         return self._finish(pos, len(new), to_free)
 
     def _finish(self, cached: int, adopted: int, to_free: list[int]) -> InsertResult:
+        if not self._free_dups:
+            return InsertResult(cached, adopted, len(to_free), tuple(to_free))
         if to_free:
             self.allocator.free(to_free)
         return InsertResult(cached, adopted, len(to_free))

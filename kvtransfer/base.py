@@ -241,6 +241,14 @@ class SendHandle(abc.ABC):
         modified until the handle is terminal (indexing a pool with a page list,
         `k[layer][page_ids]`, already yields a private copy). Dropped if terminal."""
 
+    def send_pool(self, page_table: list[int], num_layers: int, ready=None) -> None:
+        """Queue every one of `num_layers` layers of reservation pages 0..len(page_table)-1
+        straight from the sender's bound pool (`KVSender.bind_pool`): reservation page i is
+        pool page page_table[i]. `ready` (a CUDA event, or None) is when the pool holds them.
+        Nothing is copied, so the caller must keep those pool pages unchanged until the
+        handle is terminal. Only for senders whose `bind_pool` returned True."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send from a pool")
+
     @abc.abstractmethod
     def finish(self) -> None:
         """No more layers follow; the handle turns DONE once the receiver acked all."""
@@ -266,6 +274,12 @@ class KVSender(abc.ABC):
     """Prefill-side role: starts transfers and owns connections to receivers."""
 
     bytes_sent: int
+
+    def bind_pool(self, k_layers: list, v_layers: list) -> bool:
+        """Offer the prefill engine's KV pool (one [num_pages, page_size, kv_heads, head_dim]
+        tensor per layer for K and for V) for `SendHandle.send_pool`. True if this sender can
+        send from it without copies; False (the default) means use `send_layer`."""
+        return False
 
     @abc.abstractmethod
     def start(self, dst: "Destination | Any") -> SendHandle:

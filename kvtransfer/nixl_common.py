@@ -51,6 +51,42 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True)
+class LocalPool:
+    """A KV pool as NIXL sees it: one contiguous [num_pages, page_size, kv_heads, head_dim]
+    tensor per layer for K and for V, all of one shape, dtype and device."""
+    mem_type: str
+    dev_id: int
+    num_pages: int
+    page_size: int
+    page_bytes: int             # bytes of one page of K (== of V) in one layer
+    dtype: str
+    k_addrs: tuple[int, ...]
+    v_addrs: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_addrs)
+
+
+def check_pool(k_layers, v_layers, page_size: int | None = None) -> LocalPool:
+    """The pool's layout; ValueError unless its layers can be registered and addressed by page."""
+    if len(k_layers) != len(v_layers) or not k_layers:
+        raise ValueError("need the same non-zero number of K and V layers")
+    k0 = k_layers[0]
+    ps = k0.shape[1] if page_size is None and k0.dim() == 4 else page_size
+    for k, v in zip(k_layers, v_layers):
+        if (k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype or k.shape[1] != ps
+                or k.shape != k0.shape or k.dtype != k0.dtype or k.device != v.device):
+            raise ValueError(f"pool layer shapes must be equal [pages, {ps}, kvh, hd]")
+        if not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError("pool layers must be contiguous to be registered with NIXL")
+    return LocalPool(mem_type=mem_type(k0), dev_id=dev_id(k0), num_pages=k0.shape[0], page_size=ps,
+                     page_bytes=k0[0].numel() * k0.element_size(), dtype=dtype_name(k0.dtype),
+                     k_addrs=tuple(k.data_ptr() for k in k_layers),
+                     v_addrs=tuple(v.data_ptr() for v in v_layers))
+
+
 # ---------------------------------------------------------------------------- Hello (pool layout)
 @dataclass(frozen=True)
 class PoolLayout:

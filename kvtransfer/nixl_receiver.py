@@ -26,10 +26,8 @@ from kvtransfer.nixl_common import (
     _LIVE,
     STATE_TO_PB,
     PoolLayout,
-    dev_id,
-    dtype_name,
+    check_pool,
     make_agent,
-    mem_type,
     parse_layer_notif,
 )
 from proto import tandem_pb2 as pb
@@ -76,18 +74,11 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
                  page_size: int, address: str = "", *, end_grace_s: float = 10.0,
                  poll_interval_s: float = 0.0005, drain_grace_s: float = 0.5,
                  quarantine_s: float = 5.0) -> None:
-        if len(k_layers) != len(v_layers) or not k_layers:
-            raise ValueError("need the same non-zero number of K and V layers")
-        for k, v in zip(k_layers, v_layers):
-            if (k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype or k.shape[1] != page_size
-                    or k.shape != k_layers[0].shape or k.dtype != k_layers[0].dtype or k.device != v.device):
-                raise ValueError(f"pool layer shapes must be equal [pages, {page_size}, kvh, hd]")
-            if not (k.is_contiguous() and v.is_contiguous()):
-                raise ValueError("pool layers must be contiguous to be registered with NIXL")
+        pool = check_pool(k_layers, v_layers, page_size)
         self.k_layers, self.v_layers = k_layers, v_layers
         self.page_size = page_size
-        self.num_pool_pages = k_layers[0].shape[0]
-        self.page_bytes = k_layers[0][0].numel() * k_layers[0].element_size()
+        self.num_pool_pages = pool.num_pages
+        self.page_bytes = pool.page_bytes
         self.address = address
         self.end_grace_s = end_grace_s
         self.drain_grace_s, self.quarantine_s = drain_grace_s, quarantine_s
@@ -101,11 +92,9 @@ class NixlKVReceiver(TransferTable, KVReceiver, pbg.NixlKVServicer):
         self._poller: asyncio.Task | None = None
         self.agent = make_agent("tandem-kv-recv")
         self._reg = self.agent.register_memory(list(k_layers) + list(v_layers))
-        layout = PoolLayout(agent_name=self.agent.name, mem_type=mem_type(k_layers[0]),
-                            dev_id=dev_id(k_layers[0]), num_pages=self.num_pool_pages,
-                            page_bytes=self.page_bytes, dtype=dtype_name(k_layers[0].dtype),
-                            k_addrs=tuple(k.data_ptr() for k in k_layers),
-                            v_addrs=tuple(v.data_ptr() for v in v_layers),
+        layout = PoolLayout(agent_name=self.agent.name, mem_type=pool.mem_type, dev_id=pool.dev_id,
+                            num_pages=pool.num_pages, page_bytes=pool.page_bytes, dtype=pool.dtype,
+                            k_addrs=pool.k_addrs, v_addrs=pool.v_addrs,
                             metadata=self.agent.get_agent_metadata())
         self._hello = layout.to_proto()
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import torch
 
 from kvtransfer.base import (
@@ -34,8 +35,8 @@ from kvtransfer.base import (
     TransferError,
     TransferState,
 )
-from kvtransfer.nixl_common import PB_TO_STATE, PoolLayout, dtype_name, make_agent
-from kvtransfer.nixl_xfer_worker import LayerWrite, XferWorker
+from kvtransfer.nixl_common import PB_TO_STATE, PoolLayout, check_pool, dtype_name, make_agent
+from kvtransfer.nixl_xfer_worker import LayerWrite, PoolWrite, XferWorker
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 
@@ -82,6 +83,8 @@ class NixlSendHandle(HandleState, SendHandle):
         n = check_send_args(self.dst, layer, k_pages, v_pages, page_offset)
         keys = {(layer, page_offset + i) for i in range(n)}
         with self._lock:
+            if (-1, -1) in self._seen:
+                raise ValueError("send_layer after send_pool")
             if self._seen & keys:
                 raise ValueError(f"layer {layer} pages {page_offset}..{page_offset + n - 1} sent twice")
             self._seen |= keys
@@ -109,6 +112,37 @@ class NixlSendHandle(HandleState, SendHandle):
         if err is not None:
             self._loop.call_soon_threadsafe(self._from_worker, w, err)
 
+    def send_pool(self, page_table: list[int], num_layers: int, ready=None) -> None:
+        if self._finished:
+            raise TransferError("send_pool after finish()")
+        pool = self._sender.pool
+        if pool is None:
+            raise TransferError("send_pool without a bound pool (bind_pool)")
+        n = len(page_table)
+        if not 0 < n <= self.dst.num_pages or not 0 < num_layers <= pool.num_layers:
+            raise ValueError(f"{n} pages x {num_layers} layers do not fit the destination "
+                             f"({self.dst.num_pages} pages) or the pool ({pool.num_layers} layers)")
+        pages = np.asarray(page_table, dtype=np.int64)
+        if pages.min() < 0 or pages.max() >= pool.num_pages:
+            raise ValueError(f"pool page ids outside 0..{pool.num_pages - 1}")
+        w = PoolWrite(self, num_layers, pages, pool.page_bytes, ready)
+        with self._lock:
+            if self._seen:
+                raise ValueError("send_pool after layers were sent")
+            self._seen.add((-1, -1))        # everything is sent now
+            if self._state.terminal:
+                return
+            self._posted += 1
+            self._outstanding += 1
+            if self._layout is None:
+                self._pending.append(w)
+                return
+            err = self._check(w)
+            if err is None:
+                self._sender._worker.submit(w)
+        if err is not None:
+            self._loop.call_soon_threadsafe(self._from_worker, w, err)
+
     def finish(self) -> None:
         if not self._finished:
             self._finished = True
@@ -123,8 +157,16 @@ class NixlSendHandle(HandleState, SendHandle):
         self._loop.call_soon_threadsafe(self._cancel_call)
 
     # -- internals ----------------------------------------------------------
-    def _check(self, w: LayerWrite) -> str | None:
+    def _check(self, w: LayerWrite | PoolWrite) -> str | None:
         lay = self._layout
+        if isinstance(w, PoolWrite):
+            pool = self._sender.pool
+            if w.num_layers != self._num_layers:
+                return f"sending {w.num_layers} layers, the receiver expects {self._num_layers}"
+            if pool.dtype != lay.dtype or pool.page_bytes != lay.page_bytes:
+                return (f"pool pages are {pool.page_bytes} B of {pool.dtype}, the receiver's "
+                        f"{lay.page_bytes} B of {lay.dtype}")
+            return None
         if w.layer >= self._num_layers:
             return f"layer {w.layer} outside 0..{self._num_layers - 1}"
         if dtype_name(w.k.dtype) != lay.dtype:
@@ -160,9 +202,9 @@ class NixlSendHandle(HandleState, SendHandle):
         if error is not None:
             self._fail(error, "write")
         elif not self._state.terminal:
-            self.chunks_sent += 1
+            self.chunks_sent += w.chunks
             self.bytes_sent += w.nbytes
-            self._sender.chunks_streamed += 1
+            self._sender.chunks_streamed += w.chunks
             self._sender.bytes_streamed += w.nbytes
             if self._state is S.PENDING:
                 self._state = S.IN_PROGRESS
@@ -288,6 +330,26 @@ class NixlKVSender(KVSender):
         self._handles: set[NixlSendHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.pool = None                 # LocalPool once bind_pool succeeded
+        self._pool_reg = None
+        self.pool_bind_failed = False    # bind_pool was asked and could not register the pool
+
+    def bind_pool(self, k_layers, v_layers) -> bool:
+        """Register the prefill engine's KV pool once, for `send_pool` (no copies per write)."""
+        if self.pool is not None:
+            return True
+        try:
+            pool = check_pool(k_layers, v_layers)
+            self._pool_reg = self.agent.register_memory(list(k_layers) + list(v_layers))
+        except Exception as e:  # noqa: BLE001 - the copying path still works
+            log.warning("NIXL send: the KV pool cannot be registered (%s); every layer is copied "
+                        "before its WRITE instead (slower)", e)
+            self.pool_bind_failed = True
+            return False
+        self.pool = self._worker.pool = pool
+        log.info("NIXL send: writes go straight from the registered KV pool (%d layers x %d pages)",
+                 pool.num_layers, pool.num_pages)
+        return True
 
     @property
     def active_transfers(self) -> int:
@@ -366,6 +428,12 @@ class NixlKVSender(KVSender):
         await asyncio.to_thread(self._worker.join, 5.0)
         for address in list(self._peers):
             self._forget(address)
+        if self._pool_reg is not None:
+            try:
+                self.agent.deregister_memory(self._pool_reg)
+            except Exception:  # noqa: BLE001
+                log.exception("deregistering the KV pool from NIXL failed")
+            self._pool_reg = self.pool = None
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()

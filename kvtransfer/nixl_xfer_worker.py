@@ -20,6 +20,10 @@ CUDA tensors are not registered per write: registering device memory (an IPC han
 receiver must open) costs far more than copying a layer. Only a write larger than the
 whole arena, or a device with no memory left for one, registers its own tensors: that
 slower path is logged once and counted (`XferWorker.registered_writes`).
+Pool writes (`PoolWrite`, from `NixlSendHandle.send_pool`) skip staging: once their
+`ready` event completed, one WRITE carries every layer of the request's pages straight from
+the sender's registered pool (one descriptor per run of pages consecutive on both sides), so
+nothing is copied on the device and nothing counts against `max_pending_bytes`.
 `stop()` makes the thread cancel everything in flight and exit once nothing is left.
 """
 from __future__ import annotations
@@ -146,6 +150,29 @@ class LayerWrite:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    chunks = 1                            # layer-writes it counts for (the END / RESULT tally)
+
+
+@dataclass(eq=False)
+class PoolWrite:
+    """Every layer 0..num_layers-1 of reservation pages 0..len(pages)-1, read from the sender's
+    registered pool (reservation page i is pool page pages[i])."""
+    handle: NixlSendHandle
+    num_layers: int
+    pages: np.ndarray                     # pool page ids, int64
+    page_bytes: int
+    ready: object | None                  # CUDA event: the pool holds the pages' K/V
+    reg = None                            # (nothing registered or staged per write)
+    slot = None
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * len(self.pages) * self.page_bytes * self.num_layers
+
+    @property
+    def chunks(self) -> int:
+        return self.num_layers
+
 
 @dataclass
 class _Post:
@@ -181,6 +208,8 @@ class XferWorker(threading.Thread):
         self._arenas: dict[int, StagingArena] = {}
         self.poll_interval_s = poll_interval_s
         self._q: queue.SimpleQueue[LayerWrite | None] = queue.SimpleQueue()
+        self.pool = None                             # the sender's registered LocalPool (bind_pool)
+        self._pool_wait: list[PoolWrite] = []        # pool writes whose `ready` has not completed
         self._waiting: deque[LayerWrite] = deque()   # CUDA writes waiting for a staging slot (FIFO)
         self._staging: deque[LayerWrite] = deque()   # copies queued, not ready yet (FIFO)
         # handle -> [oldest (monotonic), ready writes, holds the transfer's last layer]
@@ -200,7 +229,10 @@ class XferWorker(threading.Thread):
             self._room.wait_for(lambda: self.pending_bytes == 0 or self.pending_bytes + nbytes
                                 <= self.max_pending_bytes or self._stopping, timeout=timeout_s)
 
-    def submit(self, w: LayerWrite) -> None:
+    def submit(self, w: LayerWrite | PoolWrite) -> None:
+        if isinstance(w, PoolWrite):     # holds no copy: nothing to count
+            self._q.put(w)
+            return
         with self._room:
             self.pending_bytes += w.nbytes
         weakref.finalize(w, self._uncount, w.nbytes)   # the copy's memory goes with the write
@@ -219,7 +251,7 @@ class XferWorker(threading.Thread):
 
     # -- the thread --------------------------------------------------------------
     def _busy(self) -> bool:
-        return bool(self._inflight or self._waiting or self._staging or self._groups)
+        return bool(self._inflight or self._waiting or self._staging or self._groups or self._pool_wait)
 
     def run(self) -> None:
         while True:
@@ -234,6 +266,7 @@ class XferWorker(threading.Thread):
                     item = self._q.get_nowait()
                 except queue.Empty:
                     item = False
+            self._post_pool_ready()
             full = self._stage_waiting()
             self._collect_staged()
             self._post_groups(arena_full=full)
@@ -252,6 +285,9 @@ class XferWorker(threading.Thread):
     def _accept(self, w: LayerWrite) -> None:
         """A submitted write: to the staging queue (CUDA) or ready at once (host memory)."""
         if w.handle._state.terminal:
+            return
+        if isinstance(w, PoolWrite):
+            self._pool_wait.append(w)
             return
         arena = self._arena(w.k) if w.k.is_cuda and self.staging_bytes else None
         if arena is not None and arena.fits(w.nbytes):
@@ -315,6 +351,58 @@ class XferWorker(threading.Thread):
                     self._post(run)
                     run = [w]
             self._post(run)
+
+    def _post_pool_ready(self) -> None:
+        if not self._pool_wait:
+            return
+        keep = []
+        for w in self._pool_wait:
+            if w.handle._state.terminal or self._stopping:
+                continue            # dropped: a terminal handle waits for nothing
+            if w.ready is not None and not w.ready.query():
+                keep.append(w)
+                continue
+            self._post_pool(w)
+        self._pool_wait = keep
+
+    def _post_pool(self, w: PoolWrite) -> None:
+        """One WRITE: every layer of w's pages, pool to pool, one descriptor per run of pages
+        that are consecutive both here and in the reservation."""
+        h, pool = w.handle, self.pool
+        post = _Post([w])
+        try:
+            lay = h._layout
+            n, pb = len(w.pages), pool.page_bytes
+            loc_ids = w.pages
+            rem_ids = np.asarray(h._pages[:n], dtype=np.int64)
+            brk = (np.diff(loc_ids) != 1) | (np.diff(rem_ids) != 1)
+            starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+            size = np.diff(np.concatenate((starts, [n]))).astype(np.uint64) * np.uint64(pb)
+            L = w.num_layers
+
+            def descs(k_addrs, v_addrs, ids, dev) -> np.ndarray:
+                off = ids[starts].astype(np.uint64) * np.uint64(pb)
+                base = np.asarray(list(k_addrs[:L]) + list(v_addrs[:L]), dtype=np.uint64)
+                d = np.empty((2 * L * len(starts), 3), dtype=np.uint64)
+                d[:, 0] = (base[:, None] + off[None, :]).ravel()
+                d[:, 1] = np.tile(size, 2 * L)
+                d[:, 2] = dev
+                return d
+
+            notif = layer_notif(h.dst.transfer_id, h.dst.token, 0, 0, n, L)
+            post.xfer = self.agent.initialize_xfer(
+                "WRITE", self.agent.get_xfer_descs(descs(pool.k_addrs, pool.v_addrs, loc_ids, pool.dev_id),
+                                                   pool.mem_type),
+                self.agent.get_xfer_descs(descs(lay.k_addrs, lay.v_addrs, rem_ids, lay.dev_id), lay.mem_type),
+                h._peer_name, notif)
+            if self.agent.transfer(post.xfer) == "ERR":
+                raise RuntimeError("NIXL refused to post the WRITE")
+        except Exception as e:  # noqa: BLE001 - reported through the handle
+            self._release(post)
+            h._from_worker(w, f"posting the NIXL WRITE failed: {e!r}")
+            return
+        self.posts += 1
+        self._inflight.append(post)
 
     def _post(self, run: list[LayerWrite]) -> None:
         """One WRITE for a run of consecutive layers of one handle (same reservation pages)."""

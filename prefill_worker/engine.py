@@ -17,6 +17,12 @@ Per request (driven by prefill_worker/server.py):
      failed pass frees the job's own pages instead.
   4. `abort(request_id)` drops a queued job; a job already computed has its
      sender aborted by the server.
+Sending straight from the pool (`pool_send`, when the KV sender registered this pool): no
+per-layer copies; after the pass each job's sender gets one `send_pool(page_table)` with an
+event marking the end of the pass, and the job keeps its pages until the server says the
+transfer ended (`transfer_ended(job)`): its prompt is inserted into the cache at once (so
+later prompts match it) with the path locked, and duplicate pages the cache did not adopt
+are freed only then.
 
 Cache events (for the router's cache-aware placement): `subscribe_cache_events(cb)`
 runs on the engine thread, so the snapshot and the live changes after it neither
@@ -51,13 +57,17 @@ class PrefillJob:
     prompt_token_ids: list[int]
     params: SamplingParams
     # called on the engine thread after each layer: (layer, k_pages, v_pages)
-    send_layer: Callable[[int, torch.Tensor, torch.Tensor], None]
+    send_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
     # called on the event loop: (first_token, cached_tokens, computed_tokens, error)
     on_done: Callable[[int, int, int, str], None]
     output_offset: int = 0                               # the first token's output index (migrated requests)
+    # with pool_send: (page_table, num_layers, ready event) once the pass is done (engine thread)
+    send_pool: Callable[[list[int], int, object], None] | None = None
     # set while the job is in a batch (engine thread only):
     match: MatchResult | None = None                     # locked cache match
     own_pages: list[int] = field(default_factory=list)   # allocated for the uncached part
+    held: tuple | None = None                            # (lock handle, pages to free): until transfer_ended
     # timeline (wall clock ns): set on submit, and on the engine thread around its batch's pass
     queued_ns: int = 0
     start_ns: int = 0
@@ -91,6 +101,8 @@ class PrefillEngine(EngineThread):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs      # prompts per batch: bounds the logits (memory profile)
         self.counters = PrefillCounters()
+        self.pool_send = False          # set once the KV sender bound this pool (send_pool)
+        self._held = 0                  # jobs whose pages wait for their transfer to end
         self._queue: deque[PrefillJob] = deque()
         self._cache_subscribers: list[Callable[[str, list[int]], None]] = []  # engine thread only
 
@@ -182,6 +194,42 @@ class PrefillEngine(EngineThread):
             self.allocator.free(job.own_pages)
         job.match, job.own_pages = None, []
 
+    def _hold(self, job: PrefillJob) -> None:
+        """After a pass whose KV is sent from the pool: cache the prompt now, but keep every page
+        of its page table (the locked path, and duplicates the cache did not adopt) until
+        `transfer_ended`."""
+        if job.match is None:
+            return
+        self.cache.unlock(job.match.handle)
+        if self.enable_prefix_caching:
+            dups = self.cache.insert(job.prompt_token_ids, job.page_table, free_duplicates=False).duplicates
+            m = self.cache.match_prefix(job.prompt_token_ids)
+            self.cache.lock(m.handle)
+            job.held = (m.handle, list(dups))
+        else:
+            job.held = (None, job.own_pages)
+        self._held += 1
+        job.match, job.own_pages = None, []
+
+    def transfer_ended(self, job: PrefillJob) -> None:
+        """The job's KV transfer is over (whatever the outcome): its pages may change again."""
+        self.post(self._unhold, job)
+
+    def _unhold(self, job: PrefillJob) -> None:
+        if job.held is None:
+            return
+        handle, pages = job.held
+        job.held = None
+        self._held -= 1
+        if handle is not None:
+            self.cache.unlock(handle)
+        if pages:
+            self.allocator.free(pages)
+
+    @property
+    def held_jobs(self) -> int:
+        return self._held
+
     def _take_batch(self) -> list[PrefillJob]:
         batch: list[PrefillJob] = []
         tokens = 0
@@ -189,8 +237,8 @@ class PrefillEngine(EngineThread):
             job = self._queue[0]
             n = len(job.prompt_token_ids)
             if not self._admit(job, use_cache=self.enable_prefix_caching):
-                if batch:
-                    break
+                if batch or self._held:
+                    break   # pages come back as batches / transfers end (each one wakes us)
                 # nothing else holds pages now: empty the cache and try without reuse
                 self.cache.evict(self.cache.num_pages)
                 if not self._admit(job, use_cache=False):
@@ -212,17 +260,28 @@ class PrefillEngine(EngineThread):
         start_ns = time.time_ns()
         for job in batch:
             job.start_ns = start_ns
+        from_pool = self.pool_send and all(j.send_pool is not None for j in batch)
         try:
             seqs = [ForwardSeq(token_ids=j.prompt_token_ids[j.cached_tokens:], start_pos=j.cached_tokens,
                                page_table=j.page_table) for j in batch]
             kv = self.runner.kv
-            index = [torch.tensor(s.page_table, dtype=torch.long, device=kv.k[0].device) for s in seqs]
+            layer_done = None
+            if not from_pool:
+                index = [torch.tensor(s.page_table, dtype=torch.long, device=kv.k[0].device) for s in seqs]
 
-            def layer_done(layer: int) -> None:
-                for job, idx in zip(batch, index):
-                    job.send_layer(layer, kv.k[layer].index_select(0, idx), kv.v[layer].index_select(0, idx))
+                def copy_layer(layer: int) -> None:
+                    for job, idx in zip(batch, index):
+                        job.send_layer(layer, kv.k[layer].index_select(0, idx), kv.v[layer].index_select(0, idx))
+                layer_done = copy_layer
 
             logits = self.runner.forward(seqs, on_layer_done=layer_done)
+            if from_pool:   # one WRITE per job, posted once the device finished the pass
+                ready = None
+                if kv.k[0].is_cuda:
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(kv.k[0].device))
+                for job in batch:
+                    job.send_pool(job.page_table, kv.num_layers, ready)
             tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
             end_ns = time.time_ns()
             for job in batch:
@@ -242,5 +301,8 @@ class PrefillEngine(EngineThread):
                 self.reply(job.on_done, -1, 0, 0, f"prefill failed: {err.message}")
         finally:
             for job in batch:
-                self._release(job, insert=ok and self.enable_prefix_caching)
+                if ok and from_pool:
+                    self._hold(job)
+                else:
+                    self._release(job, insert=ok and self.enable_prefix_caching)
         return True

@@ -28,11 +28,13 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     runner = await loop.run_in_executor(None, ModelRunner, config)
     engine = PrefillEngine(runner, Sampler(config.seed), loop, config.max_num_batched_tokens,
                            config.enable_prefix_caching, max_num_seqs=config.max_num_seqs)
-    engine.start()
     kw = {}
     if kv_backend == "nixl":  # the layer copies it may hold: the batch's KV, as engine/memory.py reserves
         kw["max_pending_bytes"] = runner.batch_kv_bytes
     sender = get_backend(kv_backend).sender_cls(**kw)
+    # nixl: writes read the pool itself (no per-layer copies); grpc copies each layer
+    engine.pool_send = sender.bind_pool(runner.kv.k, runner.kv.v)
+    engine.start()
     server = make_server()
     servicer = PrefillServicer(engine, sender)
     pbg.add_PrefillServicer_to_server(servicer, server)
@@ -40,7 +42,8 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     await server.start()
     # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
     start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
-    log.info("KV transport: %s (sending to the decode workers' pools)", kv_backend)
+    log.info("KV transport: %s (sending to the decode workers' pools, %s)", kv_backend,
+             "straight from the registered KV pool" if engine.pool_send else "copying each layer first")
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,

@@ -66,7 +66,15 @@ class PrefillServicer(pbg.PrefillServicer):
             kv_transfers_active=getattr(self.sender, "active_transfers", 0),
             kv_transfer_bytes=getattr(self.sender, "bytes_streamed", 0),
             kv_transfer_chunks=getattr(self.sender, "chunks_streamed", 0),
+            fallbacks=self._fallbacks(),
         )
+
+    def _fallbacks(self) -> tuple[tuple[str, int], ...]:
+        worker = getattr(self.sender, "_worker", None)
+        if not hasattr(self.sender, "pool_bind_failed"):
+            return ()
+        return (("kv_pool_not_registered", int(self.sender.pool_bind_failed)),
+                ("kv_write_registered_tensors", getattr(worker, "registered_writes", 0)))
 
     def engine_died(self, exc: BaseException) -> None:
         """The engine loop is gone (event loop): fail every waiting Prefill call now, refuse new
@@ -124,7 +132,8 @@ class PrefillServicer(pbg.PrefillServicer):
         job = PrefillJob(request_id=request.request_id, prompt_token_ids=prompt,
                          params=SamplingParams.from_proto(request.sampling),
                          send_layer=handle.send_layer, on_done=on_done,  # thread-safe
-                         output_offset=max(0, request.output_offset))
+                         output_offset=max(0, request.output_offset),
+                         send_pool=handle.send_pool if self.engine.pool_send else None)
         key = request.request_id or str(id(done))
         self._live[key] = done
         self.engine.submit(job)
@@ -150,6 +159,7 @@ class PrefillServicer(pbg.PrefillServicer):
             if not ok:
                 self.engine.abort(request.request_id)
                 handle.abort()
+            self.engine.transfer_ended(job)    # pages it sent from the pool may change now
 
     async def CacheEvents(self, request: pb.CacheEventsRequest, context):
         queue: asyncio.Queue[tuple[str, list[int]] | None] = asyncio.Queue()

@@ -73,6 +73,14 @@ def _child_main() -> None:  # pragma: no cover - runs in the sender process
                     else:
                         h.send_layer(cmd["layer"], k, v, page_offset=cmd["offset"])
                     reply(ok=True)
+                elif op == "pool":      # bind a pool of random pages (layer l: seeds seed+l, seed+500+l)
+                    shape = (cmd["n"], *cmd["shape"])
+                    pool_k = [random_kv(shape, DTYPE, cmd["seed"] + i) for i in range(cmd["layers"])]
+                    pool_v = [random_kv(shape, DTYPE, cmd["seed"] + 500 + i) for i in range(cmd["layers"])]
+                    reply(ok=True, bound=sender.bind_pool(pool_k, pool_v))
+                elif op == "send_pool":
+                    handles[cmd["h"]].send_pool(cmd["table"], cmd["layers"])
+                    reply(ok=True)
                 elif op == "finish":
                     handles[cmd["h"]].finish()
                     reply(ok=True)

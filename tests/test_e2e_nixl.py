@@ -68,6 +68,10 @@ def test_nixl_greedy_equals_transformers(arch_case, nixl_cluster):
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g == e, f"{arch} prompt {i} (len {len(prompts[i])}): tandem/nixl {g} != transformers {e}"
     assert kv_bytes_in(c) > 0                          # the KV crossed the transport
+    # ... straight from the prefill worker's registered pool, not through per-layer copies
+    text = httpx.get(c.metrics_urls["prefill"], timeout=5).text
+    assert re.search(r'^tandem_worker_fallbacks_total\{what="kv_pool_not_registered"\} 0\.0$', text, re.M), text
+    assert re.search(r'^tandem_worker_fallbacks_total\{what="kv_write_registered_tensors"\} 0\.0$', text, re.M)
     wait_idle(c)
     assert c.prefill_stats().computed_prompt_tokens == sum(greedy.LENGTHS)
     assert len({tuple(e) for e in expected}) > 1       # the oracle is not degenerate

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from nixl_harness import (HD, KVH, LAYERS, NIXL_ERROR, PAGE, Child, Side, assert_pools, bits,
+from nixl_harness import (DTYPE, HD, KVH, LAYERS, NIXL_ERROR, PAGE, Child, Side, assert_pools, bits,
                           expected, random_kv)
 
 pytestmark = pytest.mark.skipif(NIXL_ERROR is not None, reason=f"nixl is not importable: {NIXL_ERROR}")
@@ -68,6 +68,43 @@ def test_multilayer_ragged_offsets_land_exactly(side, child):
         side.call(side.receiver.poll, "ragged")
     assert side.receiver._sessions == 0 and side.receiver.active_transfers == 0
     assert child("stats") == {"inflight": 0, "handles": 0, "streamed": r["bytes_sent"]}
+
+
+def test_send_from_a_bound_pool(side, child):
+    """One WRITE straight from the sender's registered pool: reservation page i gets the
+    sender's pool page table[i], every layer, K and V, across runs that break on either side."""
+    before = side.snapshot()
+    assert child("pool", seed=300, n=12, layers=LAYERS, shape=side.shape) == {"ok": True, "bound": True}
+    pages = [3, 4, 5, 14, 8, 9, 1]          # reservation: runs 3-5, 14, 8-9, 1
+    table = [0, 1, 2, 3, 7, 10, 11]         # sender pool: runs 0-3, 7, 10-11
+    dst = side.open("pool", pages)
+    assert child("start", h="p", dst=dst) == {"ok": True}
+    assert child("send_pool", h="p", table=table, layers=LAYERS) == {"ok": True}
+    assert child("send", h="p", layer=0, offset=0, n=1, seed=1, shape=side.shape)["error"].startswith(
+        "ValueError")                       # nothing more once the pool send is queued
+    child("finish", h="p")
+    r = child("wait", h="p", timeout=10)
+    assert r.get("state") == "done", r
+    page_bytes = PAGE * KVH * HD * 2
+    assert r["bytes_sent"] == 2 * LAYERS * len(pages) * page_bytes and r["chunks"] == LAYERS
+    ek, ev = [t.clone() for t in before[0]], [t.clone() for t in before[1]]
+    shape = (12, PAGE, KVH, HD)
+    for layer in range(LAYERS):
+        ek[layer][pages] = random_kv(shape, DTYPE, 300 + layer)[table]
+        ev[layer][pages] = random_kv(shape, DTYPE, 800 + layer)[table]
+    assert_pools(side, (ek, ev))
+    side.call(side.receiver.close, "pool")
+    # a receiver that expects fewer layers than the pool sends: a clean failure, nothing lands
+    before = side.snapshot()
+    dst = side.open("pool-short", [6, 7], num_layers=LAYERS - 1)
+    child("start", h="q", dst=dst)
+    child("send_pool", h="q", table=[4, 5], layers=LAYERS)
+    child("finish", h="q")
+    r = child("wait", h="q", timeout=10)
+    assert r["state"] == "failed" and "expects" in r["error"], r
+    assert_pools(side, before)
+    side.call(side.receiver.abort, "pool-short")
+    side.call(side.receiver.close, "pool-short")
 
 
 def test_wrong_token_never_done(side, child):

@@ -78,7 +78,11 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- decode
-@triton.jit
+# Integer arguments that change from batch to batch (query blocks, block-table width, split
+# size) are not specialized: Triton otherwise compiles a new variant the first time one of them
+# equals 1 or stops being a multiple of 16, and a served request paid ~1.2 s for that compile
+# (the first lone 128-token prompt after a warm-up of longer ones, H200 trace, 2026-12-01).
+@triton.jit(do_not_specialize=["stride_bt", "chunk"])
 def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
                           acc_ptr, ml_ptr, out_ptr, sm_scale_log2,
                           stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
@@ -130,7 +134,7 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
     tl.store(m_ptrs + 1, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage2_kernel(acc_ptr, ml_ptr, out_ptr, num_splits,
                           stride_ab, stride_ah, stride_as,
                           stride_mb, stride_mh, stride_ms,
@@ -211,7 +215,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- extend
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_bt"])
 def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, cu_ptr, start_ptr,
                    sm_scale_log2, num_m_blocks,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
