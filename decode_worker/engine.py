@@ -25,6 +25,7 @@ between workloads, as vLLM's).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class DecodeEngine(EngineThread):
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
+        self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a prefill worker shares the GPU
         self.counters = DecodeCounters()
         self._sinks: dict[str, RequestSink] = {}
         self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
@@ -153,14 +155,15 @@ class DecodeEngine(EngineThread):
             sink = self._sinks.get(seq.request_id)
             if sink is not None:
                 self.reply(sink.on_reserved, list(seq.pages))
-        if out.prefill:
-            t = time.perf_counter()
-            self._run_prefill(out.prefill, out.page_copies)
-            self.counters.prefill_seconds += time.perf_counter() - t
-        if out.decode:
-            t = time.perf_counter()
-            self._run_decode(out.decode)
-            self.counters.decode_seconds += time.perf_counter() - t
+        with self.gpu_turn or contextlib.nullcontext():   # from the first launch to the last sync
+            if out.prefill:
+                t = time.perf_counter()
+                self._run_prefill(out.prefill, out.page_copies)
+                self.counters.prefill_seconds += time.perf_counter() - t
+            if out.decode:
+                t = time.perf_counter()
+                self._run_decode(out.decode)
+                self.counters.decode_seconds += time.perf_counter() - t
         return True
 
     def _copy_pages(self, copies: tuple[PageCopy, ...]) -> None:

@@ -28,7 +28,7 @@ import grpc
 from decode_worker.engine import DecodeEngine
 from decode_worker.requests import (ERROR_KIND_TO_PB, RequestError, Request, response_message, StreamCall)
 from decode_worker.timeline import TimelineRecorder
-from engine.metrics import WorkerMetrics, WorkerSnapshot
+from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields
 from engine.sampling_params import SamplingParams
 from engine.sequence import ErrorKind, FinishReason
 from kvtransfer.base import TransferState
@@ -82,6 +82,7 @@ class DecodeServicer(pbg.DecodeServicer):
             kv_transfers_active=self.receiver.active_transfers,
             kv_transfer_bytes=getattr(self.receiver, "bytes_received", 0),
             kv_transfer_chunks=getattr(self.receiver, "chunks_received", 0),
+            **gpu_turn_fields(self.engine.gpu_turn),
         )
 
     def _prefill_stub(self, address: str) -> pbg.PrefillStub:

@@ -58,6 +58,13 @@ class WorkerSnapshot:
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved
     fallbacks: tuple[tuple[str, int], ...] = ()  # (what, count): slower paths taken than the one asked
+    gpu_turns: int | None = None              # turns taken on a GPU shared with another worker
+    gpu_turn_wait_s: float | None = None      # seconds spent waiting for that worker's turn to end
+
+
+def gpu_turn_fields(turn) -> dict:
+    """WorkerSnapshot fields of an engine/gpu_turn.GpuTurn (none without one)."""
+    return {} if turn is None else {"gpu_turns": turn.turns, "gpu_turn_wait_s": turn.wait_s}
 
 
 _GAUGES = {  # field -> (metric name, help)
@@ -120,6 +127,11 @@ class _SnapshotCollector:
                                      labels=["direction"])
         chunks.add_metric([d], s.kv_transfer_chunks)
         yield from (active, moved, chunks)
+        if s.gpu_turns is not None:
+            yield CounterMetricFamily("tandem_gpu_turns", "Turns this worker took on a GPU it shares with "
+                                      "another worker (engine/gpu_turn.py).", value=s.gpu_turns)
+            yield CounterMetricFamily("tandem_gpu_turn_wait_seconds", "Seconds this worker waited for the "
+                                      "other worker's turn on the shared GPU to end.", value=s.gpu_turn_wait_s)
         if s.fallbacks:
             fb = CounterMetricFamily("tandem_worker_fallbacks", "Times this worker took a slower path than "
                                      "the one configured (each also logged once).", labels=["what"])

@@ -32,6 +32,7 @@ on the event loop and in order. `unsubscribe_cache_events(cb)` stops them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -103,6 +104,7 @@ class PrefillEngine(EngineThread):
         self.counters = PrefillCounters()
         self.pool_send = False          # set once the KV sender bound this pool (send_pool)
         self._held = 0                  # jobs whose pages wait for their transfer to end
+        self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a decode worker shares the GPU
         self._queue: deque[PrefillJob] = deque()
         self._cache_subscribers: list[Callable[[str, list[int]], None]] = []  # engine thread only
 
@@ -274,15 +276,16 @@ class PrefillEngine(EngineThread):
                         job.send_layer(layer, kv.k[layer].index_select(0, idx), kv.v[layer].index_select(0, idx))
                 layer_done = copy_layer
 
-            logits = self.runner.forward(seqs, on_layer_done=layer_done)
-            if from_pool:   # one WRITE per job, posted once the device finished the pass
-                ready = None
-                if kv.k[0].is_cuda:
-                    ready = torch.cuda.Event()
-                    ready.record(torch.cuda.current_stream(kv.k[0].device))
-                for job in batch:
-                    job.send_pool(job.page_table, kv.num_layers, ready)
-            tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
+            with self.gpu_turn or contextlib.nullcontext():   # the pass and its sampling sync
+                logits = self.runner.forward(seqs, on_layer_done=layer_done)
+                if from_pool:   # one WRITE per job, posted once the device finished the pass
+                    ready = None
+                    if kv.k[0].is_cuda:
+                        ready = torch.cuda.Event()
+                        ready.record(torch.cuda.current_stream(kv.k[0].device))
+                    for job in batch:
+                        job.send_pool(job.page_table, kv.num_layers, ready)
+                tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
             end_ns = time.time_ns()
             for job in batch:
                 job.end_ns = end_ns

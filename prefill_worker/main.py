@@ -6,6 +6,7 @@ import logging
 import time
 
 from engine.config import EngineConfig
+from engine.gpu_turn import open_turn
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import start_metrics_server
 from engine.runner import ModelRunner
@@ -20,8 +21,10 @@ log = logging.getLogger(__name__)
 
 
 async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: str = "grpc",
-                        advertise: str = "", registry_config=None, metrics_address: str = "") -> None:
-    """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving."""
+                        advertise: str = "", registry_config=None, metrics_address: str = "",
+                        gpu_turn_file: str = "") -> None:
+    """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
+    gpu_turn_file: take turns on a shared GPU with a decode worker (engine/gpu_turn.py)."""
     start_epoch_ms = int(time.time() * 1000)
     advertise = advertise or f"{host}:{port}"
     loop = asyncio.get_running_loop()
@@ -34,6 +37,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     sender = get_backend(kv_backend).sender_cls(**kw)
     # nixl: writes read the pool itself (no per-layer copies); grpc copies each layer
     engine.pool_send = sender.bind_pool(runner.kv.k, runner.kv.v)
+    engine.gpu_turn = open_turn(gpu_turn_file, "prefill")
     engine.start()
     server = make_server()
     servicer = PrefillServicer(engine, sender)

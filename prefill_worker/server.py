@@ -24,7 +24,7 @@ import logging
 
 import grpc
 
-from engine.metrics import WorkerMetrics, WorkerSnapshot
+from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import TransferState
 from prefill_worker.engine import PrefillEngine, PrefillJob
@@ -67,6 +67,7 @@ class PrefillServicer(pbg.PrefillServicer):
             kv_transfer_bytes=getattr(self.sender, "bytes_streamed", 0),
             kv_transfer_chunks=getattr(self.sender, "chunks_streamed", 0),
             fallbacks=self._fallbacks(),
+            **gpu_turn_fields(self.engine.gpu_turn),
         )
 
     def _fallbacks(self) -> tuple[tuple[str, int], ...]:

@@ -59,13 +59,14 @@ def run_worker(args) -> None:
         asyncio.run(serve_decode(config, args.host, args.port, advertise,
                                  kv_backend=args.kv_transfer_backend,
                                  registry_config=registry_config, metrics_address=metrics_address,
-                                 trace_file=args.request_trace_file))
+                                 trace_file=args.request_trace_file, gpu_turn_file=args.gpu_turn_file))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 
         asyncio.run(serve_prefill(config, args.host, args.port, advertise=advertise,
                                   kv_backend=args.kv_transfer_backend,
-                                  registry_config=registry_config, metrics_address=metrics_address))
+                                  registry_config=registry_config, metrics_address=metrics_address,
+                                  gpu_turn_file=args.gpu_turn_file))
 
 
 if __name__ == "__main__":

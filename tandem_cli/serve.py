@@ -21,6 +21,7 @@ import argparse
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
     port = {"decode": ports[0], "prefill": ports[1]}
     role_flags = {"decode": ["--request-trace-file", args.request_trace_file] if args.request_trace_file else [],
                   "prefill": []}
+    turns = getattr(args, "gpu_turns", "auto")
+    if not args.colocated and (turns == "on" or (turns == "auto" and config.device == "cuda")):
+        lock = os.path.join(tempfile.gettempdir(), f"tandem-gpu-turn-{ports[0]}.lock")
+        for role in role_flags:
+            role_flags[role] += ["--gpu-turn-file", lock]
     return [WorkerLaunch(s.role, f"127.0.0.1:{port[s.role]}",
                          tuple([s.role, "--port", str(port[s.role])]
                                + engine_flags(config, args, model, s.gpu_memory_utilization) + kv + etcd

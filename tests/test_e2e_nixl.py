@@ -44,8 +44,10 @@ pytestmark = pytest.mark.skipif(NIXL_ERROR is not None,
 @pytest.fixture(scope="module")
 def nixl_cluster(arch_case, tmp_path_factory):
     model_dir = arch_case[1]
-    with Cluster(model_dir, num_pages=NUM_PAGES, page_size=4, kv_transfer_backend="nixl",
-                 log_dir=tmp_path_factory.mktemp("nixl-logs")) as c:
+    logs = tmp_path_factory.mktemp("nixl-logs")
+    # the two workers also take turns through one lock file, as `tandem serve` makes them on one GPU
+    with Cluster(model_dir, num_pages=NUM_PAGES, page_size=4, kv_transfer_backend="nixl", log_dir=logs,
+                 extra_worker_args=("--gpu-turn-file", str(logs / "gpu.lock"))) as c:
         yield c
 
 
@@ -72,6 +74,9 @@ def test_nixl_greedy_equals_transformers(arch_case, nixl_cluster):
     text = httpx.get(c.metrics_urls["prefill"], timeout=5).text
     assert re.search(r'^tandem_worker_fallbacks_total\{what="kv_pool_not_registered"\} 0\.0$', text, re.M), text
     assert re.search(r'^tandem_worker_fallbacks_total\{what="kv_write_registered_tensors"\} 0\.0$', text, re.M)
+    for role in ("prefill", "decode"):   # every batch and every step took its turn on the "GPU"
+        m = re.search(r"^tandem_gpu_turns_total (\S+)$", httpx.get(c.metrics_urls[role], timeout=5).text, re.M)
+        assert m and float(m.group(1)) > 0, role
     wait_idle(c)
     assert c.prefill_stats().computed_prompt_tokens == sum(greedy.LENGTHS)
     assert len({tuple(e) for e in expected}) > 1       # the oracle is not degenerate
