@@ -241,12 +241,13 @@ class SendHandle(abc.ABC):
         modified until the handle is terminal (indexing a pool with a page list,
         `k[layer][page_ids]`, already yields a private copy). Dropped if terminal."""
 
-    def send_pool(self, page_table: list[int], num_layers: int, ready=None) -> None:
+    def send_pool(self, page_table: list[int], num_layers: int, ready=None, on_written=None) -> None:
         """Queue every one of `num_layers` layers of reservation pages 0..len(page_table)-1
         straight from the sender's bound pool (`KVSender.bind_pool`): reservation page i is
         pool page page_table[i]. `ready` (a CUDA event, or None) is when the pool holds them.
         Nothing is copied, so the caller must keep those pool pages unchanged until the
-        handle is terminal. Only for senders whose `bind_pool` returned True."""
+        handle is terminal. `on_written(error_or_None)`, if given, runs (on any thread) once
+        the data has left the pool (or will not). Only for senders whose `bind_pool` returned True."""
         raise NotImplementedError(f"{type(self).__name__} cannot send from a pool")
 
     @abc.abstractmethod

@@ -112,7 +112,7 @@ class NixlSendHandle(HandleState, SendHandle):
         if err is not None:
             self._loop.call_soon_threadsafe(self._from_worker, w, err)
 
-    def send_pool(self, page_table: list[int], num_layers: int, ready=None) -> None:
+    def send_pool(self, page_table: list[int], num_layers: int, ready=None, on_written=None) -> None:
         if self._finished:
             raise TransferError("send_pool after finish()")
         pool = self._sender.pool
@@ -125,12 +125,13 @@ class NixlSendHandle(HandleState, SendHandle):
         pages = np.asarray(page_table, dtype=np.int64)
         if pages.min() < 0 or pages.max() >= pool.num_pages:
             raise ValueError(f"pool page ids outside 0..{pool.num_pages - 1}")
-        w = PoolWrite(self, num_layers, pages, pool.page_bytes, ready)
+        w = PoolWrite(self, num_layers, pages, pool.page_bytes, ready, on_written)
         with self._lock:
             if self._seen:
                 raise ValueError("send_pool after layers were sent")
             self._seen.add((-1, -1))        # everything is sent now
             if self._state.terminal:
+                w.written("the transfer ended already")
                 return
             self._posted += 1
             self._outstanding += 1
@@ -153,7 +154,10 @@ class NixlSendHandle(HandleState, SendHandle):
             if self._state.terminal:
                 return
             self._state = S.ABORTED
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+        for w in pending:
+            if isinstance(w, PoolWrite):
+                w.written("aborted")
         self._loop.call_soon_threadsafe(self._cancel_call)
 
     # -- internals ----------------------------------------------------------
@@ -180,7 +184,10 @@ class NixlSendHandle(HandleState, SendHandle):
             if self._state.terminal:
                 return
             self._state, self._error, self._reason = S.FAILED, error, reason
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+        for w in pending:
+            if isinstance(w, PoolWrite):
+                w.written(error)
         log.warning("KV transfer %s to %s failed (%s): %s", self.dst.transfer_id, self.dst.address, reason, error)
         self._cancel_call()
 
@@ -196,7 +203,9 @@ class NixlSendHandle(HandleState, SendHandle):
         except RuntimeError:  # the loop is gone (shutdown): nobody is waiting any more
             pass
 
-    def _write_ended(self, w: LayerWrite, error: str | None) -> None:
+    def _write_ended(self, w: LayerWrite | PoolWrite, error: str | None) -> None:
+        if isinstance(w, PoolWrite):
+            w.written(error)
         with self._lock:
             self._outstanding -= 1
         if error is not None:

@@ -162,8 +162,17 @@ class PoolWrite:
     pages: np.ndarray                     # pool page ids, int64
     page_bytes: int
     ready: object | None                  # CUDA event: the pool holds the pages' K/V
+    on_written: object | None = None      # called once: (error or None) when the data left the pool
     reg = None                            # (nothing registered or staged per write)
     slot = None
+
+    def written(self, error: str | None) -> None:
+        cb, self.on_written = self.on_written, None
+        if cb is not None:
+            try:
+                cb(error)
+            except Exception:  # noqa: BLE001
+                log.exception("on_written callback failed")
 
     @property
     def nbytes(self) -> int:
@@ -284,10 +293,13 @@ class XferWorker(threading.Thread):
 
     def _accept(self, w: LayerWrite) -> None:
         """A submitted write: to the staging queue (CUDA) or ready at once (host memory)."""
-        if w.handle._state.terminal:
-            return
         if isinstance(w, PoolWrite):
-            self._pool_wait.append(w)
+            if w.handle._state.terminal:
+                w.written("dropped: the transfer ended")
+            else:
+                self._pool_wait.append(w)
+            return
+        if w.handle._state.terminal:
             return
         arena = self._arena(w.k) if w.k.is_cuda and self.staging_bytes else None
         if arena is not None and arena.fits(w.nbytes):
@@ -358,7 +370,8 @@ class XferWorker(threading.Thread):
         keep = []
         for w in self._pool_wait:
             if w.handle._state.terminal or self._stopping:
-                continue            # dropped: a terminal handle waits for nothing
+                w.written("dropped: the transfer ended")   # a terminal handle waits for nothing
+                continue
             if w.ready is not None and not w.ready.query():
                 keep.append(w)
                 continue
@@ -479,6 +492,8 @@ class XferWorker(threading.Thread):
                 continue
             self._release(post)
             for w in post.writes:
+                if isinstance(w, PoolWrite):   # at once, from here: a producer may wait on it
+                    w.written(None if st == "DONE" else err)
                 h._from_worker(w, None if st == "DONE" else err)
         self._inflight = keep
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,8 +64,8 @@ class PrefillJob:
     # called on the event loop: (first_token, cached_tokens, computed_tokens, error)
     on_done: Callable[[int, int, int, str], None]
     output_offset: int = 0                               # the first token's output index (migrated requests)
-    # with pool_send: (page_table, num_layers, ready event) once the pass is done (engine thread)
-    send_pool: Callable[[list[int], int, object], None] | None = None
+    # with pool_send: (page_table, num_layers, ready event, on_written) once the pass is done
+    send_pool: Callable[[list[int], int, object, Callable], None] | None = None
     # set while the job is in a batch (engine thread only):
     match: MatchResult | None = None                     # locked cache match
     own_pages: list[int] = field(default_factory=list)   # allocated for the uncached part
@@ -90,6 +91,23 @@ class PrefillCounters:
     batches: int = 0
 
 
+class _Countdown:
+    """Wait (one thread) until `down()` was called n times (from any thread), or a timeout."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._cond = threading.Condition()
+
+    def down(self, _error=None) -> None:
+        with self._cond:
+            self.n -= 1
+            self._cond.notify()
+
+    def wait(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.n <= 0, timeout)
+
+
 class PrefillEngine(EngineThread):
     def __init__(self, runner: ModelRunner, sampler: Sampler, loop, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256) -> None:
@@ -105,6 +123,7 @@ class PrefillEngine(EngineThread):
         self.pool_send = False          # set once the KV sender bound this pool (send_pool)
         self._held = 0                  # jobs whose pages wait for their transfer to end
         self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a decode worker shares the GPU
+        self.write_wait_s = 1.0         # with gpu_turn: longest the turn waits for a batch's WRITEs
         self._queue: deque[PrefillJob] = deque()
         self._cache_subscribers: list[Callable[[str, list[int]], None]] = []  # engine thread only
 
@@ -276,7 +295,11 @@ class PrefillEngine(EngineThread):
                         job.send_layer(layer, kv.k[layer].index_select(0, idx), kv.v[layer].index_select(0, idx))
                 layer_done = copy_layer
 
-            with self.gpu_turn or contextlib.nullcontext():   # the pass and its sampling sync
+            # On a GPU shared with a decode worker the turn covers the pass, its sampling sync and
+            # (pool sends) the batch's WRITEs: copies left to run under the decode worker's turn
+            # crawl through the device's time slices (H200 trace: KV landed 0.4-1.6 s after the pass).
+            written = _Countdown(len(batch) if from_pool and self.gpu_turn is not None else 0)
+            with self.gpu_turn or contextlib.nullcontext():
                 logits = self.runner.forward(seqs, on_layer_done=layer_done)
                 if from_pool:   # one WRITE per job, posted once the device finished the pass
                     ready = None
@@ -284,8 +307,9 @@ class PrefillEngine(EngineThread):
                         ready = torch.cuda.Event()
                         ready.record(torch.cuda.current_stream(kv.k[0].device))
                     for job in batch:
-                        job.send_pool(job.page_table, kv.num_layers, ready)
+                        job.send_pool(job.page_table, kv.num_layers, ready, written.down if written.n else None)
                 tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
+                written.wait(self.write_wait_s)
             end_ns = time.time_ns()
             for job in batch:
                 job.end_ns = end_ns

@@ -45,6 +45,7 @@ def _child_main() -> None:  # pragma: no cover - runs in the sender process
         loop = asyncio.get_running_loop()
         sender = get_backend("nixl").sender_cls()
         handles = {}
+        written = {}     # handle -> what send_pool's on_written got
 
         def reply(**kw):
             sys.stdout.write("@@" + json.dumps(kw) + "\n")
@@ -79,7 +80,8 @@ def _child_main() -> None:  # pragma: no cover - runs in the sender process
                     pool_v = [random_kv(shape, DTYPE, cmd["seed"] + 500 + i) for i in range(cmd["layers"])]
                     reply(ok=True, bound=sender.bind_pool(pool_k, pool_v))
                 elif op == "send_pool":
-                    handles[cmd["h"]].send_pool(cmd["table"], cmd["layers"])
+                    log = written.setdefault(cmd["h"], [])
+                    handles[cmd["h"]].send_pool(cmd["table"], cmd["layers"], on_written=log.append)
                     reply(ok=True)
                 elif op == "finish":
                     handles[cmd["h"]].finish()
@@ -91,7 +93,8 @@ def _child_main() -> None:  # pragma: no cover - runs in the sender process
                 elif op in ("wait", "poll"):
                     h = handles[cmd["h"]]
                     st = await h.wait(cmd["timeout"]) if op == "wait" else h.poll()
-                    reply(state=st.value, error=h.error, bytes_sent=h.bytes_sent, chunks=h.chunks_sent)
+                    reply(state=st.value, error=h.error, bytes_sent=h.bytes_sent, chunks=h.chunks_sent,
+                          written=written.get(cmd["h"]))
                 elif op == "bench":
                     d = cmd["dst"]
                     dst = Destination(d["address"], d["transfer_id"], d["num_pages"], d["page_size"],

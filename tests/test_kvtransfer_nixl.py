@@ -87,6 +87,7 @@ def test_send_from_a_bound_pool(side, child):
     assert r.get("state") == "done", r
     page_bytes = PAGE * KVH * HD * 2
     assert r["bytes_sent"] == 2 * LAYERS * len(pages) * page_bytes and r["chunks"] == LAYERS
+    assert r["written"] == [None]                       # told once, when the data left the pool
     ek, ev = [t.clone() for t in before[0]], [t.clone() for t in before[1]]
     shape = (12, PAGE, KVH, HD)
     for layer in range(LAYERS):
@@ -102,6 +103,7 @@ def test_send_from_a_bound_pool(side, child):
     child("finish", h="q")
     r = child("wait", h="q", timeout=10)
     assert r["state"] == "failed" and "expects" in r["error"], r
+    assert len(r["written"]) == 1 and "expects" in r["written"][0]
     assert_pools(side, before)
     side.call(side.receiver.abort, "pool-short")
     side.call(side.receiver.close, "pool-short")

@@ -44,8 +44,9 @@ class Sent:
     def job(self, engine: PrefillEngine, rid: str, prompt: list[int]) -> PrefillJob:
         kv = engine.runner.kv
 
-        def send_pool(table, num_layers, ready):
+        def send_pool(table, num_layers, ready, on_written=None):
             assert num_layers == kv.num_layers and ready is None      # CPU: nothing to wait for
+            assert on_written is None                                 # no GPU turn: nobody waits
             self.tables[rid] = list(table)
             self.kv[rid] = [(kv.k[i][table].clone(), kv.v[i][table].clone()) for i in range(num_layers)]
 
