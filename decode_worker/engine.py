@@ -22,6 +22,19 @@ Per request (driven by decode_worker/server.py on the asyncio side):
      error), or frees them.
 `reset_prefix_cache()` drops every cache entry no request holds (benchmarks
 between workloads, as vLLM's).
+
+Async scheduling (`async_scheduling`, on unless a GPU turn is held per step): each
+iteration schedules and queues its passes first and only then reads the previous
+iteration's sampled tokens (`_read`), so the device computes while the host reads,
+emits and schedules; the H200 profile of W1's decode shape put that host work at
+~3.6 ms of a 19.4 ms step. A queued pass leaves a PENDING output in each of its seqs
+(scheduler.launched); the next decode pass of such a seq takes its input token from the
+queued pass's sampled tensor on the device (`runner.forward(feed=...)`), and reading
+the pass resolves the PENDING outputs in order (scheduler.resolve), finishing seqs on
+EOS or a stop token one pass late (the extra token computed for them is dropped). A
+seq that ends while a queued pass still writes its pages keeps them until that pass is
+read (scheduler.settle), so no one else, not even a KV transfer from another process,
+gets them before the device is done.
 """
 from __future__ import annotations
 
@@ -60,6 +73,14 @@ class RequestSink(Protocol):
     def on_output(self, out: EngineOutput) -> None: ...
 
 
+@dataclass(eq=False)
+class _Pass:
+    """A forward pass queued on the device whose sampled tokens are not read yet."""
+    seqs: list[Sequence]
+    tokens: object          # int64 [len(seqs)] on the device
+    prefill: bool
+
+
 @dataclass
 class DecodeCounters:
     steps: int = 0
@@ -80,6 +101,12 @@ class DecodeEngine(EngineThread):
         self.scheduler = scheduler
         self.sampler = sampler
         self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a prefill worker shares the GPU
+        # async scheduling: queue the next pass before reading the last one (off with gpu_turn,
+        # whose turn must end with the device idle)
+        self.async_scheduling = True
+        self._inflight: list[_Pass] = []       # the previous iteration's passes, not read yet
+        self._launching: list[_Pass] = []      # this iteration's, queued so far
+        self._pending_src: dict[str, tuple[_Pass, int]] = {}   # seq -> pass and row sampling its PENDING token
         self.counters = DecodeCounters()
         self._sinks: dict[str, RequestSink] = {}
         self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
@@ -143,28 +170,55 @@ class DecodeEngine(EngineThread):
             self.reply(_deliver, batch)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._inflight)
 
     def step(self) -> bool:
+        """Schedule and queue this iteration's passes; with async scheduling, read the previous
+        iteration's passes only then, so the device runs one pass while the host reads the
+        last one and prepares the next (see `_read`)."""
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.is_empty and not self._inflight:
             return False  # only requests waiting for KV or pages: sleep until a command
-        self.counters.steps += 1
-        self.counters.preemptions += len(out.preempted)
-        for seq in out.reserved:
-            sink = self._sinks.get(seq.request_id)
-            if sink is not None:
-                self.reply(sink.on_reserved, list(seq.pages))
+        launched = self._launching = []
+        if not out.is_empty:
+            self.counters.steps += 1
+            self.counters.preemptions += len(out.preempted)
+            for seq in out.reserved:
+                sink = self._sinks.get(seq.request_id)
+                if sink is not None:
+                    self.reply(sink.on_reserved, list(seq.pages))
+        pipelined = self.async_scheduling and self.gpu_turn is None
         with self.gpu_turn or contextlib.nullcontext():   # from the first launch to the last sync
             if out.prefill:
-                t = time.perf_counter()
-                self._run_prefill(out.prefill, out.page_copies)
-                self.counters.prefill_seconds += time.perf_counter() - t
+                launched.append(self._launch_prefill(out.prefill, out.page_copies))
             if out.decode:
-                t = time.perf_counter()
-                self._run_decode(out.decode)
-                self.counters.decode_seconds += time.perf_counter() - t
+                launched.append(self._launch_decode(out.decode))
+            self.flush()  # the device runs the passes: let the event loop send earlier results now
+            if pipelined:
+                while self._inflight:         # the previous iteration's, queued before these
+                    self._read(self._inflight.pop(0))
+                self._inflight = launched
+            else:
+                for p in launched:
+                    self._read(p)
+            self._launching = []
+            self.flush()
         return True
+
+    def _feed(self, seqs: list[Sequence]) -> tuple[list[int], list]:
+        """Rows of seqs whose last token is PENDING, and where the device finds each (the
+        queued pass that samples it)."""
+        rows, groups = [], {}
+        for i, seq in enumerate(seqs):
+            if seq.num_pending:
+                p, row = self._pending_src[seq.request_id]
+                g = groups.get(id(p))
+                if g is None:
+                    g = groups[id(p)] = (p.tokens, [], [])
+                g[1].append(i)
+                g[2].append(row)
+                rows.append(i)
+        return rows, list(groups.values())
 
     def _copy_pages(self, copies: tuple[PageCopy, ...]) -> None:
         """Valid slots of partially matched cache pages into the seqs' own pages."""
@@ -174,8 +228,9 @@ class DecodeEngine(EngineThread):
                 kv.k[layer][c.dst_page, :c.num_slots] = kv.k[layer][c.src_page, :c.num_slots]
                 kv.v[layer][c.dst_page, :c.num_slots] = kv.v[layer][c.src_page, :c.num_slots]
 
-    def _run_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = ()) -> None:
+    def _launch_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = ()) -> _Pass:
         self._in_pass = list(seqs)
+        t = time.perf_counter()
         if copies:
             self._copy_pages(copies)
         batch = [
@@ -183,30 +238,59 @@ class DecodeEngine(EngineThread):
             for s in seqs
         ]
         logits = self.runner.forward(batch)
-        self.flush()  # the GPU runs the pass: let the event loop send the previous step's results now
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
-        for seq, fs, tok in zip(seqs, batch, tokens):
+        tokens = self.sampler.sample_on_device(
+            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
+        p = _Pass(seqs, tokens, prefill=True)
+        for i, (seq, fs) in enumerate(zip(seqs, batch)):
             self.counters.prefilled_tokens += len(fs.token_ids)
             self.counters.prefill_cached_tokens += fs.start_pos
-            finish = self.scheduler.on_prefilled(seq.request_id, tok)
-            self._emit(seq, [tok], finish)
-        self._in_pass = []
+            self.scheduler.launched(seq)
+            self._pending_src[seq.request_id] = (p, i)
+        self.counters.prefill_seconds += time.perf_counter() - t
+        return p
 
-    def _run_decode(self, seqs: list[Sequence]) -> None:
+    def _launch_decode(self, seqs: list[Sequence]) -> _Pass:
         self._in_pass = list(seqs)
+        t = time.perf_counter()
         batch = [
-            ForwardSeq(token_ids=[s.last_token_id], start_pos=s.num_tokens - 1, page_table=s.pages)
+            ForwardSeq(token_ids=[0 if s.num_pending else s.last_token_id], start_pos=s.num_tokens - 1,
+                       page_table=s.pages)
             for s in seqs
         ]
-        logits = self.runner.forward(batch)
-        self.flush()  # as in _run_prefill
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
-        self.counters.decoded_tokens += len(tokens)
+        _, feed = self._feed(seqs)
+        logits = self.runner.forward(batch, feed=feed or None)
+        tokens = self.sampler.sample_on_device(
+            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
+        p = _Pass(seqs, tokens, prefill=False)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
-        for seq, tok in zip(seqs, tokens):
-            finish = self.scheduler.on_decoded(seq.request_id, tok)
+        for i, seq in enumerate(seqs):
+            self.scheduler.launched(seq)
+            self._pending_src[seq.request_id] = (p, i)
+        self.counters.decode_seconds += time.perf_counter() - t
+        return p
+
+    def _read(self, p: _Pass) -> None:
+        """Wait for a queued pass's tokens; hand each to its seq (finishes, outputs)."""
+        self._in_pass = list(p.seqs)
+        t = time.perf_counter()
+        tokens = p.tokens.tolist()
+        for seq, tok in zip(p.seqs, tokens):
+            rid = seq.request_id
+            src = self._pending_src.get(rid)
+            if src is not None and src[0] is p:
+                del self._pending_src[rid]
+            live, finish = self.scheduler.resolve(seq, tok)
+            self.scheduler.settle(seq)
+            if not live:
+                continue
+            if not p.prefill:
+                self.counters.decoded_tokens += 1
             self._emit(seq, [tok], finish)
+        if p.prefill:
+            self.counters.prefill_seconds += time.perf_counter() - t
+        else:
+            self.counters.decode_seconds += time.perf_counter() - t
         self._in_pass = []
 
     def on_command_error(self, fn, args: tuple, exc: Exception) -> None:
@@ -229,6 +313,16 @@ class DecodeEngine(EngineThread):
         pages) and those of the other pass of the step go on."""
         kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL
         failed, self._in_pass = self._in_pass, []
+        failing = {id(q) for q in failed}
+        queued = [p for p in self._inflight + self._launching if not any(id(q) in failing for q in p.seqs)]
+        self._inflight, self._launching = [], []
+        for p in queued:              # other passes already queued: their tokens are still good
+            try:
+                self._read(p)
+            except Exception:  # noqa: BLE001 - the device is gone too: fail those as well
+                failed += [q for q in p.seqs if id(q) not in failing]
+        self._in_pass = []
+        self._pending_src.clear()
         if not failed:   # not in a forward pass (a scheduler bug): every request whose pages no sender writes
             failed = [q for rid in list(self._sinks) if (q := self.scheduler.get(rid)) is not None
                       and q.status is not SequenceStatus.AWAITING_KV]
@@ -239,6 +333,7 @@ class DecodeEngine(EngineThread):
             if sink is not None:
                 self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"decode step failed: {exc}",
                                                         kind, seq.cached_tokens)))
+        self.scheduler.settle_all()
 
     def stats(self) -> dict[str, int]:
         s, cache = self.scheduler, self.scheduler.prefix_cache

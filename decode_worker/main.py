@@ -34,7 +34,9 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=min(runner.max_model_len, runner.num_pages * runner.page_size),
         eos_token_ids=tuple(mc.eos_token_ids),
     ), allocator, cache)
-    return DecodeEngine(runner, scheduler, Sampler(config.seed), loop)
+    engine = DecodeEngine(runner, scheduler, Sampler(config.seed), loop)
+    engine.async_scheduling = config.async_scheduling
+    return engine
 
 
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,

@@ -193,6 +193,7 @@ class EngineConfig:
     seed: int = 0                                # dummy weight init
     enforce_eager: bool = False                  # True: no CUDA graphs for decode (vLLM's flag)
     enable_prefix_caching: bool = True           # radix prefix cache (prefill worker, and local prefills on decode)
+    async_scheduling: bool = True                # decode: queue the next pass before reading the last one
     role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
     kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
     attention_backend_reason: str = field(default="", compare=False)  # set with the resolution

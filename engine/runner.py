@@ -176,10 +176,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, seqs: list[ForwardSeq],
-                on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+                on_layer_done: Callable[[int], None] | None = None,
+                feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None) -> torch.Tensor:
         """Writes K/V of the new tokens into their pages, returns float32 logits
         [len(seqs), vocab] of each seq's last new token. on_layer_done(layer) is
-        called once that layer's K/V for every seq is in the pages."""
+        called once that layer's K/V for every seq is in the pages.
+        feed (async scheduling): [(tokens, rows, src_rows)]: before the pass, input token
+        rows[j] of the flattened batch becomes tokens[src_rows[j]], a device tensor that an
+        earlier queued pass samples into (its row of the ForwardSeq holds a dummy id)."""
         if not seqs:
             raise ValueError("forward needs at least one seq")
         for i, s in enumerate(seqs):
@@ -189,7 +193,7 @@ class ModelRunner:
                 raise ValueError(f"seq {i}: positions up to {s.start_pos + len(s.token_ids)} "
                                  f"exceed max_model_len {self.max_model_len}")
         try:
-            return self._forward(seqs, on_layer_done)
+            return self._forward(seqs, on_layer_done, feed)
         except Exception as exc:  # noqa: BLE001 - out of memory becomes a resource error (engine/errors.py)
             decode = all(len(s.token_ids) == 1 for s in seqs)
             err = classify_step_error(exc, "decode" if decode else "prefill", len(seqs),
@@ -199,12 +203,26 @@ class ModelRunner:
                 raise ResourceExhaustedError(err.message) from exc
             raise
 
-    def _forward(self, seqs: list[ForwardSeq], on_layer_done: Callable[[int], None] | None) -> torch.Tensor:
-        # One host->device copy carries the metadata and the token ids.
+    def _forward(self, seqs: list[ForwardSeq], on_layer_done: Callable[[int], None] | None,
+                 feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None) -> torch.Tensor:
+        # One host->device copy carries the metadata, the token ids and the feed's row indices
+        # (a separate copy from pageable memory would wait for the passes still queued).
+        token_ids = list(chain.from_iterable(s.token_ids for s in seqs))
+        T = len(token_ids)
+        for _, rows, src in feed or ():
+            token_ids += rows
+            token_ids += src
         meta, ids = build_metadata_and_ids(
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
             [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
-            token_ids=list(chain.from_iterable(s.token_ids for s in seqs)), staging=self.staging)
+            token_ids=token_ids, staging=self.staging)
+        if feed:
+            o = T
+            for tokens, rows, _ in feed:
+                k = len(rows)
+                ids[:T].index_copy_(0, ids[o:o + k], tokens.index_select(0, ids[o + k:o + 2 * k]))
+                o += 2 * k
+            ids = ids[:T]
         if (self.graphs is not None and on_layer_done is None and meta.is_decode
                 and self.backend is self.graphs.backend):
             logits = self.graphs.run(meta, ids)

@@ -96,13 +96,18 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                output_index: list[int]) -> list[int]:
         """Return one token id per row of `logits` [B, V] (see module docstring)."""
+        return self.sample_on_device(logits, params, output_index).tolist()
+
+    def sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams],
+                         output_index: list[int]) -> torch.Tensor:
+        """`sample`, left on logits' device (int64 [B]); reading it back is the caller's sync."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
         if len(params) != batch or len(output_index) != batch:
             raise ValueError(f"{batch} rows but {len(params)} params and {len(output_index)} output indices")
         if batch == 0:
-            return []
+            return torch.zeros(0, dtype=torch.int64, device=logits.device)
         device = logits.device
         logits = logits.float()
         out = torch.argmax(logits, dim=-1)
@@ -126,7 +131,7 @@ class Sampler:
                 out[torch.tensor(rows, device=device)] = drawn
             else:
                 out = drawn
-        return out.tolist()
+        return out
 
     def _exponential_noise(self, params: list[SamplingParams], output_index: list[int],
                            vocab: int, device: torch.device) -> torch.Tensor:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 from engine.page_allocator import PageAllocator
 from engine.prefix_cache_manager import PageCopy, PrefixCacheManager
-from engine.sequence import FinishReason, Sequence, SequenceStatus, pages_needed
+from engine.sequence import PENDING, FinishReason, Sequence, SequenceStatus, pages_needed
 
 S = SequenceStatus
 
@@ -135,6 +135,7 @@ class DecodeScheduler:
         # Admitted seqs (AWAITING_KV, PREFILLING, RUNNING) in admission order.
         self._admitted: dict[str, Sequence] = {}
         self._seqs: dict[str, Sequence] = {}   # every live seq, waiting or admitted
+        self._zombies: list[tuple[Sequence, bool]] = []   # ended with a pass still queued: (seq, keep KV)
         self._next_arrival = 0
         self.num_preemptions = 0
 
@@ -191,7 +192,7 @@ class DecodeScheduler:
     # ---- one step ------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        running = [s for s in self._admitted.values() if s.status is S.RUNNING]
+        running = [s for s in self._admitted.values() if s.status is S.RUNNING and not s.final_pending]
 
         # a) admission: FIFO, no overtaking, leave the pages decodes need now.
         decode_reserve = sum(self._growth(s) for s in running)
@@ -279,6 +280,65 @@ class DecodeScheduler:
             self.prefix_cache.on_prefilled(seq)
         return self._append(seq, token_id)
 
+    # ---- async scheduling: a pass is queued before the previous one's tokens are read ----
+    def launched(self, seq: Sequence) -> None:
+        """A pass that computes seq's KV up to its last token and samples the next one is queued
+        on the device: count that KV as computed and hold a PENDING output for the token (the
+        next decode of seq reads it on the device). A seq whose PENDING token is certainly its
+        last (a length limit) is not decoded again."""
+        if seq.status is S.PREFILLING:
+            seq.num_computed = seq.num_tokens
+            if self.prefix_cache is not None:
+                self.prefix_cache.on_prefilled(seq)
+            seq.status = S.RUNNING
+        else:
+            self._expect(seq.request_id, S.RUNNING)
+            seq.num_computed += 1
+        seq.output_token_ids.append(PENDING)
+        seq.num_pending += 1
+        seq.in_flight += 1
+        if seq.length_limited(len(seq.output_token_ids), self.config.max_model_len) is not None:
+            seq.final_pending = True
+
+    def settle(self, seq: Sequence) -> None:
+        """A queued pass that held seq was read: if seq ended meanwhile, its pages go now."""
+        seq.in_flight -= 1
+        if seq.in_flight == 0 and seq.status is S.FINISHED:
+            for i, (z, keep) in enumerate(self._zombies):
+                if z is seq:
+                    del self._zombies[i]
+                    self._release(seq, keep)
+                    break
+
+    def settle_all(self) -> None:
+        """Nothing is queued on the device any more (an engine error): every ended seq's pages go."""
+        zombies, self._zombies = self._zombies, []
+        for seq, keep in zombies:
+            seq.in_flight = 0
+            self._release(seq, keep)
+        for seq in self._seqs.values():
+            seq.in_flight = 0
+
+    def resolve(self, seq: Sequence, token_id: int) -> tuple[bool, FinishReason | None]:
+        """The oldest PENDING output of seq was read back as token_id: (still live, finish).
+        Not live: seq ended meanwhile (aborted, or a stop read from an earlier pass). On a
+        finish, later PENDING outputs (a pass still in flight computes them for nothing) are
+        dropped with their KV."""
+        if self._seqs.get(seq.request_id) is not seq or seq.num_pending == 0:
+            return False, None
+        i = len(seq.output_token_ids) - seq.num_pending
+        seq.output_token_ids[i] = token_id
+        seq.num_pending -= 1
+        reason = seq.stop_at(i, self._eos, self.config.max_model_len)
+        if reason is not None:
+            del seq.output_token_ids[i + 1:]
+            seq.num_pending = 0
+            seq.num_computed = min(seq.num_computed, seq.num_tokens)
+            if seq.status is S.WAITING:          # preempted while its token was in flight
+                self._waiting.remove(seq)
+            self._finish(seq, reason)
+        return True, reason
+
     def on_decoded(self, request_id: str, token_id: int) -> FinishReason | None:
         """The worker ran one decode step of a RUNNING seq and sampled a token."""
         seq = self._expect(request_id, S.RUNNING)
@@ -348,7 +408,14 @@ class DecodeScheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         # A PREFILLING seq's own pages hold no KV yet; after an engine error trust none.
-        self._release(seq, keep=seq.status is S.RUNNING and reason is not FinishReason.ERROR)
+        keep = seq.status is S.RUNNING and reason is not FinishReason.ERROR
+        if seq.in_flight:
+            # a queued pass may still write its pages: they go (to the cache or the free list)
+            # once it has been read (settle), so that nothing else, not even a KV transfer from
+            # another process, can be given them before the device is done with them
+            self._zombies.append((seq, keep))
+        else:
+            self._release(seq, keep)
         seq.status = S.FINISHED
         seq.finish_reason = reason
         self._admitted.pop(seq.request_id, None)
@@ -369,6 +436,10 @@ class DecodeScheduler:
         if cache is not None:
             cache.check_integrity(self._seqs.values())
             cached = cache.num_pages
+        for seq, _ in self._zombies:         # ended while a queued pass may still write their pages
+            for p in seq.pages[cache.num_shared(seq) if cache else 0:]:
+                assert p not in owner, f"page {p} owned by {owner[p]!r} and {seq.request_id!r}"
+                owner[p] = seq.request_id
         assert len(owner) + cached == self.allocator.num_used, (
             f"{self.allocator.num_used} pages used, {len(owner)} owned by seqs + {cached} cached: leak")
         assert len(self._waiting) + len(self._admitted) == len(self._seqs)

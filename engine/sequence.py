@@ -47,6 +47,9 @@ class ErrorKind(str, enum.Enum):
     PREFILL_FAILED = "prefill_failed"            # the remote prefill or its KV transfer failed: retried, then 503
 
 
+PENDING = -1   # an output token a queued pass samples (async scheduling); replaced once read
+
+
 def pages_needed(num_tokens: int, page_size: int) -> int:
     """Pages that hold the KV of ``num_tokens`` tokens."""
     return -(-num_tokens // page_size)
@@ -68,6 +71,9 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     output_offset: int = 0         # outputs generated before this seq (a migrated request): sampling index base
+    num_pending: int = 0           # trailing PENDING outputs: sampled by passes still on the device
+    final_pending: bool = False    # the last PENDING output is its last token (a length limit): no more decode
+    in_flight: int = 0             # queued passes that write its pages and are not read yet
 
     pages_needed = staticmethod(pages_needed)
 
@@ -101,15 +107,23 @@ class Sequence:
         A stop (EOS unless ``ignore_eos``, or a ``stop_token_ids`` member) wins
         over a length limit reached on the same token.
         """
-        if not self.output_token_ids:
+        return self.stop_at(len(self.output_token_ids) - 1, eos_token_ids, max_model_len)
+
+    def stop_at(self, i: int, eos_token_ids: Collection[int], max_model_len: int) -> FinishReason | None:
+        """check_stop as if output token i were the last one."""
+        if i < 0:
             return None
-        last = self.output_token_ids[-1]
+        last = self.output_token_ids[i]
         if not self.params.ignore_eos and last in eos_token_ids:
             return FinishReason.STOP
         if last in self.params.stop_token_ids:
             return FinishReason.STOP
-        if len(self.output_token_ids) >= self.params.max_tokens:
+        return self.length_limited(i + 1, max_model_len)
+
+    def length_limited(self, num_outputs: int, max_model_len: int) -> FinishReason | None:
+        """LENGTH once num_outputs output tokens reach max_tokens or max_model_len."""
+        if num_outputs >= self.params.max_tokens:
             return FinishReason.LENGTH
-        if self.num_tokens >= max_model_len:
+        if len(self.prompt_token_ids) + num_outputs >= max_model_len:
             return FinishReason.LENGTH
         return None

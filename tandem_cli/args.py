@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of cached prompt prefixes (radix cache)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode: queue each pass before the previous one's tokens are read, so the host "
+                        "schedules while the device computes (off on a GPU shared by turns)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -69,6 +72,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling,
         role=args.command if args.command in ("prefill", "decode") else "colocated",
         kv_transfer_backend=getattr(args, "kv_transfer_backend", "") or "",
     )
