@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from engine.prefix_cache_manager import PageCopy
 from engine.errors import ResourceExhaustedError
 from engine.runner import ForwardSeq, ModelRunner
@@ -79,6 +81,23 @@ class _Pass:
     seqs: list[Sequence]
     tokens: object          # int64 [len(seqs)] on the device
     prefill: bool
+    host: object = None     # pinned copy of tokens, queued right behind the pass (CUDA)
+    copied: object = None   # CUDA event: host holds them
+
+    def __post_init__(self) -> None:
+        # Queue the copy back now, right behind this pass: a plain .tolist() at read time would
+        # be queued behind the passes launched since and wait for them too.
+        if self.tokens.is_cuda:
+            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host.copy_(self.tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def read(self) -> list[int]:
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host.tolist()
 
 
 @dataclass
@@ -274,7 +293,7 @@ class DecodeEngine(EngineThread):
         """Wait for a queued pass's tokens; hand each to its seq (finishes, outputs)."""
         self._in_pass = list(p.seqs)
         t = time.perf_counter()
-        tokens = p.tokens.tolist()
+        tokens = p.read()
         for seq, tok in zip(p.seqs, tokens):
             rid = seq.request_id
             src = self._pending_src.get(rid)
