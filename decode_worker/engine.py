@@ -23,7 +23,7 @@ Per request (driven by decode_worker/server.py on the asyncio side):
 `reset_prefix_cache()` drops every cache entry no request holds (benchmarks
 between workloads, as vLLM's).
 
-Async scheduling (`async_scheduling`, on unless a GPU turn is held per step): each
+Async scheduling (`async_scheduling`, on by default): each
 iteration schedules and queues its passes first and only then reads the previous
 iteration's sampled tokens (`_read`), so the device computes while the host reads,
 emits and schedules; the H200 profile of W1's decode shape put that host work at
@@ -38,7 +38,6 @@ gets them before the device is done.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -120,8 +119,8 @@ class DecodeEngine(EngineThread):
         self.scheduler = scheduler
         self.sampler = sampler
         self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a prefill worker shares the GPU
-        # async scheduling: queue the next pass before reading the last one (off with gpu_turn,
-        # whose turn must end with the device idle)
+        # async scheduling: queue the next pass before reading the last one (with gpu_turn, the
+        # turn is kept across steps and given up, drained, when the prefill worker waits)
         self.async_scheduling = True
         self._inflight: list[_Pass] = []       # the previous iteration's passes, not read yet
         self._launching: list[_Pass] = []      # this iteration's, queued so far
@@ -206,23 +205,33 @@ class DecodeEngine(EngineThread):
                 sink = self._sinks.get(seq.request_id)
                 if sink is not None:
                     self.reply(sink.on_reserved, list(seq.pages))
-        pipelined = self.async_scheduling and self.gpu_turn is None
-        with self.gpu_turn or contextlib.nullcontext():   # from the first launch to the last sync
-            if out.prefill:
-                launched.append(self._launch_prefill(out.prefill, out.page_copies))
-            if out.decode:
-                launched.append(self._launch_decode(out.decode))
-            self.flush()  # the device runs the passes: let the event loop send earlier results now
-            if pipelined:
-                while self._inflight:         # the previous iteration's, queued before these
-                    self._read(self._inflight.pop(0))
-                self._inflight = launched
-            else:
-                for p in launched:
-                    self._read(p)
-            self._launching = []
-            self.flush()
+        pipelined = self.async_scheduling
+        turn = self.gpu_turn
+        if turn is not None and not turn.held:
+            turn.acquire()        # held from the first launch until nothing of ours is queued
+        if out.prefill:
+            launched.append(self._launch_prefill(out.prefill, out.page_copies))
+        if out.decode:
+            launched.append(self._launch_decode(out.decode))
+        self.flush()  # the device runs the passes: let the event loop send earlier results now
+        if pipelined:
+            while self._inflight:         # the previous iteration's, queued before these
+                self._read(self._inflight.pop(0))
+            self._inflight = launched
+        else:
+            for p in launched:
+                self._read(p)
+        self._launching = []
+        if turn is not None and (not self._inflight or turn.peer_waiting()):
+            self._drain_and_release()
+        self.flush()
         return True
+
+    def _drain_and_release(self) -> None:
+        """Give the shared GPU to the prefill worker: read what is queued, then end the turn."""
+        while self._inflight:
+            self._read(self._inflight.pop(0))
+        self.gpu_turn.release()
 
     def _feed(self, seqs: list[Sequence]) -> tuple[list[int], list]:
         """Rows of seqs whose last token is PENDING, and where the device finds each (the
@@ -353,6 +362,8 @@ class DecodeEngine(EngineThread):
                 self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"decode step failed: {exc}",
                                                         kind, seq.cached_tokens)))
         self.scheduler.settle_all()
+        if self.gpu_turn is not None:
+            self.gpu_turn.release()
 
     def stats(self) -> dict[str, int]:
         s, cache = self.scheduler, self.scheduler.prefix_cache

@@ -14,7 +14,9 @@ time. The file also holds one "waiting" flag per role (an mmap'd byte); on relea
 holder whose peer is waiting gives it the turn (waits, at most `handoff_s`, for the peer
 to take it) instead of taking it straight back, so the two alternate under load. The
 kernel drops a dead holder's lock with its file descriptor: a crashed peer never blocks
-the survivor. Counters (`turns`, `wait_s`) feed the worker's /metrics.
+the survivor. Counters (`turns`, `wait_s`) feed the worker's /metrics. The decode engine,
+whose async scheduling keeps a pass queued at all times, holds its turn across steps and
+gives it up (after reading what it queued) as soon as `peer_waiting()`.
 """
 from __future__ import annotations
 
@@ -74,6 +76,15 @@ class GpuTurn:
             deadline = time.perf_counter() + self.handoff_s
             while self._flags[self.peer] and time.perf_counter() < deadline:
                 time.sleep(0.00005)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def peer_waiting(self) -> bool:
+        """The other worker is blocked waiting for the GPU (a holder that keeps the turn across
+        several units of work, the decode loop, gives it up at its next boundary)."""
+        return bool(self._flags[self.peer])
 
     def close(self) -> None:
         self.release()

@@ -99,3 +99,48 @@ def test_serve_gives_p_and_d_on_one_gpu_the_same_turn_file():
     assert all("--gpu-turn-file" not in w.argv for w in plan)
     _, plan = serve_plan("--device", "cpu", "--gpu-turns", "on")
     assert all(flag(w.argv, "--gpu-turn-file") for w in plan)
+
+
+def test_the_decode_engine_keeps_its_turn_across_steps_and_yields_to_a_waiting_prefill(tmp_path):
+    """Async scheduling keeps a pass queued at all times, so the decode engine holds its turn
+    across steps, and gives it up (its queue read first) once the prefill worker waits."""
+    import threading
+
+    from decode_worker.main import make_decode_engine
+    from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+    from engine.tiny_models import make_tiny_model
+    from test_colocated_prefix_cache import _DirectLoop, _Sink
+
+    model = make_tiny_model(tmp_path / "llama", arch="llama", seed=4)
+    engine = make_decode_engine(EngineConfig(model=str(model), dtype="float32", device="cpu", page_size=4,
+                                             num_pages=200, max_num_seqs=8), _DirectLoop())
+    engine.gpu_turn = GpuTurn(str(tmp_path / "gpu.lock"), "decode")
+    sink = _Sink()
+    engine.submit(Sequence("r", [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)), sink)
+    engine._drain(block=False)
+    engine.step()
+    engine.step()
+    assert engine.gpu_turn.held and engine._inflight        # kept across steps, a pass queued
+    peer = GpuTurn(str(tmp_path / "gpu.lock"), "prefill")
+    got = []
+
+    def prefill_batch():
+        with peer:
+            got.append((len(sink.tokens), bool(engine._inflight)))
+    t = threading.Thread(target=prefill_batch)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not peer.peer_waiting() and not engine.gpu_turn.peer_waiting():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    engine.step()                                            # sees the waiting peer: drains, releases
+    t.join(10)
+    assert got and got[0][1] is False, "the prefill got the GPU while a decode pass was still queued"
+    assert not engine.gpu_turn.held
+    while engine.has_work():
+        engine.step()
+        engine.flush()
+    assert len(sink.tokens) == 40 and got[0][0] < 40         # it ran in the middle of the stream
+    assert not engine.gpu_turn.held and engine.gpu_turn.turns >= 2
