@@ -205,7 +205,10 @@ class DecodeEngine(EngineThread):
                 sink = self._sinks.get(seq.request_id)
                 if sink is not None:
                     self.reply(sink.on_reserved, list(seq.pages))
-        pipelined = self.async_scheduling
+        # A step with a prefill pass reads its own tokens at once: first tokens leave as soon
+        # as the device has them, and beside a prefill pass the host's share of the step is
+        # small anyway. Decode-only steps stay queued one step ahead.
+        pipelined = self.async_scheduling and not out.prefill
         turn = self.gpu_turn
         if turn is not None and not turn.held:
             turn.acquire()        # held from the first launch until nothing of ours is queued
@@ -214,9 +217,9 @@ class DecodeEngine(EngineThread):
         if out.decode:
             launched.append(self._launch_decode(out.decode))
         self.flush()  # the device runs the passes: let the event loop send earlier results now
+        while self._inflight:             # the previous iteration's, queued before these
+            self._read(self._inflight.pop(0))
         if pipelined:
-            while self._inflight:         # the previous iteration's, queued before these
-                self._read(self._inflight.pop(0))
             self._inflight = launched
         else:
             for p in launched:
