@@ -1,0 +1,138 @@
+"""Overload (issue 10): 10x the batch capacity in streams at once, through `tandem serve`.
+
+Starts `tandem serve --colocated` (a tiny random llama, CPU unless --device cuda) with a
+running batch of --max-num-seqs and --max-queued-requests waiting per worker, then:
+  1. control: as many streams as the cluster admits (batch + queue), alone;
+  2. overload: --factor x max-num-seqs streams sent at once (asyncio + httpx), while
+     /health is polled every 10 ms.
+Reports the latency of every 503 (request sent -> status line; must carry Retry-After),
+/health latency p50/p99 during the overload, and the admitted streams' wall time against
+the control (admitted requests must be unaffected). Medians and p99 from one run.
+
+    python -m benchmarks.overload [--max-num-seqs 8] [--factor 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    async with client.stream("POST", url, json=body) as r:
+        first = time.perf_counter() - t0
+        text = (await r.aread()).decode()
+    return {"status": r.status_code, "retry_after": r.headers.get("retry-after"), "status_s": first,
+            "wall_s": time.perf_counter() - t0, "done": "[DONE]" in text}
+
+
+async def _run(url: str, body: dict, n: int, health_url: str | None) -> tuple[list[dict], list[float]]:
+    health: list[float] = []
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        async def poll():
+            async with httpx.AsyncClient(timeout=10) as hc:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    r = await hc.get(health_url)
+                    if r.status_code == 200:
+                        health.append(time.perf_counter() - t)
+                    await asyncio.sleep(0.01)
+        poller = asyncio.create_task(poll()) if health_url else None
+        results = await asyncio.gather(*[_stream(client, url, body) for _ in range(n)])
+        stop.set()
+        if poller:
+            await poller
+    return list(results), health
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-queued-requests", type=int, default=8)
+    p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--port", type=int, default=8431)
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    from engine.tiny_models import make_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-overload-"))
+    model = make_tiny_model(tmp / "llama", arch="llama", seed=4)
+    cmd = [sys.executable, "-m", "tandem_cli.main", "serve", "--model", str(model), "--device", args.device,
+           "--colocated", "--port", str(args.port), "--block-size", "4", "--num-pages", "2048",
+           "--max-num-seqs", str(args.max_num_seqs), "--max-queued-requests", str(args.max_queued_requests),
+           "--served-model-name", "tiny", "--log-level", "warning"]
+    print("starting:", " ".join(cmd), flush=True)
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print((tmp / "serve.log").read_text()[-3000:], file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        url = f"{base}/v1/completions"
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        httpx.post(url, json=dict(body, stream=False, max_tokens=2), timeout=60)   # warm-up; Stats learned
+        time.sleep(1.0)
+        admit = args.max_num_seqs + args.max_queued_requests
+        control, _ = asyncio.run(_run(url, body, admit, None))
+        n = args.factor * args.max_num_seqs
+        over, health = asyncio.run(_run(url, body, n, f"{base}/health"))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ok = [r for r in over if r["status"] == 200]
+    rejected = [r for r in over if r["status"] == 503]
+    other = [r for r in over if r["status"] not in (200, 503)]
+    res = {
+        "device": args.device, "cpus": os.cpu_count(), "max_num_seqs": args.max_num_seqs,
+        "max_queued_requests": args.max_queued_requests, "streams": n, "command": " ".join(sys.argv),
+        "control_wall_s_median": statistics.median(r["wall_s"] for r in control),
+        "control_complete": sum(r["done"] for r in control),
+        "admitted": len(ok), "admitted_complete": sum(r["done"] for r in ok),
+        "admitted_wall_s_median": statistics.median(r["wall_s"] for r in ok) if ok else None,
+        "rejected_503": len(rejected), "other_status": sorted({r["status"] for r in other}),
+        "rejected_with_retry_after": sum(r["retry_after"] is not None for r in rejected),
+        "reject_s_p50": _pct([r["status_s"] for r in rejected], 0.5),
+        "reject_s_p99": _pct([r["status_s"] for r in rejected], 0.99),
+        "reject_s_max": max((r["status_s"] for r in rejected), default=float("nan")),
+        "health_samples": len(health), "health_s_p50": _pct(health, 0.5), "health_s_p99": _pct(health, 0.99),
+    }
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0 if not other and res["admitted_complete"] == len(ok) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
