@@ -32,33 +32,50 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+async def _connect(port: int, body: dict):
+    """A connection opened and an HTTP/1.1 request serialized ahead of the burst, so that the
+    timer measures the server, not this client's own request building."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    req = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+    return reader, writer, req
+
+
+async def _stream(conn) -> dict:
+    reader, writer, req = conn
     t0 = time.perf_counter()
-    async with client.stream("POST", url, json=body) as r:
-        first = time.perf_counter() - t0
-        text = (await r.aread()).decode()
-    return {"status": r.status_code, "retry_after": r.headers.get("retry-after"), "status_s": first,
-            "wall_s": time.perf_counter() - t0, "done": "[DONE]" in text}
+    writer.write(req)
+    await writer.drain()
+    status_line = await reader.readline()
+    first = time.perf_counter() - t0
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+    rest = await reader.read()          # Connection: close: the body ends with the stream
+    writer.close()
+    retry = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                  if line.startswith("retry-after:")), None)
+    return {"status": int(status_line.split()[1]), "retry_after": retry, "status_s": first,
+            "wall_s": time.perf_counter() - t0, "done": b"[DONE]" in rest}
 
 
-async def _run(url: str, body: dict, n: int, health_url: str | None) -> tuple[list[dict], list[float]]:
+async def _run(port: int, body: dict, n: int, health_url: str | None) -> tuple[list[dict], list[float]]:
     health: list[float] = []
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        async def poll():
-            async with httpx.AsyncClient(timeout=10) as hc:
-                while not stop.is_set():
-                    t = time.perf_counter()
-                    r = await hc.get(health_url)
-                    if r.status_code == 200:
-                        health.append(time.perf_counter() - t)
-                    await asyncio.sleep(0.01)
-        poller = asyncio.create_task(poll()) if health_url else None
-        results = await asyncio.gather(*[_stream(client, url, body) for _ in range(n)])
-        stop.set()
-        if poller:
-            await poller
+    conns = [await _connect(port, body) for _ in range(n)]
+
+    async def poll():
+        async with httpx.AsyncClient(timeout=10) as hc:
+            while not stop.is_set():
+                t = time.perf_counter()
+                r = await hc.get(health_url)
+                if r.status_code == 200:
+                    health.append(time.perf_counter() - t)
+                await asyncio.sleep(0.01)
+    poller = asyncio.create_task(poll()) if health_url else None
+    results = await asyncio.gather(*[_stream(c) for c in conns])
+    stop.set()
+    if poller:
+        await poller
     return list(results), health
 
 
@@ -102,9 +119,9 @@ def main(argv=None) -> int:
         httpx.post(url, json=dict(body, stream=False, max_tokens=2), timeout=60)   # warm-up; Stats learned
         time.sleep(1.0)
         admit = args.max_num_seqs + args.max_queued_requests
-        control, _ = asyncio.run(_run(url, body, admit, None))
+        control, _ = asyncio.run(_run(args.port, body, admit, None))
         n = args.factor * args.max_num_seqs
-        over, health = asyncio.run(_run(url, body, n, f"{base}/health"))
+        over, health = asyncio.run(_run(args.port, body, n, f"{base}/health"))
     finally:
         proc.terminate()
         try:
