@@ -101,14 +101,7 @@ class NixlSendHandle(HandleState, SendHandle):
         with self._lock:
             if self._state.terminal:
                 return
-            self._posted += 1
-            self._outstanding += 1
-            if self._layout is None:
-                self._pending.append(w)
-                return
-            err = self._check(w)
-            if err is None:
-                self._sender._worker.submit(w)
+            err = self._enqueue_locked(w)
         if err is not None:
             self._loop.call_soon_threadsafe(self._from_worker, w, err)
 
@@ -133,16 +126,22 @@ class NixlSendHandle(HandleState, SendHandle):
             if self._state.terminal:
                 w.written("the transfer ended already")
                 return
-            self._posted += 1
-            self._outstanding += 1
-            if self._layout is None:
-                self._pending.append(w)
-                return
-            err = self._check(w)
-            if err is None:
-                self._sender._worker.submit(w)
+            err = self._enqueue_locked(w)
         if err is not None:
             self._loop.call_soon_threadsafe(self._from_worker, w, err)
+
+    def _enqueue_locked(self, w: LayerWrite | PoolWrite) -> str | None:
+        """Under self._lock: count w, then hold it until the receiver's pages are known or hand
+        it to the worker; returns why it cannot be sent (None: queued)."""
+        self._posted += 1
+        self._outstanding += 1
+        if self._layout is None:
+            self._pending.append(w)
+            return None
+        err = self._check(w)
+        if err is None:
+            self._sender._worker.submit(w)
+        return err
 
     def finish(self) -> None:
         if not self._finished:
