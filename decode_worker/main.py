@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -62,6 +63,8 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     log.info("KV transport: %s (receiving into this worker's pool; advertised at %s)", kv_backend, advertise)
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
+    gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
+    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/server.py)
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
                                      metrics_address, start_epoch_ms)
     # backends that hold resources beyond the server (nixl: the registered pool) release them last

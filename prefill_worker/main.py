@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -50,6 +51,8 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
              "straight from the registered KV pool" if engine.pool_send else "copying each layer first")
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
+    gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
+    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/server.py)
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,
                                      metrics_address, start_epoch_ms)
     await serve_until_shutdown(server, registry, sender.close, engine.stop)

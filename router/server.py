@@ -20,6 +20,7 @@ Lifecycle of one request:
 """
 from __future__ import annotations
 
+import gc
 import secrets
 import time
 import uuid
@@ -381,6 +382,12 @@ def run_router(config: RouterConfig) -> None:
     metrics = RouterMetrics()
     app = create_app(config, tokenizer, DecodeClient.from_config(config), metrics)
     loop, http = _fast_io(metrics)
+    # Everything loaded so far (torch, transformers, the tokenizer) lives for the process: keep
+    # it out of the cyclic GC's full collections, which scanned it all and stalled the event
+    # loop: a burst of 64 requests got its 503s after ~160 ms, 20 ms with this
+    # (benchmarks/overload.py, RESULTS.md).
+    gc.collect()
+    gc.freeze()
     # no access log: a line per request costs the router's one core more than it tells (see /metrics)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http,
                 access_log=False)
