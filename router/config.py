@@ -15,6 +15,7 @@ class RouterConfig:
     decode_addresses: tuple[str, ...]           # gRPC "host:port" of every decode worker (proto.Decode)
     prefill_addresses: tuple[str, ...] = ()     # gRPC "host:port" of prefill workers; () = colocated (decode prefills itself)
     served_model_names: tuple[str, ...] = ()    # names accepted in `model`; () = (model_path,)
+    max_request_bytes: int = 8 << 20            # larger bodies get 413 before they are read whole
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None                  # when set, /v1/* requires "Authorization: Bearer <api_key>"

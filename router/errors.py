@@ -37,9 +37,11 @@ class OpenAIError(Exception):
     """An error that becomes an OpenAI error body with HTTP `status`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None, retry_after: int | None = None) -> None:
+                 code: str | None = None, type: str | None = None, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after   # seconds, sent as Retry-After (503 / 429)
+        self.headers = dict(headers or {})   # sent as they are (405: Allow)
         self.status = status
         self.message = message
         self.param = param
@@ -50,8 +52,10 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(self.to_dict(), status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(self.to_dict(), status_code=self.status, headers=headers or None)
 
 
 class BackendError(OpenAIError):
@@ -117,7 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return OpenAIError(exc.status_code, str(exc.detail), code=code).to_response()
+        return OpenAIError(exc.status_code, str(exc.detail), code=code,
+                           headers=getattr(exc, "headers", None)).to_response()   # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

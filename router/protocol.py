@@ -265,14 +265,81 @@ class ChatCompletionRequest(BaseSamplingRequest):
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_JSON_DEPTH = 64        # nesting a request may use; deeper is a 400 before the parser recurses
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_depth_ok(body: bytes, limit: int) -> bool:
+    """Whether brackets outside strings nest at most `limit` deep (a linear scan, no recursion)."""
+    depth, in_str, esc = 0, False, False
+    for b in body:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:          # backslash
+                esc = True
+            elif b == 0x22:          # quote
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):      # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return x
+
+
+def _lone_surrogate(data, path: str = "") -> str | None:
+    """The path of the first string (key or value) holding a lone surrogate, which no tokenizer
+    or UTF-8 encoder accepts; None if there is none."""
+    stack = [(data, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str):
+                    try:
+                        k.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return f"{where}.<key>" if where else "<key>"
+                stack.append((v, f"{where}.{k}" if where else str(k)))
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
+
+
 def parse_request(model: type[M], body: bytes) -> M:
     """Decode and validate a request body; every failure is a 400 OpenAIError."""
+    if body and not _json_depth_ok(body, MAX_JSON_DEPTH):
+        raise bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        data = json.loads(body) if body else None
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float) if body else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:     # NaN / Infinity; a nesting the scan missed
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise bad_request(f"{where} holds a lone UTF-16 surrogate, which is not valid text", param=where)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

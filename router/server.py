@@ -330,7 +330,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         try:
-            raw = await request.body()
+            raw = await _read_body(request, config.max_request_bytes)
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(CompletionRequest, raw)
@@ -340,7 +340,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         try:
-            raw = await request.body()
+            raw = await _read_body(request, config.max_request_bytes)
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(ChatCompletionRequest, raw)
@@ -391,6 +391,23 @@ def run_router(config: RouterConfig) -> None:
     # no access log: a line per request costs the router's one core more than it tells (see /metrics)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http,
                 access_log=False)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes (from
+    Content-Length, or while it streams in): a huge body is never held or parsed whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body of {declared} bytes exceeds the limit of {limit} "
+                               "(--max-request-bytes)", code="request_too_large")
+    parts, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)",
+                              code="request_too_large")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _fast_io(metrics: RouterMetrics) -> tuple[str, str]:

@@ -104,6 +104,8 @@ def add_kv_transfer_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_admission_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                   help="largest request body the router reads; larger ones get 413 at once")
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait on each decode worker beyond its running batch; when every "
                         "worker is that full the router answers 503 with Retry-After at once (-1: no limit)")

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
             etcd_prefix=args.etcd_prefix, placement=args.placement,
             max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
             queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
+            max_request_bytes=args.max_request_bytes,
         ))
         return
     try:

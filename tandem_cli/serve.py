@@ -167,6 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
             router_cmd += ["--api-key", args.api_key]
         if args.max_model_len:
             router_cmd += ["--max-model-len", str(args.max_model_len)]
+        router_cmd += ["--max-request-bytes", str(args.max_request_bytes)]
         router_cmd += ["--max-queued-requests", str(args.max_queued_requests),
                        "--queue-timeout", str(args.queue_timeout), "--placement", args.placement,
                        "--migration-limit", str(args.migration_limit)]
