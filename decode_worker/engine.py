@@ -236,20 +236,17 @@ class DecodeEngine(EngineThread):
             self._read(self._inflight.pop(0))
         self.gpu_turn.release()
 
-    def _feed(self, seqs: list[Sequence]) -> tuple[list[int], list]:
-        """Rows of seqs whose last token is PENDING, and where the device finds each (the
-        queued pass that samples it)."""
-        rows, groups = [], {}
+    def _feed(self, seqs: list[Sequence]) -> list[tuple]:
+        """For the rows of seqs whose last token is PENDING: (sampled tensor, rows, its rows),
+        one entry per queued pass that samples them (runner.forward's `feed`)."""
+        groups: dict[int, tuple] = {}
         for i, seq in enumerate(seqs):
             if seq.num_pending:
                 p, row = self._pending_src[seq.request_id]
-                g = groups.get(id(p))
-                if g is None:
-                    g = groups[id(p)] = (p.tokens, [], [])
+                g = groups.setdefault(id(p), (p.tokens, [], []))
                 g[1].append(i)
                 g[2].append(row)
-                rows.append(i)
-        return rows, list(groups.values())
+        return list(groups.values())
 
     def _copy_pages(self, copies: tuple[PageCopy, ...]) -> None:
         """Valid slots of partially matched cache pages into the seqs' own pages."""
@@ -288,8 +285,7 @@ class DecodeEngine(EngineThread):
                        page_table=s.pages)
             for s in seqs
         ]
-        _, feed = self._feed(seqs)
-        logits = self.runner.forward(batch, feed=feed or None)
+        logits = self.runner.forward(batch, feed=self._feed(seqs) or None)
         tokens = self.sampler.sample_on_device(
             logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
         p = _Pass(seqs, tokens, prefill=False)

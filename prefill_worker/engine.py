@@ -247,10 +247,6 @@ class PrefillEngine(EngineThread):
         if pages:
             self.allocator.free(pages)
 
-    @property
-    def held_jobs(self) -> int:
-        return self._held
-
     def _take_batch(self) -> list[PrefillJob]:
         batch: list[PrefillJob] = []
         tokens = 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("nixl")
-from kvtransfer.nixl_xfer_worker import RingAllocator, page_runs  # noqa: E402
+from kvtransfer.nixl_staging import RingAllocator  # noqa: E402
+from kvtransfer.nixl_xfer_worker import page_runs  # noqa: E402
 
 
 def test_staging_ring_allocator_against_a_byte_map():
