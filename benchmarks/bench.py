@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--results-md", default=None, help="write a RESULTS.md here")
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--step-trace-file", default="",
+                   help="colocated: one JSON line per engine step here (as the decode worker's flag)")
     p.add_argument("--commit", default=None)
     p.add_argument("--date", default=None)
     return p.parse_args(argv)
@@ -131,6 +133,8 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
             f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; MFU/MBU from the engine's "
             f"prefill/decode pass timers")
+    if args.step_trace_file:
+        bench.engine.step_trace = open(args.step_trace_file, "a", buffering=1)  # noqa: SIM115
     bench.start()
     try:
         for wl in wls:

@@ -2,6 +2,8 @@
 
     python -m benchmarks.router_capacity            # N=256 streams, OUT=200 tokens each
     N=256 OUT=400 STEP_S=0.004 SPY=1 python -m benchmarks.router_capacity   # + py-spy profile to /tmp/router.txt
+    N=256 OUT=16 PROMPT_LEN=1024 python -m benchmarks.router_capacity      # ingest: the fake worker prints
+                                                                           # how long a burst took to arrive
 
 A stand-in decode worker (this file, `fake` mode) answers Decode.Stream with one
 StreamBatch per STEP_S seconds carrying one token for every live request, as
@@ -18,21 +20,29 @@ from benchmarks.layouts import write_model_dir
 from tandem_cli.procs import free_port, wait_http_ready
 
 STEP_S = float(os.environ.get("STEP_S", "0.004"))
+PROMPT_LEN = int(os.environ.get("PROMPT_LEN", "3"))   # 1024: W1/W2's prompts (ingest cost)
 
 class Fake(pbg.DecodeServicer):
     async def Stream(self, it, ctx):
         live = {}
         q = asyncio.Queue()
+        arrivals = []
         async def read():
             async for m in it:
                 if m.WhichOneof("msg") == "generate":
+                    arrivals.append(time.perf_counter())
                     live[m.generate.request_id] = [m.generate.sampling.max_tokens, len(m.generate.prompt_token_ids)]
                 else:
                     live.pop(m.abort_request_id, None)
         r = asyncio.ensure_future(read())
         while True:
             await asyncio.sleep(STEP_S)
-            if not live: continue
+            if not live:
+                if len(arrivals) > 1:   # a burst ended: how long the router took to forward it
+                    print(f"fake worker: {len(arrivals)} requests arrived over "
+                          f"{1e3 * (arrivals[-1] - arrivals[0]):.1f} ms", file=sys.stderr, flush=True)
+                arrivals.clear()
+                continue
             out = []
             for rid, st in list(live.items()):
                 st[0] -= 1
@@ -50,7 +60,7 @@ async def fake_main(port):
 async def client(url, n, out_len):
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=n+10)) as c:
         async def one():
-            body = {"model": "m", "prompt": [1001, 1002, 1003], "max_tokens": out_len, "ignore_eos": True,
+            body = {"model": "m", "prompt": [1001 + i % 50 for i in range(PROMPT_LEN)], "max_tokens": out_len, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             toks = chunks = 0
             async with c.stream("POST", url, json=body) as r:

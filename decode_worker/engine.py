@@ -38,6 +38,7 @@ gets them before the device is done.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -129,6 +130,10 @@ class DecodeEngine(EngineThread):
         self._sinks: dict[str, RequestSink] = {}
         self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
         self._in_pass: list[Sequence] = []     # the seqs of the forward pass running now (on_step_error)
+        # a text file: one JSON line per step (when it started, its passes' sizes, how long the
+        # host took to queue them and the whole step): `--step-trace-file`, benchmarks.bench
+        self.step_trace = None
+        self._step_tokens = 0                  # this step's prefill tokens (computed, not cached)
 
     # -- commands (posted from the asyncio side) ----------------------------
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -194,9 +199,11 @@ class DecodeEngine(EngineThread):
         """Schedule and queue this iteration's passes; with async scheduling, read the previous
         iteration's passes only then, so the device runs one pass while the host reads the
         last one and prepares the next (see `_read`)."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty and not self._inflight:
             return False  # only requests waiting for KV or pages: sleep until a command
+        self._step_tokens = 0
         launched = self._launching = []
         if not out.is_empty:
             self.counters.steps += 1
@@ -216,6 +223,7 @@ class DecodeEngine(EngineThread):
             launched.append(self._launch_prefill(out.prefill, out.page_copies))
         if out.decode:
             launched.append(self._launch_decode(out.decode))
+        t_queued = time.perf_counter()
         self.flush()  # the device runs the passes: let the event loop send earlier results now
         while self._inflight:             # the previous iteration's, queued before these
             self._read(self._inflight.pop(0))
@@ -228,7 +236,17 @@ class DecodeEngine(EngineThread):
         if turn is not None and (not self._inflight or turn.peer_waiting()):
             self._drain_and_release()
         self.flush()
+        if self.step_trace is not None:
+            self._trace_step(t0, t_queued, out)
         return True
+
+    def _trace_step(self, t0: float, t_queued: float, out) -> None:
+        now = time.perf_counter()
+        rec = {"t": round(time.time() - (now - t0), 6), "prefill_seqs": len(out.prefill),
+               "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode),
+               "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
+               "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight)}
+        self.step_trace.write(json.dumps(rec) + "\n")
 
     def _drain_and_release(self) -> None:
         """Give the shared GPU to the prefill worker: read what is queued, then end the turn."""
@@ -270,6 +288,7 @@ class DecodeEngine(EngineThread):
             logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
         p = _Pass(seqs, tokens, prefill=True)
         for i, (seq, fs) in enumerate(zip(seqs, batch)):
+            self._step_tokens += len(fs.token_ids)
             self.counters.prefilled_tokens += len(fs.token_ids)
             self.counters.prefill_cached_tokens += fs.start_pos
             self.scheduler.launched(seq)

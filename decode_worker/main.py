@@ -42,13 +42,15 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
 
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
                        kv_backend: str = "grpc", registry_config=None, metrics_address: str = "",
-                       trace_file: str = "", gpu_turn_file: str = "") -> None:
+                       trace_file: str = "", gpu_turn_file: str = "", step_trace_file: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
     gpu_turn_file: take turns on a shared GPU with a prefill worker (engine/gpu_turn.py)."""
     start_epoch_ms = int(time.time() * 1000)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, make_decode_engine, config, loop)
     engine.gpu_turn = open_turn(gpu_turn_file, "decode")
+    if step_trace_file:
+        engine.step_trace = open(step_trace_file, "a", buffering=1)  # noqa: SIM115 - line-buffered, lives with the process
     engine.start()
     kv = engine.runner.kv
     receiver = get_backend(kv_backend).receiver_cls(kv.k, kv.v, engine.runner.page_size, advertise)

@@ -101,6 +101,8 @@ class _Gateway:
         return name
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
+        if not ids or (min(ids) >= 0 and max(ids) < self.vocab_size):
+            return                       # C-speed bounds; the loop below only names the culprit
         for pos, tok in enumerate(ids):
             if not 0 <= tok < self.vocab_size:
                 raise bad_request(f"{param}: token id {tok} at position {pos} is out of range "

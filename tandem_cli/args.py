@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_admission_args(serve)
     serve.add_argument("--request-trace-file", default="",
                        help="the decode worker appends one JSON line per request timeline here")
+    serve.add_argument("--step-trace-file", default="",
+                       help="the decode worker appends one JSON line per engine step here")
     serve.add_argument("--gpu-turns", default="auto", choices=["auto", "on", "off"],
                        help="prefill and decode workers sharing a GPU take turns on it (auto: on when they "
                             "share a CUDA device; see engine/gpu_turn.py)")
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "decode":
             w.add_argument("--request-trace-file", default="",
                            help="append one JSON line per request with its timeline (stage times) here")
+            w.add_argument("--step-trace-file", default="",
+                           help="append one JSON line per engine step (passes' sizes, host and step ms) here")
         w.add_argument("--gpu-turn-file", default="",
                        help="a prefill and a decode worker sharing one GPU take turns on it through this lock "
                             "file (both get the same path; `tandem serve` sets it when P and D share a GPU)")

@@ -60,7 +60,8 @@ def run_worker(args) -> None:
         asyncio.run(serve_decode(config, args.host, args.port, advertise,
                                  kv_backend=args.kv_transfer_backend,
                                  registry_config=registry_config, metrics_address=metrics_address,
-                                 trace_file=args.request_trace_file, gpu_turn_file=args.gpu_turn_file))
+                                 trace_file=args.request_trace_file, gpu_turn_file=args.gpu_turn_file,
+                                 step_trace_file=args.step_trace_file))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 

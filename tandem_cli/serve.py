@@ -90,8 +90,11 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
     # the KV transport matters only between separate prefill and decode workers
     kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
     port = {"decode": ports[0], "prefill": ports[1]}
-    role_flags = {"decode": ["--request-trace-file", args.request_trace_file] if args.request_trace_file else [],
-                  "prefill": []}
+    role_flags = {"decode": [], "prefill": []}
+    for flag, value in (("--request-trace-file", getattr(args, "request_trace_file", "")),
+                        ("--step-trace-file", getattr(args, "step_trace_file", ""))):
+        if value:
+            role_flags["decode"] += [flag, value]
     turns = getattr(args, "gpu_turns", "auto")
     if not args.colocated and (turns == "on" or (turns == "auto" and config.device == "cuda")):
         lock = os.path.join(tempfile.gettempdir(), f"tandem-gpu-turn-{ports[0]}.lock")

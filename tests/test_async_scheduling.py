@@ -138,3 +138,25 @@ def test_engine_async_equals_sync(model_dir):
     for rid in ("r0", "r2", "r3", "r4", "r5"):
         assert small[rid] == sync[rid] == small_sync[rid]
     assert small["r1"][1] is None or small["r1"][1] is FinishReason.ABORT or small["r1"][0] == sync["r1"][0]
+
+
+def test_step_trace_lines_add_up_to_the_engine_counters(model_dir, tmp_path):
+    import io
+    import json
+
+    engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=4,
+                                             num_pages=200, max_num_seqs=8, max_model_len=256), _DirectLoop())
+    engine.step_trace = io.StringIO()
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    for i in range(5):
+        engine.submit(Sequence(f"r{i}", [3 + (i * 7 + j) % 50 for j in range(6 + i)], greedy), _Sink())
+    engine._drain(block=False)
+    while engine.has_work():
+        engine.step()
+    recs = [json.loads(line) for line in engine.step_trace.getvalue().splitlines()]
+    c = engine.counters
+    assert len(recs) >= c.steps and sum(r["prefill_tokens"] for r in recs) == c.prefilled_tokens > 0
+    assert sum(r["decode_seqs"] > 0 for r in recs) == c.decode_steps
+    assert recs[0]["prefill_seqs"] == 5 and recs[0]["waiting"] == 0
+    assert all(0 <= r["queue_ms"] <= r["step_ms"] for r in recs)
+    assert [r["t"] for r in recs] == sorted(r["t"] for r in recs)

@@ -44,6 +44,16 @@ CASES = [
     ("invalid UTF-8", "/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, None),
     ("not an object", "/completions", b"[1, 2, 3]", 400, None),
     ("empty body", "/completions", b"", 400, None),
+    ("a surrogate as raw bytes", "/completions", b'{"model": "tiny", "prompt": "a\xed\xa0\x80b"}', 400, "prompt"),
+    ("deep nesting after a string with quotes", "/completions",
+     b'{"model": "tiny", "x": "a\\"", "prompt": ' + b"[" * 70 + b"]" * 70 + b"}", 400, None),
+]
+
+# bodies the fast paths must still accept: brackets inside strings, escaped surrogate pairs
+GOOD = [
+    ("brackets inside a string", {"model": "tiny", "prompt": "[" * 200 + "{" * 100, "max_tokens": 2}),
+    ("an escaped surrogate pair", _raw('{"model": "tiny", "prompt": "a\\ud83d\\ude00b", "max_tokens": 2}')),
+    ("an escaped quote before brackets", _raw('{"model": "tiny", "prompt": "a\\"' + "[" * 70 + '", "max_tokens": 2}')),
 ]
 
 
@@ -60,6 +70,10 @@ def test_malformed_bodies_get_4xx_and_the_connection_stays_usable(cluster):
                 assert err["param"] == param, (name, err)
             after = c.post("/completions", json=ok_body)      # the same pooled connection
             assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None, name
+        for name, body in GOOD:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = c.post("/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 200, (name, r.status_code, r.text[:300])
         r = c.get("/completions")
         assert r.status_code == 405 and "POST" in r.headers.get("allow", ""), r.headers
         assert r.json()["error"]["code"] == "method_not_allowed"
