@@ -144,12 +144,12 @@ class CompletionRequest(BaseSamplingRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> str | list[int]:
-        def is_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
+        def all_ints(xs: list) -> bool:     # C speed; json.loads gives plain ints (bool is its own type)
+            return set(map(type, xs)) == {int}
 
         if isinstance(v, str):
             prompt: str | list[int] = v
-        elif isinstance(v, list) and v and all(is_int(x) for x in v):
+        elif isinstance(v, list) and v and all_ints(v):
             prompt = v
         elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
             if len(v) > 1:
@@ -158,7 +158,7 @@ class CompletionRequest(BaseSamplingRequest):
         elif isinstance(v, list) and v and all(isinstance(x, list) for x in v):
             if len(v) > 1:
                 raise ValueError(f"batched prompts are not supported ({len(v)} prompts); send one prompt per request")
-            if not all(is_int(x) for x in v[0]):
+            if v[0] and not all_ints(v[0]):
                 raise ValueError("a token-id prompt must be a list of integers")
             prompt = v[0]
         elif isinstance(v, list) and not v:
