@@ -5,8 +5,8 @@
 # backend flags), all requests at t=0. W2 runs first, then W3, then W1: the workloads draw their
 # prompts from one seed, so a later workload can hit an earlier one's prefixes in a served run
 # (the in-process run empties its cache between workloads); this order keeps that to 6 W3 and
-# 33 W1 prompts. Also: the P+D request timeline (JSON lines) and py-spy (GIL holder) summaries of
-# every served process during W3. Everything lands in OUT (the JSON is rewritten after every row).
+# 33 W1 prompts. Also: request timelines and engine step traces (JSON lines; in-process steps too)
+# and py-spy (GIL holder) summaries of every served process during W3. Everything lands in OUT (the JSON is rewritten after every row).
 #   bash benchmarks/device_wheels.sh      # here, once: carry ".whl" and "build/goodput_whl"
 #   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/served_1gpu.sh
 set -u
@@ -20,7 +20,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 timeout -k 45 500 python3 -m benchmarks.served --device cuda --layouts colocated,pd \
     --workloads "${WORKLOADS:-W2,W3,W1}" --kv-transfer-backend nixl \
-    --pd-serve-args "--request-trace-file $OUT/pd_trace.jsonl ${PD_ARGS:-}" \
+    --pd-serve-args "--request-trace-file $OUT/pd_trace.jsonl --step-trace-file $OUT/pd_steps.jsonl ${PD_ARGS:-}" \
+    --colocated-serve-args "--request-trace-file $OUT/colo_trace.jsonl --step-trace-file $OUT/colo_steps.jsonl" \
+    --bench-args "--step-trace-file $OUT/inproc_steps.jsonl" \
     --py-spy "$OUT" --py-spy-workloads W3 --warmup 2 \
     --inprocess-timeout 200 --request-timeout 150 --startup-timeout 240 --commit "$COMMIT" \
     --log-dir /tmp/served-logs --json "$OUT/served_1gpu.json" --results-md "$OUT/served_1gpu.md" 2>&1 \
