@@ -30,9 +30,13 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
     mc = runner.model_config
     allocator = PageAllocator(runner.num_pages)
     cache = PrefixCacheManager(allocator, runner.page_size) if config.enable_prefix_caching else None
+    max_len = min(runner.max_model_len, runner.num_pages * runner.page_size)
+    if max_len < runner.max_model_len:   # said once at start; the router learns it from Stats
+        log.warning("max_model_len lowered from %d to %d: the KV pool holds %d pages of %d tokens",
+                    runner.max_model_len, max_len, runner.num_pages, runner.page_size)
     scheduler = DecodeScheduler(SchedulerConfig(
         page_size=runner.page_size, num_pages=runner.num_pages, max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=min(runner.max_model_len, runner.num_pages * runner.page_size),
+        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
         eos_token_ids=tuple(mc.eos_token_ids),
     ), allocator, cache)
     engine = DecodeEngine(runner, scheduler, Sampler(config.seed), loop)

@@ -289,4 +289,5 @@ class DecodeServicer(pbg.DecodeServicer):
             computed_prompt_tokens=self.computed_prompt_tokens + self.engine.counters.prefilled_tokens,
             active_transfers=self.receiver.active_transfers,
             max_running=self.engine.scheduler.config.max_num_seqs,
+            max_model_len=self.engine.scheduler.config.max_model_len,
         )

@@ -210,4 +210,5 @@ class PrefillServicer(pbg.PrefillServicer):
             page_size=e.runner.page_size, running=0, waiting=e.num_waiting,
             cached_prompt_tokens=e.counters.cached_prompt_tokens,
             computed_prompt_tokens=e.counters.computed_prompt_tokens,
+            max_model_len=min(e.runner.max_model_len, e.allocator.num_total * e.runner.page_size),
         )

@@ -113,6 +113,7 @@ class DecodeClient:
         self._on_event = on_event
         self._said_local_prefill = False
         self._poller: asyncio.Task | None = None
+        self._polled: asyncio.Event | None = None      # set after the poller's first round
         self._subscriptions: dict[str, asyncio.Task] = {}
 
     @classmethod
@@ -243,11 +244,18 @@ class DecodeClient:
             stream = self._streams[address] = DecodeStream(self._channel(address), address)
         return stream
 
-    async def start(self) -> None:
-        """Open channels and start the background tasks now (otherwise the first call does)."""
+    async def start(self, first_poll_s: float = 0.0) -> None:
+        """Open channels and start the background tasks now (otherwise the first call does); wait
+        up to first_poll_s for the first Stats round (the workers' limits and load)."""
         self._bind_loop()
+        if first_poll_s > 0 and self._polled is not None:
+            try:
+                await asyncio.wait_for(self._polled.wait(), first_poll_s)
+            except asyncio.TimeoutError:
+                log.info("no Stats from every worker within %.1f s of start: placing on what is known", first_poll_s)
 
     def _start_tasks(self) -> None:
+        self._polled = asyncio.Event()
         self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
         self._sync_subscriptions()
 
@@ -285,6 +293,8 @@ class DecodeClient:
         while True:
             await asyncio.gather(*(one(a, False) for a in self.decode_addresses),
                                  *(one(a, True) for a in self.prefill_addresses))
+            if self._polled is not None:
+                self._polled.set()
             await asyncio.sleep(self.stats_interval_s)
 
     async def _follow_cache_events(self, address: str) -> None:
@@ -339,6 +349,14 @@ class DecodeClient:
         failures raise BackendError. Close the iterator (e.g. with
         `contextlib.aclosing`) to abort the request on the worker."""
         return attempts.run(self, request_id, prompt_ids, params, received_unix_ns)   # retries, migrations
+
+    def max_model_len(self) -> int | None:
+        """The smallest limit the current members reported in Stats (decode: prompt + output after
+        their KV pools; prefill: prompt), None before any has answered."""
+        members = set(self.decode_addresses) | set(self.prefill_addresses)
+        limits = [w.stats.max_model_len for a, w in self._workers.items()
+                  if a in members and w.stats is not None and w.stats.max_model_len > 0]
+        return min(limits) if limits else None
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, pb.StatsResponse | str]:
         """Stats of every decode worker by address (an error string where it failed)."""

@@ -108,9 +108,15 @@ class _Gateway:
                 raise bad_request(f"{param}: token id {tok} at position {pos} is out of range "
                                   f"for the vocabulary (valid ids are 0..{self.vocab_size - 1})", param=param)
 
+    def max_model_len(self) -> int:
+        """The limit requests must fit: the router's own (--max-model-len or config.json), lowered
+        to the smallest one the workers report (their KV pools can hold less)."""
+        reported = self.client.max_model_len()
+        return self.config.max_model_len if reported is None else min(self.config.max_model_len, reported)
+
     def make_job(self, req: BaseSamplingRequest, prompt_ids: list[int], prefix: str) -> _Job:
         model = self.resolve_model(req.model)
-        limit = self.config.max_model_len
+        limit = self.max_model_len()
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
             raise bad_request("prompt must not be empty", param="prompt")
@@ -309,6 +315,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     async def lifespan(_: FastAPI):
         if membership is not None:
             await membership.start()
+        await client.start(first_poll_s=2.0)   # workers' limits and load known before the first request
         yield
         if membership is not None:
             await membership.stop()
@@ -354,7 +361,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         created = int(time.time())
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "tandem",
-             "root": config.model_path, "max_model_len": config.max_model_len}
+             "root": config.model_path, "max_model_len": gw.max_model_len()}
             for name in config.model_names]}
 
     app.include_router(v1)

@@ -96,7 +96,8 @@ def chat(**kw) -> dict:
 # ---------------------------------------------------------------- validation (dead worker)
 
 def test_health_and_models(dead_client):
-    assert dead_client.get("/health").json() == {"status": "ok", "ejected": {}}
+    health = dead_client.get("/health").json()   # the router is up; its dead worker may be ejected already
+    assert health["status"] == "ok" and all("Stats failed" in why for why in health["ejected"].values())
     body = dead_client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny", "tiny-alias"]
