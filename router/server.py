@@ -4,8 +4,10 @@ Lifecycle of one request:
   1. auth (`Authorization: Bearer`, when RouterConfig.api_key is set) -> 401
   2. `protocol.parse_request`: JSON + schema + ranges + unsupported fields -> 400
   3. model name -> 404 model_not_found
-  4. tokenize (prompt text, token ids, or chat template) and check token ids
-     against the vocabulary and prompt + max_tokens against max_model_len -> 400
+  4. a text prompt that cannot fit max_model_len even at its fewest possible tokens -> 400
+     before any tokenizer work; tokenize (prompt text or chat template; long texts on a
+     worker thread, `router/tokenize.py`) and check token ids against the vocabulary and
+     prompt + max_tokens against max_model_len (the smallest the workers report) -> 400
   5. `DecodeClient.generate` -> GenerateResponse stream -> IncrementalDetokenizer
      -> StopStringMatcher -> text deltas (`_text_deltas`)
   6. non-streaming: one JSON object; streaming: SSE chunks, a finish chunk, an
@@ -42,6 +44,7 @@ from router.errors import OpenAIError, bad_request, install_error_handlers
 from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
 from router.sse import SSEResponse, _unless_disconnected, sse_event
+from router.tokenize import Tokenization
 
 _FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
 
@@ -85,6 +88,7 @@ class _Gateway:
         self.tokenizer = tokenizer
         self.client = client
         self.metrics = metrics or RouterMetrics()
+        self.tokenization = Tokenization(tokenizer)
         self.vocab_size = len(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -136,20 +140,35 @@ class _Gateway:
                     stream=req.is_stream, include_usage=req.include_usage,
                     return_token_ids=req.return_token_ids)
 
-    def completion_job(self, req: CompletionRequest) -> _Job:
+    def check_text_fits(self, req: BaseSamplingRequest, num_chars: int, param: str) -> None:
+        """Before tokenizing: a text of num_chars characters has at least min_tokens(num_chars)
+        tokens; when even that cannot fit, the 400 comes now, at no tokenizer cost."""
+        at_least = self.tokenization.min_tokens(num_chars)
+        limit = self.max_model_len()
+        max_tokens = req.requested_max_tokens() or 1
+        if at_least and at_least + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your {param} of "
+                f"{num_chars} characters has at least {at_least} tokens, and {max_tokens} more were "
+                f"requested for the completion. Please reduce the {param} or max_tokens.",
+                param=param, code="context_length_exceeded")
+
+    async def completion_job(self, req: CompletionRequest) -> _Job:
         self.resolve_model(req.model)  # 404 before any tokenizer work
         if isinstance(req.prompt, str):
-            ids = list(self.tokenizer.encode(req.prompt))
+            self.check_text_fits(req, len(req.prompt), "prompt")
+            ids = await self.tokenization.encode(req.prompt)
         else:
             ids = list(req.prompt)
             self.check_token_ids(ids, "prompt")
         return self.make_job(req, ids, "cmpl")
 
-    def chat_job(self, req: ChatCompletionRequest) -> _Job:
+    async def chat_job(self, req: ChatCompletionRequest) -> _Job:
         self.resolve_model(req.model)
         messages = [m.to_template() for m in req.messages]
+        self.check_text_fits(req, sum(len(m["content"]) for m in messages), "messages")
         try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            out = await self.tokenization.chat(messages)
         except Exception as exc:  # noqa: BLE001 - template errors (bad roles, no template) are the caller's
             raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
         return self.make_job(req, _input_ids(out), "chatcmpl")
@@ -320,6 +339,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         if membership is not None:
             await membership.stop()
         await client.close()
+        gw.tokenization.close()
 
     app = FastAPI(title="Tandem router", lifespan=lifespan)
     install_error_handlers(app)
@@ -343,7 +363,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(CompletionRequest, raw)
-        job = gw.completion_job(req)
+        job = await gw.completion_job(req)
         return await (gw.stream(request, job, chat=False) if job.stream else gw.complete(request, job, chat=False))
 
     @v1.post("/chat/completions")
@@ -353,7 +373,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(ChatCompletionRequest, raw)
-        job = gw.chat_job(req)
+        job = await gw.chat_job(req)
         return await (gw.stream(request, job, chat=True) if job.stream else gw.complete(request, job, chat=True))
 
     @v1.get("/models")
@@ -389,6 +409,11 @@ def run_router(config: RouterConfig) -> None:
     config = config.resolved()
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     metrics = RouterMetrics()
+    if not config.cluster_token:   # said once, counted: the workers it talks to must be open too
+        from engine.cluster_auth import warn_open
+
+        warn_open("the router sends no credentials, so only workers that run open answer it")
+        metrics.fallbacks.labels(what="cluster_auth_off").inc()
     app = create_app(config, tokenizer, DecodeClient.from_config(config), metrics)
     loop, http = _fast_io(metrics)
     # Everything loaded so far (torch, transformers, the tokenizer) lives for the process: keep

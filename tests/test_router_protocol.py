@@ -26,7 +26,7 @@ from proto import tandem_pb2_grpc as pbg
 from stream_adapter import StreamFromGenerate
 from router.backend import DecodeClient
 from router.config import RouterConfig
-from router.server import create_app
+from router.server import _input_ids, create_app
 
 MAX_LEN = 64
 WORDS = ["hello", "world", "tandem", "prefill", "decode", "router", "the", "a", "cat", "dog",
@@ -464,3 +464,38 @@ def test_client_disconnect_cancels_grpc_call(tokenizer):
                 await client.close()
 
     run(body())
+
+
+# ---------------------------------------------------------------- tokenization off the loop
+
+def test_tokenization_threads_match_the_tokenizer_and_the_bound_holds(tokenizer):
+    from router.tokenize import Tokenization
+
+    tz = Tokenization(tokenizer, threads=3, inline_chars=0)      # every text goes to a thread
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 400))) for _ in range(12)]
+    texts += ["<|eos|>" * 50, "a" * 3000, "héllo wörld " * 40]
+    chats = [[{"role": "user", "content": t}] for t in texts[:4]]
+
+    async def go():
+        ids = await asyncio.gather(*(tz.encode(t) for t in texts))
+        chat = await asyncio.gather(*(tz.chat(m) for m in chats))
+        return ids, chat
+
+    try:
+        ids, chat = asyncio.run(go())
+    finally:
+        tz.close()
+    assert ids == [list(tokenizer.encode(t)) for t in texts]
+    assert [_input_ids(c) for c in chat] == [
+        _input_ids(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in chats]
+    for t, got in zip(texts, ids):
+        assert len(got) >= tz.min_tokens(len(t)) >= 1, t[:40]
+
+
+def test_a_prompt_that_cannot_fit_is_rejected_before_tokenizing(dead_client):
+    huge = "hello world " * 200_000          # 2.4 MB: far past MAX_LEN tokens whatever it encodes to
+    for path, body in (("/v1/completions", cmpl(prompt=huge, max_tokens=4)),
+                       ("/v1/chat/completions", chat(messages=[{"role": "user", "content": huge}]))):
+        err = assert_openai_error(dead_client.post(path, json=body), 400, contains="at least")
+        assert err["code"] == "context_length_exceeded" and str(MAX_LEN) in err["message"]

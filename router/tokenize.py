@@ -1,0 +1,78 @@
+"""Tokenization off the router's event loop.
+
+A 5 MB prompt takes seconds to tokenize; done on the event loop it stalls every other request
+(their tokens, their 503s, /health). `Tokenization` keeps the loop free:
+
+  1. `Tokenization(tokenizer, threads=4)`: nothing starts yet. The longest vocabulary entry
+     (added tokens included) is measured once: no token covers more characters than that,
+     so a text of n characters has at least ceil(n / longest) tokens (`min_tokens`), which
+     lets the caller reject a prompt that cannot fit before tokenizing any of it.
+  2. `await encode(text)` / `await chat(messages)`: texts up to `inline_chars` characters are
+     tokenized on the loop (a thread hop would cost more than the work); longer ones on a
+     worker thread. HF fast tokenizers release the GIL while they encode, but one tokenizer
+     object must not be used by two threads at once (its Rust state is borrowed per call), so
+     every worker thread tokenizes with its own copy (made on that thread's first use).
+  3. `close()` (app shutdown) stops the threads.
+Errors raised by the tokenizer (a chat template that rejects the roles, say) reach the
+caller unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+
+class Tokenization:
+    def __init__(self, tokenizer: Any, threads: int = 4, inline_chars: int = 4096) -> None:
+        self.tokenizer = tokenizer
+        self.inline_chars = inline_chars
+        self._threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        try:
+            vocab = tokenizer.get_vocab()
+            self.longest_token_chars = max((len(t) for t in vocab), default=0) or None
+        except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary: no early bound
+            self.longest_token_chars = None
+
+    def min_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of a text of num_chars characters (0 when unknown)."""
+        if not self.longest_token_chars:
+            return 0
+        return -(-num_chars // self.longest_token_chars)
+
+    def _own(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._own().encode(text))
+
+    def _chat(self, messages: list[dict[str, str]]) -> Any:
+        return self._own().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    async def _off_loop(self, fn, arg):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, arg)
+
+    async def encode(self, text: str) -> list[int]:
+        if len(text) <= self.inline_chars:
+            return list(self.tokenizer.encode(text))
+        return await self._off_loop(self._encode, text)
+
+    async def chat(self, messages: list[dict[str, str]]) -> Any:
+        """apply_chat_template(..., add_generation_prompt=True, tokenize=True)'s answer."""
+        if sum(len(m.get("content") or "") for m in messages) <= self.inline_chars:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return await self._off_loop(self._chat, messages)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
