@@ -21,7 +21,7 @@ import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.sampling_params import SamplingParams
 from router.errors import bad_request, from_validation_error
@@ -30,7 +30,14 @@ _INT32_MAX = 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-StrictInt = Annotated[int, Field(strict=True)]
+def _whole_number(v: Any) -> Any:
+    """12.0 is 12, as OpenAI's API takes it; 12.5, "12" and true stay errors (strict int below)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+        return int(v)
+    return v
+
+
+StrictInt = Annotated[int, BeforeValidator(_whole_number), Field(strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 StrictStr = Annotated[str, Field(strict=True)]
 
@@ -57,12 +64,12 @@ class BaseSamplingRequest(BaseModel):
     return_token_ids: StrictBool = False                # vLLM extension: choices[0].token_ids (non-streaming)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = 1
+    n: Annotated[StrictInt | None, Field(json_schema_extra={"minimum": 1, "maximum": 1})] = 1   # n > 1: issue 13
     user: StrictStr | None = None
     # Accepted only at their neutral value (clients often send the defaults explicitly).
-    frequency_penalty: StrictFloat | None = None
-    presence_penalty: StrictFloat | None = None
-    logit_bias: dict[str, Any] | None = None
+    frequency_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
+    presence_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
+    logit_bias: Annotated[dict[str, Any] | None, Field(json_schema_extra={"maxProperties": 0})] = None
 
     @field_validator("n")
     @classmethod

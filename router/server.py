@@ -44,6 +44,7 @@ from router.errors import OpenAIError, bad_request, install_error_handlers
 from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
 from router.sse import SSEResponse, _unless_disconnected, sse_event
+from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
 
 _FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
@@ -385,6 +386,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
             for name in config.model_names]}
 
     app.include_router(v1)
+    install_openapi(app, api_key=config.api_key is not None)   # bodies and answers documented
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -26,6 +26,7 @@ from proto import tandem_pb2_grpc as pbg
 from stream_adapter import StreamFromGenerate
 from router.backend import DecodeClient
 from router.config import RouterConfig
+from router.protocol import CompletionRequest
 from router.server import _input_ids, create_app
 
 MAX_LEN = 64
@@ -499,3 +500,15 @@ def test_a_prompt_that_cannot_fit_is_rejected_before_tokenizing(dead_client):
                        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": huge}]))):
         err = assert_openai_error(dead_client.post(path, json=body), 400, contains="at least")
         assert err["code"] == "context_length_exceeded" and str(MAX_LEN) in err["message"]
+
+
+def test_integral_floats_are_integers_as_openai_takes_them():
+    from router.errors import OpenAIError
+    from router.protocol import parse_request
+
+    req = parse_request(CompletionRequest, b'{"prompt": [1, 2], "max_tokens": 12.0, "seed": 3.0, "n": 1.0}')
+    assert (req.max_tokens, req.seed, req.n) == (12, 3, 1) and type(req.max_tokens) is int
+    for bad in (b'12.5', b'"12"', b'true'):
+        with pytest.raises(OpenAIError) as exc:
+            parse_request(CompletionRequest, b'{"prompt": [1, 2], "max_tokens": ' + bad + b"}")
+        assert exc.value.status == 400 and exc.value.param == "max_tokens"
