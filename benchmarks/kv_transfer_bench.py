@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+from engine.cluster_auth import TOKEN_ENV
 
 FULL = dict(layers=32, page=16, kvh=8, hd=128)
 TINY = dict(layers=4, page=16, kvh=2, hd=32)
@@ -51,7 +54,7 @@ async def _sender_main(args) -> None:
     dev = torch.device(args.send_device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    sender = get_backend(args.backend).sender_cls()
+    sender = get_backend(args.backend).sender_cls(cluster_token=os.environ.get(TOKEN_ENV, ""))
     loop = asyncio.get_running_loop()
     cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     while True:
@@ -87,6 +90,7 @@ async def _sender_main(args) -> None:
 
 # ----------------------------------------------------------------------------- receiver (this process)
 async def _run_backend(args, backend: str) -> list[dict]:
+    from engine.cluster_auth import new_token
     from engine.grpc_util import make_server
     from kvtransfer import TransferState, get_backend
     from tandem_cli.procs import free_port
@@ -101,14 +105,16 @@ async def _run_backend(args, backend: str) -> list[dict]:
     port = free_port()
     address = f"127.0.0.1:{port}"
     receiver = get_backend(backend).receiver_cls(k_pool, v_pool, sh["page"], address)
-    server = make_server()
+    token = new_token()   # as the workers run: every call carries the cluster token (engine/cluster_auth.py)
+    server = make_server(cluster_token=token)
     receiver.add_to_server(server)
     server.add_insecure_port(address)
     await server.start()
     cmd = [sys.executable, "-m", "benchmarks.kv_transfer_bench", "--role", "sender", "--backend", backend,
            "--send-device", args.send_device] + (["--tiny"] if args.tiny else [])
     child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
-                                                 stdout=asyncio.subprocess.PIPE)
+                                                 stdout=asyncio.subprocess.PIPE,
+                                                 env={**os.environ, TOKEN_ENV: token})
     rows = []
     gen = torch.Generator().manual_seed(0)
     try:

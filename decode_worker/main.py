@@ -11,7 +11,7 @@ from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
 from engine.grpc_util import make_server, serve_until_shutdown
-from engine.metrics import start_metrics_server
+from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.page_allocator import PageAllocator
 from engine.prefix_cache_manager import PrefixCacheManager
 from engine.runner import ModelRunner
@@ -46,9 +46,12 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
 
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
                        kv_backend: str = "grpc", registry_config=None, metrics_address: str = "",
-                       trace_file: str = "", gpu_turn_file: str = "", step_trace_file: str = "") -> None:
+                       trace_file: str = "", gpu_turn_file: str = "", step_trace_file: str = "",
+                       cluster_token: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
-    gpu_turn_file: take turns on a shared GPU with a prefill worker (engine/gpu_turn.py)."""
+    gpu_turn_file: take turns on a shared GPU with a prefill worker (engine/gpu_turn.py).
+    cluster_token: every call to this worker must carry it, and its calls to prefill workers
+    carry it (engine/cluster_auth.py; "" = open, said once and counted)."""
     start_epoch_ms = int(time.time() * 1000)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, make_decode_engine, config, loop)
@@ -58,8 +61,13 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     engine.start()
     kv = engine.runner.kv
     receiver = get_backend(kv_backend).receiver_cls(kv.k, kv.v, engine.runner.page_size, advertise)
-    server = make_server()
-    servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise, trace_file=trace_file))
+    metrics = WorkerMetrics(role="decode", address=advertise)
+    server = make_server(cluster_token=cluster_token, what="the decode worker's gRPC services",
+                         on_reject=metrics.call_rejected)
+    if not cluster_token:
+        metrics.count_fallback("cluster_auth_off")
+    servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise, trace_file=trace_file,
+                                                                   cluster_token=cluster_token), metrics)
     pbg.add_DecodeServicer_to_server(servicer, server)
     receiver.add_to_server(server)
     server.add_insecure_port(f"{host}:{port}")

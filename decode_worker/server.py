@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from decode_worker.engine import DecodeEngine
 from decode_worker.requests import (ERROR_KIND_TO_PB, RequestError, Request, response_message, StreamCall)
 from decode_worker.timeline import TimelineRecorder
+from engine import cluster_auth
 from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields
 from engine.sampling_params import SamplingParams
 from engine.sequence import ErrorKind, FinishReason
@@ -44,6 +45,8 @@ class DecodeServerConfig:
     kv_transfer_timeout_s: float = 120.0
     prefill_timeout_s: float = 300.0
     trace_file: str = ""         # append one JSON line per request timeline here ("" = off)
+    cluster_token: str = field(default="", repr=False)  # sent on every call to a prefill worker
+                                                         # (engine/cluster_auth.py)
 
 
 class DecodeServicer(pbg.DecodeServicer):
@@ -88,7 +91,7 @@ class DecodeServicer(pbg.DecodeServicer):
     def _prefill_stub(self, address: str) -> pbg.PrefillStub:
         ch = self._prefill_channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address)
+            ch = cluster_auth.aio_channel(address, token=self.config.cluster_token)
             self._prefill_channels[address] = ch
         return pbg.PrefillStub(ch)
 

@@ -1,10 +1,12 @@
-"""Shared gRPC server plumbing for the workers (options, signals)."""
+"""Shared gRPC server plumbing for the workers (options, cluster credentials, signals)."""
 from __future__ import annotations
 
 import asyncio
 import signal
 
 import grpc
+
+from engine.cluster_auth import ClusterTokenInterceptor, warn_open
 
 MAX_MESSAGE_BYTES = 64 << 20
 GRPC_OPTIONS = [
@@ -13,8 +15,16 @@ GRPC_OPTIONS = [
 ]
 
 
-def make_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS)
+def make_server(*, cluster_token: str, what: str = "this process's gRPC services",
+                on_reject=None) -> grpc.aio.Server:
+    """A grpc.aio server whose every call must carry `cluster_token` (engine/cluster_auth.py);
+    "" = open, said once in the log (`what` names the services; the caller counts it).
+    on_reject(method): called for each call refused for its token."""
+    if not cluster_token:
+        warn_open(f"{what} accept calls from anyone who can connect")
+        return grpc.aio.server(options=GRPC_OPTIONS)
+    return grpc.aio.server(options=GRPC_OPTIONS,
+                           interceptors=[ClusterTokenInterceptor(cluster_token, on_reject)])
 
 
 async def wait_for_shutdown() -> None:

@@ -11,14 +11,16 @@ test can build several in one process. Lifecycle:
        cached/computed prompt tokens, transfer bytes, active transfers): the hot path
        is not touched for those;
      - `engine.step_observer` times every engine step that ran work;
-     - `transport.on_transfer_end(state, seconds, reason)` reports each KV transfer's end.
+     - `transport.on_transfer_end(state, seconds, reason)` reports each KV transfer's end;
+     - the worker's gRPC server calls `call_rejected(method)` for each call refused for its
+       cluster token, and start-up `count_fallback(what)` for choices the snapshot cannot see.
   3. `start_metrics_server(registry, host, port)` serves `GET /metrics` (any path, in
      fact) in the Prometheus text format from a daemon thread; `stop()` on shutdown.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
@@ -174,6 +176,10 @@ class WorkerMetrics:
         for state in ("done", "failed", "aborted"):
             self.transfers.labels(self.direction, state)
         self.transfer_seconds.labels(self.direction)
+        self.rejected_calls = Counter("tandem_worker_unauthenticated_calls",
+                                      "gRPC calls refused before their handler ran: missing or wrong "
+                                      "cluster token (engine/cluster_auth.py), by method.", ["method"], registry=r)
+        self._fallbacks: dict[str, int] = {}    # count_fallback's, merged into each snapshot
 
     # -- wiring ---------------------------------------------------------------
     def attach(self, snapshot: Callable[[], WorkerSnapshot], engine: Any = None, transport: Any = None) -> None:
@@ -182,11 +188,28 @@ class WorkerMetrics:
         if self._attached:
             raise RuntimeError("WorkerMetrics.attach called twice")
         self._attached = True
-        self.registry.register(_SnapshotCollector(snapshot, self.direction))
+        self.registry.register(_SnapshotCollector(self._with_own_fallbacks(snapshot), self.direction))
         if engine is not None:
             engine.step_observer = self.step_seconds.observe
         if transport is not None and hasattr(transport, "on_transfer_end"):
             transport.on_transfer_end = self.on_transfer_end
+
+    def _with_own_fallbacks(self, snapshot: Callable[[], WorkerSnapshot]) -> Callable[[], WorkerSnapshot]:
+        def read() -> WorkerSnapshot:
+            s = snapshot()
+            if not self._fallbacks:
+                return s
+            return replace(s, fallbacks=(*s.fallbacks, *tuple(self._fallbacks.items())))
+        return read
+
+    def count_fallback(self, what: str) -> None:
+        """A path other than the configured one that the snapshot cannot see (e.g. start-up
+        without a cluster token); exported in tandem_worker_fallbacks_total{what}."""
+        self._fallbacks[what] = self._fallbacks.get(what, 0) + 1
+
+    def call_rejected(self, method: str) -> None:
+        """engine.cluster_auth's on_reject hook: a gRPC call refused for a missing/wrong token."""
+        self.rejected_calls.labels(method).inc()
 
     # -- hot path (any thread) --------------------------------------------------
     def on_transfer_end(self, state: Any, seconds: float, reason: str = "") -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 import grpc
 import torch
 
+from engine import cluster_auth
 from kvtransfer.base import (Destination, HandleState, KVSender, SendHandle, TransferError, TransferState,
                              check_send_args)
 from proto import tandem_pb2 as pb, tandem_pb2_grpc as pbg
@@ -162,10 +163,13 @@ class GrpcKVSender(KVSender):
     """Streams transfers to GrpcKVReceivers. Bound to the event loop of its first `start()`.
 
     `on_transfer_end(state, seconds, reason)`, when set, is called on the event loop as each
-    transfer ends (DONE / FAILED / ABORTED; seconds since `start`; reason: a short label for FAILED)."""
+    transfer ends (DONE / FAILED / ABORTED; seconds since `start`; reason: a short label for FAILED).
+    `cluster_token` goes with every Push (engine/cluster_auth.py; "" = none)."""
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, deadline_s: float | None = None,
-                 serialise_threads: int = 4, channel_options: list | None = None) -> None:
+                 serialise_threads: int = 4, channel_options: list | None = None,
+                 cluster_token: str = "") -> None:
+        self._cluster_token = cluster_token
         self.max_chunk_bytes = max_chunk_bytes
         self.deadline_s = deadline_s          # per-transfer RPC deadline (None: none)
         self.bytes_sent = 0        # K+V bytes of transfers that completed
@@ -200,7 +204,8 @@ class GrpcKVSender(KVSender):
             raise TransferError(f"destination wants backend {dst.backend!r}")
         channel = self._channels.get(dst.address)
         if channel is None:
-            channel = self._channels[dst.address] = grpc.aio.insecure_channel(dst.address, options=self._options)
+            channel = self._channels[dst.address] = cluster_auth.aio_channel(
+                dst.address, token=self._cluster_token, options=self._options)
         handle = GrpcSendHandle(self, dst, channel)
         self._handles.add(handle)
         return handle

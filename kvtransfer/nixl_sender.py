@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 import torch
 
+from engine import cluster_auth
 from kvtransfer.base import (
     Destination,
     HandleState,
@@ -318,9 +319,11 @@ class NixlKVSender(KVSender):
 
     def __init__(self, deadline_s: float | None = None, connect_timeout_s: float = 10.0,
                  poll_interval_s: float = 0.0002, channel_options: list | None = None,
-                 max_pending_bytes: int = 2 << 30, layers_per_write: int = 0) -> None:
+                 max_pending_bytes: int = 2 << 30, layers_per_write: int = 0, cluster_token: str = "") -> None:
         """max_pending_bytes: layer copies held for sending before send_layer blocks its caller;
-        layers_per_write: consecutive layers per WRITE (0: all; see XferWorker)."""
+        layers_per_write: consecutive layers per WRITE (0: all; see XferWorker);
+        cluster_token: sent with every Hello and Session call (engine/cluster_auth.py; "" = none)."""
+        self._cluster_token = cluster_token
         self.deadline_s = deadline_s
         self.connect_timeout_s = connect_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -373,7 +376,8 @@ class NixlKVSender(KVSender):
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            ch = self._channels[address] = cluster_auth.aio_channel(address, token=self._cluster_token,
+                                                                    options=self._options)
         return ch
 
     async def _connect(self, address: str) -> _Peer:

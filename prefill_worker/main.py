@@ -9,7 +9,7 @@ import time
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
 from engine.grpc_util import make_server, serve_until_shutdown
-from engine.metrics import start_metrics_server
+from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from kvtransfer.base import get_backend
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: str = "grpc",
                         advertise: str = "", registry_config=None, metrics_address: str = "",
-                        gpu_turn_file: str = "") -> None:
+                        gpu_turn_file: str = "", cluster_token: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
-    gpu_turn_file: take turns on a shared GPU with a decode worker (engine/gpu_turn.py)."""
+    gpu_turn_file: take turns on a shared GPU with a decode worker (engine/gpu_turn.py).
+    cluster_token: every call to this worker must carry it, and its KV sends to decode workers
+    carry it (engine/cluster_auth.py; "" = open, said once and counted)."""
     start_epoch_ms = int(time.time() * 1000)
     advertise = advertise or f"{host}:{port}"
     loop = asyncio.get_running_loop()
@@ -35,13 +37,17 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     kw = {}
     if kv_backend == "nixl":  # the layer copies it may hold: the batch's KV, as engine/memory.py reserves
         kw["max_pending_bytes"] = runner.batch_kv_bytes
-    sender = get_backend(kv_backend).sender_cls(**kw)
+    sender = get_backend(kv_backend).sender_cls(cluster_token=cluster_token, **kw)
     # nixl: writes read the pool itself (no per-layer copies); grpc copies each layer
     engine.pool_send = sender.bind_pool(runner.kv.k, runner.kv.v)
     engine.gpu_turn = open_turn(gpu_turn_file, "prefill")
     engine.start()
-    server = make_server()
-    servicer = PrefillServicer(engine, sender)
+    metrics = WorkerMetrics(role="prefill", address=advertise)
+    server = make_server(cluster_token=cluster_token, what="the prefill worker's gRPC services",
+                         on_reject=metrics.call_rejected)
+    if not cluster_token:
+        metrics.count_fallback("cluster_auth_off")
+    servicer = PrefillServicer(engine, sender, metrics=metrics)
     pbg.add_PrefillServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine import cluster_auth
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -87,8 +88,10 @@ class DecodeClient:
     def __init__(self, decode_addresses: Sequence[str], prefill_addresses: Sequence[str] = (),
                  request_timeout_s: float = 600.0, placement: str | PlacementConfig = "cache_aware",
                  stats_interval_s: float = 0.5, on_event=None, queue_timeout_s: float = 30.0,
-                 migration_limit: int = 3) -> None:
-        """on_event(kind, address): "placed" / "ejected" / "readmitted" / "retried" / "local_prefill"."""
+                 migration_limit: int = 3, cluster_token: str = "") -> None:
+        """on_event(kind, address): "placed" / "ejected" / "readmitted" / "retried" / "local_prefill".
+        cluster_token: sent on every call to a worker (engine/cluster_auth.py; "" = none)."""
+        self._cluster_token = cluster_token
         self.decode_addresses = tuple(decode_addresses)   # may be empty until set_members (etcd)
         self.prefill_addresses = tuple(prefill_addresses)
         self.request_timeout_s = request_timeout_s
@@ -123,7 +126,8 @@ class DecodeClient:
                                     max_queued_per_worker=getattr(config, "max_queued_per_worker", 256))
         return cls(config.decode_addresses, config.prefill_addresses, config.request_timeout_s,
                    placement=placement, queue_timeout_s=getattr(config, "queue_timeout_s", 30.0),
-                   migration_limit=getattr(config, "migration_limit", 3))
+                   migration_limit=getattr(config, "migration_limit", 3),
+                   cluster_token=getattr(config, "cluster_token", ""))
 
     # ---- membership ---------------------------------------------------------
 
@@ -221,7 +225,8 @@ class DecodeClient:
         self._bind_loop()
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = self._channels[address] = cluster_auth.aio_channel(address, token=self._cluster_token,
+                                                                         options=_CHANNEL_OPTIONS)
         return channel
 
     def _stub(self, address: str) -> pbg.DecodeStub:

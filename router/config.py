@@ -6,7 +6,7 @@ environment or argv.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class RouterConfig:
     queue_timeout_s: float = 30.0               # longest wait for a decode worker with free KV pages
     migration_limit: int = 3                    # times a stream may move to another decode worker after
                                                 # its own died mid-stream (0 = never)
+    cluster_token: str = field(default="", repr=False)  # sent on every gRPC call to a worker
+                                                # (engine/cluster_auth.py); "" = none (workers run open)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses and not self.etcd_endpoints:

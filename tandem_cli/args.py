@@ -84,8 +84,16 @@ def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def add_cluster_token_arg(p) -> None:
+    p.add_argument("--cluster-token-file", default="",
+                   help="file holding the cluster's shared secret: every gRPC call between Tandem processes "
+                        "carries it and workers refuse calls without it (default: $TANDEM_CLUSTER_TOKEN; "
+                        "neither: run open, with a warning; serve makes a fresh one per run)")
+
+
 def add_cluster_args(p: argparse.ArgumentParser, worker: bool) -> None:
     g = p.add_argument_group("cluster")
+    add_cluster_token_arg(g)
     g.add_argument("--etcd", default="", help="comma-separated etcd endpoints host:port (empty: static members)")
     g.add_argument("--etcd-prefix", default="/tandem", help="key prefix of this cluster in etcd")
     if worker:
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
     serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
+    add_cluster_token_arg(serve)
     add_admission_args(serve)
     serve.add_argument("--request-trace-file", default="",
                        help="the decode worker appends one JSON line per request timeline here")

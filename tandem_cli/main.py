@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         from tandem_cli.serve import run_serve
 
         sys.exit(run_serve(args))
+    cluster_token = cluster_token_from_args(args)
     if args.command == "router":
         from router.config import RouterConfig
         from router.server import run_router
@@ -32,17 +33,29 @@ def main(argv: list[str] | None = None) -> None:
             etcd_prefix=args.etcd_prefix, placement=args.placement,
             max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
             queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
-            max_request_bytes=args.max_request_bytes,
+            max_request_bytes=args.max_request_bytes, cluster_token=cluster_token,
         ))
         return
     try:
-        run_worker(args)
+        run_worker(args, cluster_token)
     except EngineStartupError as exc:  # one clear line, no traceback (engine/errors.py)
         print(f"error: {args.command} worker cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
-def run_worker(args) -> None:
+def cluster_token_from_args(args) -> str:
+    """--cluster-token-file, else $TANDEM_CLUSTER_TOKEN, else "" (engine/cluster_auth.py); a file
+    that cannot be used is one line and exit code 2."""
+    from engine.cluster_auth import ClusterTokenError, resolve_token
+
+    try:
+        return resolve_token(args.cluster_token_file)
+    except ClusterTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run_worker(args, cluster_token: str = "") -> None:
     config = engine_config_from_args(args)
     advertise_host = args.advertise_host or args.host
     advertise = f"{advertise_host}:{args.port}"
@@ -61,14 +74,14 @@ def run_worker(args) -> None:
                                  kv_backend=args.kv_transfer_backend,
                                  registry_config=registry_config, metrics_address=metrics_address,
                                  trace_file=args.request_trace_file, gpu_turn_file=args.gpu_turn_file,
-                                 step_trace_file=args.step_trace_file))
+                                 step_trace_file=args.step_trace_file, cluster_token=cluster_token))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 
         asyncio.run(serve_prefill(config, args.host, args.port, advertise=advertise,
                                   kv_backend=args.kv_transfer_backend,
                                   registry_config=registry_config, metrics_address=metrics_address,
-                                  gpu_turn_file=args.gpu_turn_file))
+                                  gpu_turn_file=args.gpu_turn_file, cluster_token=cluster_token))
 
 
 if __name__ == "__main__":

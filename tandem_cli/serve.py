@@ -2,23 +2,27 @@
 
 Lifecycle:
   1. resolve the model (no --model: the built-in demo model, made once and cached);
-  2. resolve the engine config once (device, attention backend "auto" -> triton on
+  2. cluster credentials: the token of --cluster-token-file or $TANDEM_CLUSTER_TOKEN if given,
+     otherwise a fresh random one written 0600 into a private temporary directory (removed
+     at exit); every process below gets --cluster-token-file (engine/cluster_auth.py);
+  3. resolve the engine config once (device, attention backend "auto" -> triton on
      CUDA, torch on CPU) and pass it to every worker as explicit flags; pick free
      loopback ports and start the decode and prefill workers (or one colocated
      worker), printing progress. On CUDA they share the GPU by tandem_cli.gpu_share:
      --gpu-memory-utilization is the whole GPU's budget, decode starts first with 0.6
      of it and prefill, once decode is ready (KV allocated), gets the rest. On the
      CPU both start at once. Each is ready when its gRPC server answers;
-  3. start the router with the static member list and wait for /health;
+  4. start the router with the static member list and wait for /health;
      with --etcd HOST:PORT the workers register there instead and the router
      follows etcd (no static list); serve waits until /health lists them;
-  4. print the URL; on Ctrl-C / SIGTERM, or when any child exits, stop every
+  5. print the URL; on Ctrl-C / SIGTERM, or when any child exits, stop every
      child (SIGTERM, then SIGKILL after a grace period).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.cluster_auth import TOKEN_ENV, ClusterTokenError, new_token, resolve_token, write_token_file
 from engine.config import EngineConfig
 from tandem_cli.args import engine_config_from_args
 from tandem_cli.gpu_share import plan_starts, waves
@@ -79,17 +84,18 @@ class WorkerLaunch:
 
 
 def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
-                 ports: tuple[int, int]) -> list[WorkerLaunch]:
+                 ports: tuple[int, int], cluster_token_file: str = "") -> list[WorkerLaunch]:
     """The workers of `tandem serve` (config: `engine_config_from_args(args)`), in start
     order: one colocated decode worker, or decode + prefill sharing the GPU by
     tandem_cli.gpu_share's rule (on CUDA decode first with its share of
-    --gpu-memory-utilization, prefill once decode is ready)."""
+    --gpu-memory-utilization, prefill once decode is ready). cluster_token_file: passed to each."""
     roles = [("decode", "decode", "")] + ([] if args.colocated else [("prefill", "prefill", "")])
     starts = plan_starts(roles, config.gpu_memory_utilization, sequential=config.device == "cuda")
     etcd = ["--etcd", args.etcd] if args.etcd else []
     # the KV transport matters only between separate prefill and decode workers
     kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
     port = {"decode": ports[0], "prefill": ports[1]}
+    auth = ["--cluster-token-file", cluster_token_file] if cluster_token_file else []
     role_flags = {"decode": [], "prefill": []}
     for flag, value in (("--request-trace-file", getattr(args, "request_trace_file", "")),
                         ("--step-trace-file", getattr(args, "step_trace_file", ""))):
@@ -102,7 +108,7 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
             role_flags[role] += ["--gpu-turn-file", lock]
     return [WorkerLaunch(s.role, f"127.0.0.1:{port[s.role]}",
                          tuple([s.role, "--port", str(port[s.role])]
-                               + engine_flags(config, args, model, s.gpu_memory_utilization) + kv + etcd
+                               + engine_flags(config, args, model, s.gpu_memory_utilization) + kv + etcd + auth
                                + role_flags[s.role]),
                          s.wave, s.gpu_memory_utilization, config.device == "cuda") for s in starts]
 
@@ -139,6 +145,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if model is None:
         print(DEMO_NOTE, flush=True)
         model = str(demo_model_dir())
+    try:
+        token_file, token_dir = _cluster_token_file(args)
+    except ClusterTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cli = [sys.executable, "-m", "tandem_cli.main"]
     procs: list[subprocess.Popen] = []
     stopping = False
@@ -153,7 +164,7 @@ def run_serve(args: argparse.Namespace) -> int:
         decode_port = args.worker_base_port or free_port()
         prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
         config = engine_config_from_args(args)
-        plan = plan_workers(config, args, model, (decode_port, prefill_port))
+        plan = plan_workers(config, args, model, (decode_port, prefill_port), token_file)
         print(f"device {config.device}, attention backend {config.attention_backend} "
               f"({config.attention_backend_reason}), CUDA graphs "
               f"{'on' if config.uses_cuda_graphs else 'off'}", flush=True)
@@ -164,6 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
         router_cmd = cli + ["router", "--model", model, "--host", args.host, "--port", str(args.port),
                             "--log-level", args.log_level]
         router_cmd += etcd or ["--decode", decode_addr, "--prefill", prefill_addr]
+        router_cmd += ["--cluster-token-file", token_file] if token_file else []
         for name in args.served_model_name or []:
             router_cmd += ["--served-model-name", name]
         if args.api_key:
@@ -194,3 +206,16 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         stop_all(procs)
+        if token_dir:
+            shutil.rmtree(token_dir, ignore_errors=True)
+
+
+def _cluster_token_file(args: argparse.Namespace) -> tuple[str, str]:
+    """(the --cluster-token-file every child gets, the directory to remove at exit): the user's
+    file (checked now, before any process starts), nothing when $TANDEM_CLUSTER_TOKEN is set
+    (the children inherit it), else a fresh token in a new private directory."""
+    if args.cluster_token_file or os.environ.get(TOKEN_ENV):
+        resolve_token(args.cluster_token_file)
+        return args.cluster_token_file, ""
+    directory = tempfile.mkdtemp(prefix="tandem-serve-")   # 0700
+    return write_token_file(directory, new_token()), directory

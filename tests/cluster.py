@@ -3,16 +3,24 @@
 `Cluster(model_dir, colocated=False, kv_transfer_backend="grpc")` starts a decode
 worker, a prefill worker (unless colocated; both on that KV transport) and the router, each as its own `python -m tandem_cli.main`
 process, waits until they answer, and stops them on exit.
+
+Credentials are on, as `tandem serve` runs: the cluster makes its own token (`cluster_token`,
+written 0600 to a private temporary directory, removed on stop) and passes
+--cluster-token-file to every process; `channel(address)` opens a blocking channel that
+sends it, for tests that call a worker directly. `cluster_token=""` runs everything open.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
 
+from engine import cluster_auth
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready  # noqa: F401 - tests import free_port
@@ -25,7 +33,11 @@ class Cluster:
                  extra_worker_args: tuple[str, ...] = (), served_name: str = "tiny", api_key: str | None = None,
                  log_dir: Path | None = None, kv_transfer_backend: str = "grpc",
                  decode_args: tuple[str, ...] = (), num_prefill: int = 1,
-                 router_args: tuple[str, ...] = (), num_decode: int = 1) -> None:
+                 router_args: tuple[str, ...] = (), num_decode: int = 1,
+                 cluster_token: str | None = None) -> None:
+        """cluster_token: None = a fresh one; "" = none (every process runs open)."""
+        self.cluster_token = cluster_auth.new_token() if cluster_token is None else cluster_token
+        self._token_dir = ""
         self.model_dir = Path(model_dir)
         self.colocated = colocated
         self.num_pages = num_pages
@@ -63,8 +75,22 @@ class Cluster:
             urls["prefill"] = f"http://127.0.0.1:{self.prefill_metrics_port}/metrics"
         return urls
 
+    def channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to one of this cluster's workers, sending its token."""
+        return cluster_auth.channel(address, token=self.cluster_token)
+
+    def _token_args(self) -> list[str]:
+        if not self.cluster_token:
+            return []
+        if not self._token_dir:
+            self._token_dir = tempfile.mkdtemp(prefix="tandem-test-")
+            cluster_auth.write_token_file(self._token_dir, self.cluster_token)
+        return ["--cluster-token-file", os.path.join(self._token_dir, "cluster-token")]
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop(cluster_auth.TOKEN_ENV, None)
+        args = [*args, *self._token_args()]
         out = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL
         p = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args], cwd=ROOT, env=env,
                              stdout=out, stderr=subprocess.STDOUT)
@@ -110,16 +136,19 @@ class Cluster:
         wait_http_ready(url, proc, timeout)
 
     def prefill_stats(self) -> pb.StatsResponse:
-        with grpc.insecure_channel(self.prefill_addr) as ch:
+        with self.channel(self.prefill_addr) as ch:
             return pbg.PrefillStub(ch).Stats(pb.StatsRequest(), timeout=2)
 
     def decode_stats(self) -> pb.StatsResponse:
-        with grpc.insecure_channel(self.decode_addr) as ch:
+        with self.channel(self.decode_addr) as ch:
             return pbg.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=2)
 
     def stop(self) -> None:
         stop_all(self.procs, grace=10)
         self.procs.clear()
+        if self._token_dir:
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = ""
 
     def __enter__(self) -> "Cluster":
         return self.start()

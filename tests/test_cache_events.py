@@ -80,8 +80,8 @@ def test_listener_mirrors_the_tree(page_size):
 class Subscriber:
     """A gRPC CacheEvents stream read on a thread into `events` as (kind name, hashes)."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
         self.call = pbg.PrefillStub(self.channel).CacheEvents(pb.CacheEventsRequest())
         self.events: list[tuple[str, list[int], int]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -111,7 +111,7 @@ def test_cache_events_over_grpc(tmp_path_factory, tmp_path):
     ps = 4
     p1, p2, p3 = distinct_prompts(300, [24, 24, 24], seed=7)   # 6 full pages each
     with Cluster(model_dir, num_pages=14, page_size=ps, log_dir=tmp_path) as c:
-        sub = Subscriber(c.prefill_addr)
+        sub = Subscriber(c.channel(c.prefill_addr))
         try:
             assert sub.wait_for(1) == [("RESET", [], ps)]          # empty tree: no snapshot
             client = OpenAI(base_url=c.base_url, api_key="unused", max_retries=0)
@@ -129,7 +129,7 @@ def test_cache_events_over_grpc(tmp_path_factory, tmp_path):
             assert events[3:5] == [("EVICT", block_hashes(p2, ps), ps), ("INSERT", block_hashes(p3, ps), ps)]
             time.sleep(0.2)
             assert len(sub.events) == 5
-            late = Subscriber(c.prefill_addr)
+            late = Subscriber(c.channel(c.prefill_addr))
             try:
                 got = late.wait_for(2)
                 assert got[0] == ("RESET", [], ps) and got[1][0] == "INSERT"

@@ -85,9 +85,7 @@ def test_streams_continue_on_another_decode_worker(cluster):
 
 
 def _running(cluster, i) -> int:
-    import grpc
-
     from proto import tandem_pb2 as pb
     from proto import tandem_pb2_grpc as pbg
-    with grpc.insecure_channel(cluster.decode_addrs[i]) as ch:
+    with cluster.channel(cluster.decode_addrs[i]) as ch:
         return pbg.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=2).running

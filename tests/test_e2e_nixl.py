@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 
-import grpc
 import httpx
 import pytest
 import test_e2e_greedy as greedy
@@ -63,7 +62,7 @@ def test_nixl_greedy_equals_transformers(arch_case, nixl_cluster):
     arch, _, prompts, expected = arch_case[:4]
     c = nixl_cluster
     # the decode worker really serves the nixl control plane (grpc workers answer UNIMPLEMENTED)
-    with grpc.insecure_channel(c.decode_addr) as ch:
+    with c.channel(c.decode_addr) as ch:
         layout = pbg.NixlKVStub(ch).Hello(pb.NixlHelloRequest(), timeout=10)
     assert layout.mem_type == "DRAM" and layout.num_pages == NUM_PAGES and layout.agent_name
     got = greedy.run_concurrently(c.base_url, prompts)

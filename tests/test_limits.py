@@ -4,7 +4,6 @@ serves that limit: a chat request without max_tokens fits it and succeeds, /v1/m
 it, and a request past it is the router's 400 naming it (not the worker's)."""
 from __future__ import annotations
 
-import grpc
 import httpx
 import pytest
 
@@ -27,7 +26,7 @@ def cluster(tmp_path_factory):
 
 def test_pool_limit_reaches_the_router(cluster):
     limit = PAGES * PAGE
-    with grpc.insecure_channel(cluster.decode_addr) as ch:
+    with cluster.channel(cluster.decode_addr) as ch:
         assert pbg.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=10).max_model_len == limit
     assert f"max_model_len lowered from 512 to {limit}" in (cluster.logs / "decode.log").read_text()
     with httpx.Client(base_url=cluster.base_url, timeout=120) as c:
