@@ -8,6 +8,8 @@ RouterConfig.etcd_endpoints is set):
      `client.set_members(decode addresses, prefill addresses)` on the event loop,
      so a worker whose lease is gone leaves placement as soon as etcd says so.
   3. `snapshot()` for /health; `await stop()` on app shutdown.
+With `metrics` (router.metrics.RouterMetrics), every change also sets the
+`tandem_members{role, state="up"}` gauge to the live members per role.
 
 Members serving another model than the router's are still placed (one prefix is
 one cluster); a mismatch is logged once per member.
@@ -23,15 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class RouterMembership:
-    def __init__(self, endpoints: Sequence[str], prefix: str, client, model: str = "") -> None:
+    def __init__(self, endpoints: Sequence[str], prefix: str, client, model: str = "", metrics=None) -> None:
         self.client = client          # router.backend.DecodeClient (anything with set_members)
         self.model = model
+        self.metrics = metrics
         self.view = MemberView(ViewConfig(tuple(endpoints), prefix), on_change=self._on_change)
 
     @classmethod
-    def from_config(cls, config, client) -> "RouterMembership":
+    def from_config(cls, config, client, metrics=None) -> "RouterMembership":
         """From a `router.config.RouterConfig` with etcd_endpoints."""
-        return cls(config.etcd_endpoints, config.etcd_prefix, client, model=config.model_path)
+        return cls(config.etcd_endpoints, config.etcd_prefix, client, model=config.model_path, metrics=metrics)
 
     async def start(self, wait_s: float = 5.0) -> None:
         await self.view.start(wait_s)
@@ -50,3 +53,5 @@ class RouterMembership:
         decode, prefill = self.view.addresses("decode"), self.view.addresses("prefill")
         log.info("members now: decode %s, prefill %s", list(decode) or "-", list(prefill) or "-")
         self.client.set_members(decode, prefill)
+        if self.metrics is not None:
+            self.metrics.replace_members({("decode", "up"): len(decode), ("prefill", "up"): len(prefill)})

@@ -80,6 +80,9 @@ class RouterMetrics:
                                   registry=r)
         self.retries = Counter("tandem_router_request_retries",
                                "Requests placed again after a worker refused or a prefill failed.", registry=r)
+        self.stream_errors = Counter("tandem_router_stream_errors",
+                                     "Streams that ended with an error event after their 200, by code.",
+                                     ["code"], registry=r)
         self.members = Gauge("tandem_members", "Cluster members known to the router, by role and state.",
                              ["role", "state"], registry=r)
         self._member_labels: set[tuple[str, str]] = set()

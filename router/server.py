@@ -23,6 +23,7 @@ Lifecycle of one request:
 from __future__ import annotations
 
 import gc
+import logging
 import secrets
 import time
 import uuid
@@ -46,6 +47,8 @@ from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSampli
 from router.sse import SSEResponse, _unless_disconnected, sse_event
 from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
+
+log = logging.getLogger(__name__)
 
 _FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
 
@@ -289,8 +292,13 @@ class _Gateway:
                     yield sse_event({"id": job.request_id, "object": obj, "created": job.created,
                                      "model": job.model, "choices": [], "usage": usage.to_dict()})
             except OpenAIError as exc:
+                log.warning("request %s: stream ended with an error (HTTP %d, %s): %s", job.request_id,
+                            exc.status, exc.code or exc.type, exc.message)
+                self.metrics.stream_errors.labels(exc.code or exc.type).inc()
                 yield sse_event(exc.to_dict())
             except Exception as exc:  # noqa: BLE001 - the stream must end with an event, not a reset
+                log.exception("request %s: internal error during the stream", job.request_id)
+                self.metrics.stream_errors.labels("internal_error").inc()
                 yield sse_event(OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").to_dict())
             finally:
                 await responses.aclose()
@@ -321,7 +329,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     metrics = metrics or RouterMetrics()
     gw = _Gateway(config, tokenizer, client, metrics)
     client.set_event_hook(metrics.on_backend_event)
-    if not config.etcd_endpoints:  # static members; an etcd view calls metrics.set_members itself
+    if not config.etcd_endpoints:  # static members; an etcd view sets them on every change (router/members.py)
         metrics.set_members("decode", "static", len(config.decode_addresses))
         metrics.set_members("prefill", "static", len(config.prefill_addresses))
 
@@ -329,7 +337,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     if config.etcd_endpoints:  # etcd membership view feeds client.set_members (router/members.py)
         from router.members import RouterMembership
 
-        membership = RouterMembership.from_config(config, client)
+        membership = RouterMembership.from_config(config, client, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -104,6 +104,17 @@ class Env:
             assert time.monotonic() - t0 < timeout, f"pool {pool} after {timeout}s"
             time.sleep(0.05)
 
+    def members_gauge(self) -> dict[str, float]:
+        """The router's tandem_members{state="up"} by role, from its /metrics."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("tandem_members{") and 'state="up"' in line:
+                role = line.split('role="', 1)[1].split('"', 1)[0]
+                out[role] = float(line.rsplit(" ", 1)[1])
+        return out
+
     def members_in_etcd(self) -> dict[str, pb.MemberInfo]:
         async def get(client):
             return [(kv.key.decode(), kv.value, kv.lease) for kv in await client.get_prefix(PREFIX.encode())]
@@ -190,6 +201,7 @@ def test_workers_register_their_member_info_and_serve(env):
         time.sleep(0.1)
     assert h["connected"] and h["lists"] == 1, h
     env.complete(retry_s=TTL + 1)  # on a loaded 2-CPU box a worker may just have lapsed and re-registered
+    assert env.members_gauge() == {"decode": 3, "prefill": 1}
 
 
 def test_killed_worker_leaves_the_pool_within_ttl_plus_1s(env):
@@ -201,6 +213,7 @@ def test_killed_worker_leaves_the_pool_within_ttl_plus_1s(env):
     assert took <= TTL + 1, f"killed worker left the pool after {took:.2f}s (TTL {TTL}s)"
     for _ in range(4):  # nothing is placed on the dead worker any more
         env.complete(retry_s=TTL + 1)
+    assert env.members_gauge() == {"decode": 2, "prefill": 1}
 
 
 def test_revoked_lease_reregisters_and_serves_again(env):

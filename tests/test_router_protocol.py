@@ -401,19 +401,24 @@ def test_chat_streaming_shape(tokenizer):
     assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
 
 
-def test_worker_error_mid_stream_and_non_stream(tokenizer):
+def test_worker_error_mid_stream_and_non_stream(tokenizer, caplog):
     async def body():
         async with gateway(tokenizer) as (servicer, c):
             servicer.fail_after = 2
             r = await c.post("/v1/completions", json=cmpl(stream=True, max_tokens=20))
             r2 = await c.post("/v1/completions", json=cmpl(max_tokens=20))
-            return r, r2
+            return r, r2, (await c.get("/metrics")).text
 
-    r, r2 = run(body())
+    with caplog.at_level("WARNING", logger="router.server"):
+        r, r2, scrape = run(body())
     assert r.status_code == 200
     events = sse_events(r.text)
     assert "GPU on fire" in events[-1]["error"]["message"] and events[-1]["error"]["type"] == "server_error"
     assert_openai_error(r2, 500, contains="GPU on fire")
+    # the error after the 200 is logged with its request id and counted, not only sent to the client
+    rid = events[0]["id"]
+    assert any(rid in rec.getMessage() and "GPU on fire" in rec.getMessage() for rec in caplog.records), caplog.text
+    assert 'tandem_router_stream_errors_total{code="worker_error"} 1.0' in scrape, scrape[-2000:]
 
 
 def test_request_timeout(tokenizer):
