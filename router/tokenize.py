@@ -24,6 +24,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine.tokenizer import encode_chat
+
 
 class Tokenization:
     def __init__(self, tokenizer: Any, threads: int = 4, inline_chars: int = 4096) -> None:
@@ -53,8 +55,8 @@ class Tokenization:
     def _encode(self, text: str) -> list[int]:
         return list(self._own().encode(text))
 
-    def _chat(self, messages: list[dict[str, str]]) -> Any:
-        return self._own().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def _chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self._own(), messages)
 
     async def _off_loop(self, fn, arg):
         if self._pool is None:
@@ -66,10 +68,10 @@ class Tokenization:
             return list(self.tokenizer.encode(text))
         return await self._off_loop(self._encode, text)
 
-    async def chat(self, messages: list[dict[str, str]]) -> Any:
-        """apply_chat_template(..., add_generation_prompt=True, tokenize=True)'s answer."""
+    async def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt of a chat: engine.tokenizer.encode_chat (template + generation prompt)."""
         if sum(len(m.get("content") or "") for m in messages) <= self.inline_chars:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return encode_chat(self.tokenizer, messages)
         return await self._off_loop(self._chat, messages)
 
     def close(self) -> None:

@@ -7,18 +7,18 @@ model passes strided views (q/k split out of a fused qkv output).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
-pytest.importorskip("triton")
+from triton_interp import ON_GPU, interpreter, interpreter_env  # noqa: F401 - interpreter: fixture
 
+with interpreter_env():   # on a CPU, the kernels (and triton's own library) are jit-decorated on import
+    pytest.importorskip("triton")
+    import engine.layer_ops_triton  # noqa: F401 - loaded here so that get_layer_ops finds it decorated
 from engine.layer_ops import TorchLayerOps, get_layer_ops  # noqa: E402
 from engine.rope import cos_sin, inv_freq  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("interpreter")    # ... and the interpreter reads it while they run
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])

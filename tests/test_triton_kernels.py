@@ -14,15 +14,16 @@ import random
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
-pytest.importorskip("triton")
+from triton_interp import ON_GPU, USER_SET, interpreter, interpreter_env  # noqa: F401 - interpreter: fixture
 
-from engine.attention import build_metadata  # noqa: E402
-from engine.attention import triton_kernels as K  # noqa: E402
-from engine.attention.torch_ref import TorchRefBackend  # noqa: E402
-from engine.attention.triton_backend import TritonBackend  # noqa: E402
+with interpreter_env():   # on a CPU, the kernels (and triton's own library) are jit-decorated on import
+    pytest.importorskip("triton")
+    from engine.attention import build_metadata
+    from engine.attention import triton_kernels as K
+    from engine.attention.torch_ref import TorchRefBackend
+    from engine.attention.triton_backend import TritonBackend
+LEAKED_BY_IMPORTS = ("TRITON_INTERPRET" in os.environ) != USER_SET
+pytestmark = pytest.mark.usefixtures("interpreter")    # ... and the interpreter reads it while they run
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -156,3 +157,15 @@ def test_long_context_decode_and_extend():
     seed, meta, q, k, v, kc, vc = _case([4 * n + 5, 3], [1, 1], 16, 8, 64, torch.float16)
     ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
     _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, torch.float16, seed)
+
+
+def test_the_interpreter_setting_is_restored_for_later_processes():
+    """Kernels here run interpreted on a CPU, yet the variable is gone once the imports and
+    this module's tests end, so processes started by later tests do not inherit it."""
+    assert not LEAKED_BY_IMPORTS
+    before = dict(os.environ)
+    with interpreter_env():
+        assert os.environ.get("TRITON_INTERPRET") == ("1" if not ON_GPU else before.get("TRITON_INTERPRET"))
+        with interpreter_env():
+            pass
+    assert dict(os.environ) == before
