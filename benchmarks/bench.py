@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.88)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="the engines' radix prefix cache (the workers' flag of the same name)")
+    p.add_argument("--mixed-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="colocated: decode tokens ride the prefill's forward (EngineConfig.mixed_batches; "
+                        "default: its default)")
     p.add_argument("--hf-batch", type=int, default=None, help="default 64 (tiny: 4)")
     p.add_argument("--hf-batches", type=int, default=1)
     p.add_argument("--disagg-requests", type=int, default=None, help="per workload; default all (tiny) / 8")
@@ -105,7 +108,8 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=max_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        attention_backend="torch" if backend == "sdpa" else backend,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       **({} if args.mixed_batches is None else {"mixed_batches": args.mixed_batches}))
     bench = ColocatedEngine(cfg)   # decode_worker.main.make_decode_engine, thread not started yet
     runner = bench.runner
     fallback_note = ""
@@ -131,8 +135,8 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])
     _free(device)
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
-            f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; MFU/MBU from the engine's "
-            f"prefill/decode pass timers")
+            f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; mixed batches "
+            f"{'on' if cfg.mixed_batches else 'off'}; MFU/MBU from the engine's prefill/decode pass timers")
     if args.step_trace_file:
         bench.engine.step_trace = open(args.step_trace_file, "a", buffering=1)  # noqa: SIM115
     bench.start()
@@ -151,13 +155,20 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     return note
 
 
+def probe_token_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    """n token ids drawn uniformly from the model's vocabulary (above the first 1000, where
+    special tokens tend to sit, when the vocabulary is large enough)."""
+    low = 1000 if vocab_size > 2000 else 0
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (n,), generator=g).tolist()
+
+
 def _compare_backends(runner, backend, ref) -> float:
     """Relative difference of logits of a mixed batch (prefill, extend, decode) computed
     with `backend` and with `ref`, on the same pages."""
     from engine.runner import ForwardSeq
 
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(1000, 120000, (300,), generator=g).tolist()
+    toks = probe_token_ids(runner.model_config.vocab_size, 300)
     pages = [list(range(0, 20)), list(range(20, 40))]
     out = []
     for be in (backend, ref):

@@ -13,7 +13,9 @@ Lifecycle:
      Client-side: wall, TTFT, TPOT, cached tokens (`seq.cached_tokens`). Engine-side
      (deltas of `DecodeEngine.counters` over the run): time in prefill and in decode
      passes, decode steps and context tokens, which give MFU and MBU with
-     `benchmarks.metrics.ModelCost`.
+     `benchmarks.metrics.ModelCost`. With mixed batches a step's decode rows run in its
+     prefill pass: their time is prefill time (MFU errs low) and MBU covers the
+     decode-only passes.
   3. `close()`: stop the engine thread, close the loop.
 """
 from __future__ import annotations

@@ -35,6 +35,15 @@ EOS or a stop token one pass late (the extra token computed for them is dropped)
 seq that ends while a queued pass still writes its pages keeps them until that pass is
 read (scheduler.settle), so no one else, not even a KV transfer from another process,
 gets them before the device is done.
+
+Mixed batches (`mixed_batches`, EngineConfig.mixed_batches): a step with prompts to prefill
+runs its decode tokens in the same forward, one ragged batch of the prompts' tokens and then
+one row per running seq (the scheduler counts those rows against max_num_batched_tokens,
+`decode_in_budget`), instead of a prefill pass followed by a decode pass that reads every
+weight again; steps without prompts keep their CUDA-graphed decode pass. A step whose rows
+exceed the budget anyway (a lone prompt admitted over it) runs the two passes. If a mixed
+pass raises, its prompts fail as a prefill pass's would, and the next step runs the decode
+pass apart: a decode row that causes the error then fails alone.
 """
 from __future__ import annotations
 
@@ -80,7 +89,7 @@ class _Pass:
     """A forward pass queued on the device whose sampled tokens are not read yet."""
     seqs: list[Sequence]
     tokens: object          # int64 [len(seqs)] on the device
-    prefill: bool
+    num_prefill: int        # seqs[:num_prefill] were prefilled, the rest decoded
     host: object = None     # pinned copy of tokens, queued right behind the pass (CUDA)
     copied: object = None   # CUDA event: host holds them
 
@@ -92,6 +101,10 @@ class _Pass:
             self.host.copy_(self.tokens, non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
+
+    @property
+    def prefill(self) -> bool:
+        return self.num_prefill > 0
 
     def read(self) -> list[int]:
         if self.copied is None:
@@ -111,6 +124,8 @@ class DecodeCounters:
     decode_seconds: float = 0.0      # in decode passes
     decode_steps: int = 0
     decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
+    mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
+    #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
 
 
 class DecodeEngine(EngineThread):
@@ -123,6 +138,8 @@ class DecodeEngine(EngineThread):
         # async scheduling: queue the next pass before reading the last one (with gpu_turn, the
         # turn is kept across steps and given up, drained, when the prefill worker waits)
         self.async_scheduling = True
+        self.mixed_batches = runner.config.mixed_batches
+        self._split_next = False               # a mixed pass raised: run the next step's two passes apart
         self._inflight: list[_Pass] = []       # the previous iteration's passes, not read yet
         self._launching: list[_Pass] = []      # this iteration's, queued so far
         self._pending_src: dict[str, tuple[_Pass, int]] = {}   # seq -> pass and row sampling its PENDING token
@@ -192,6 +209,15 @@ class DecodeEngine(EngineThread):
             batch, self._outbox = self._outbox, []
             self.reply(_deliver, batch)
 
+    @property
+    def mixed_batches(self) -> bool:
+        """Decode tokens ride the prefill's forward (see the module docstring)."""
+        return self.scheduler.decode_in_budget
+
+    @mixed_batches.setter
+    def mixed_batches(self, on: bool) -> None:
+        self.scheduler.decode_in_budget = bool(on)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self._inflight)
 
@@ -219,10 +245,18 @@ class DecodeEngine(EngineThread):
         turn = self.gpu_turn
         if turn is not None and not turn.held:
             turn.acquire()        # held from the first launch until nothing of ours is queued
-        if out.prefill:
-            launched.append(self._launch_prefill(out.prefill, out.page_copies))
-        if out.decode:
-            launched.append(self._launch_decode(out.decode))
+        split, self._split_next = self._split_next, False
+        mixed = bool(self.mixed_batches and out.prefill and out.decode and not split
+                     and out.num_batched_tokens <= self.scheduler.config.max_num_batched_tokens)
+        if mixed:
+            launched.append(self._launch_prefill(out.prefill, out.page_copies, out.decode))
+            self.counters.mixed_steps += 1
+        else:
+            if out.prefill:
+                launched.append(self._launch_prefill(out.prefill, out.page_copies))
+            if out.decode:
+                launched.append(self._launch_decode(out.decode))
+        n_forwards = len(launched)
         t_queued = time.perf_counter()
         self.flush()  # the device runs the passes: let the event loop send earlier results now
         while self._inflight:             # the previous iteration's, queued before these
@@ -237,13 +271,13 @@ class DecodeEngine(EngineThread):
             self._drain_and_release()
         self.flush()
         if self.step_trace is not None:
-            self._trace_step(t0, t_queued, out)
+            self._trace_step(t0, t_queued, out, n_forwards)
         return True
 
-    def _trace_step(self, t0: float, t_queued: float, out) -> None:
+    def _trace_step(self, t0: float, t_queued: float, out, n_forwards: int) -> None:
         now = time.perf_counter()
         rec = {"t": round(time.time() - (now - t0), 6), "prefill_seqs": len(out.prefill),
-               "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode),
+               "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode), "forwards": n_forwards,
                "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
                "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight)}
         self.step_trace.write(json.dumps(rec) + "\n")
@@ -254,17 +288,24 @@ class DecodeEngine(EngineThread):
             self._read(self._inflight.pop(0))
         self.gpu_turn.release()
 
-    def _feed(self, seqs: list[Sequence]) -> list[tuple]:
-        """For the rows of seqs whose last token is PENDING: (sampled tensor, rows, its rows),
-        one entry per queued pass that samples them (runner.forward's `feed`)."""
+    def _feed(self, seqs: list[Sequence], first_row: int = 0) -> list[tuple]:
+        """For the one-token rows of seqs (flattened rows first_row, first_row + 1, ...) whose
+        token is PENDING: (sampled tensor, rows, its rows), one entry per queued pass that
+        samples them (runner.forward's `feed`)."""
         groups: dict[int, tuple] = {}
         for i, seq in enumerate(seqs):
             if seq.num_pending:
                 p, row = self._pending_src[seq.request_id]
                 g = groups.setdefault(id(p), (p.tokens, [], []))
-                g[1].append(i)
+                g[1].append(first_row + i)
                 g[2].append(row)
         return list(groups.values())
+
+    @staticmethod
+    def _decode_row(seq: Sequence) -> ForwardSeq:
+        """A RUNNING seq's last token (a dummy id while PENDING: the feed puts it in)."""
+        return ForwardSeq(token_ids=[0 if seq.num_pending else seq.last_token_id], start_pos=seq.num_tokens - 1,
+                          page_table=seq.pages)
 
     def _copy_pages(self, copies: tuple[PageCopy, ...]) -> None:
         """Valid slots of partially matched cache pages into the seqs' own pages."""
@@ -274,8 +315,12 @@ class DecodeEngine(EngineThread):
                 kv.k[layer][c.dst_page, :c.num_slots] = kv.k[layer][c.src_page, :c.num_slots]
                 kv.v[layer][c.dst_page, :c.num_slots] = kv.v[layer][c.src_page, :c.num_slots]
 
-    def _launch_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = ()) -> _Pass:
+    def _launch_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = (),
+                        decode: tuple[Sequence, ...] = ()) -> _Pass:
+        """The prompts' pass; with `decode` (mixed batches) those RUNNING seqs' next tokens
+        are its last rows. Should it raise, on_step_error fails the prompts only (`_in_pass`)."""
         self._in_pass = list(seqs)
+        self._split_next = bool(decode)      # cleared below once the pass is queued
         t = time.perf_counter()
         if copies:
             self._copy_pages(copies)
@@ -283,14 +328,20 @@ class DecodeEngine(EngineThread):
             ForwardSeq(token_ids=s.all_token_ids[s.num_computed:], start_pos=s.num_computed, page_table=s.pages)
             for s in seqs
         ]
-        logits = self.runner.forward(batch)
+        prompt_rows = sum(len(fs.token_ids) for fs in batch)
+        batch += [self._decode_row(s) for s in decode]
+        logits = self.runner.forward(batch, feed=self._feed(decode, prompt_rows) or None)
+        every = list(seqs) + list(decode)
         tokens = self.sampler.sample_on_device(
-            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
-        p = _Pass(seqs, tokens, prefill=True)
-        for i, (seq, fs) in enumerate(zip(seqs, batch)):
-            self._step_tokens += len(fs.token_ids)
-            self.counters.prefilled_tokens += len(fs.token_ids)
-            self.counters.prefill_cached_tokens += fs.start_pos
+            logits, [s.params for s in every], [s.output_offset + len(s.output_token_ids) for s in every])
+        self._split_next = False
+        self._in_pass = every                # queued: from here on a failure is every row's
+        p = _Pass(every, tokens, num_prefill=len(seqs))
+        self._step_tokens += prompt_rows
+        self.counters.prefilled_tokens += prompt_rows
+        for i, (seq, fs) in enumerate(zip(every, batch)):
+            if i < len(seqs):
+                self.counters.prefill_cached_tokens += fs.start_pos
             self.scheduler.launched(seq)
             self._pending_src[seq.request_id] = (p, i)
         self.counters.prefill_seconds += time.perf_counter() - t
@@ -299,15 +350,11 @@ class DecodeEngine(EngineThread):
     def _launch_decode(self, seqs: list[Sequence]) -> _Pass:
         self._in_pass = list(seqs)
         t = time.perf_counter()
-        batch = [
-            ForwardSeq(token_ids=[0 if s.num_pending else s.last_token_id], start_pos=s.num_tokens - 1,
-                       page_table=s.pages)
-            for s in seqs
-        ]
+        batch = [self._decode_row(s) for s in seqs]
         logits = self.runner.forward(batch, feed=self._feed(seqs) or None)
         tokens = self.sampler.sample_on_device(
             logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
-        p = _Pass(seqs, tokens, prefill=False)
+        p = _Pass(seqs, tokens, num_prefill=0)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for i, seq in enumerate(seqs):
@@ -321,7 +368,7 @@ class DecodeEngine(EngineThread):
         self._in_pass = list(p.seqs)
         t = time.perf_counter()
         tokens = p.read()
-        for seq, tok in zip(p.seqs, tokens):
+        for i, (seq, tok) in enumerate(zip(p.seqs, tokens)):
             rid = seq.request_id
             src = self._pending_src.get(rid)
             if src is not None and src[0] is p:
@@ -330,7 +377,7 @@ class DecodeEngine(EngineThread):
             self.scheduler.settle(seq)
             if not live:
                 continue
-            if not p.prefill:
+            if i >= p.num_prefill:
                 self.counters.decoded_tokens += 1
             self._emit(seq, [tok], finish)
         if p.prefill:

@@ -194,6 +194,9 @@ class EngineConfig:
     enforce_eager: bool = False                  # True: no CUDA graphs for decode (vLLM's flag)
     enable_prefix_caching: bool = True           # radix prefix cache (prefill worker, and local prefills on decode)
     async_scheduling: bool = True                # decode: queue the next pass before reading the last one
+    # decode: a step with prompts to prefill runs its decode tokens in the same forward (one
+    # ragged batch; they count against max_num_batched_tokens) instead of a second pass
+    mixed_batches: bool = False
     role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
     kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
     attention_backend_reason: str = field(default="", compare=False)  # set with the resolution

@@ -16,7 +16,9 @@ Lifecycle of one request, as the decode worker drives it:
      ``PrefixCacheManager``; see engine/prefix_cache_manager.py) the seq's longest
      cached prefix leads its page table (shared tree pages, read only), only the
      uncached rest gets new pages (unlocked LRU cache leaves are evicted when the
-     pool is short) and counts against ``max_num_batched_tokens``; a match that
+     pool is short) and counts against ``max_num_batched_tokens`` (so do the
+     step's decode tokens when ``decode_in_budget`` is set: the engine runs them in
+     the prefill's forward); a match that
      ends inside a page is a ``PageCopy`` in ``page_copies`` that the worker does
      before the forward. A seq whose next uncached full page another seq admitted
      in this step computes waits one step (admission stops there) and then
@@ -63,7 +65,8 @@ class SchedulerConfig:
     page_size: int = 16
     num_pages: int = 1024
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192   # cap on prefill tokens per step (one seq always allowed)
+    max_num_batched_tokens: int = 8192   # cap on prefill tokens per step (one seq always allowed),
+    #                                      decode tokens included with DecodeScheduler.decode_in_budget
     max_model_len: int = 4096            # prompt + output tokens of one seq
     eos_token_ids: tuple[int, ...] = ()
 
@@ -130,6 +133,9 @@ class DecodeScheduler:
         self.config = config
         self.allocator = allocator
         self.prefix_cache = prefix_cache
+        # The step's decode tokens count against max_num_batched_tokens too: set by an engine
+        # that runs them in the same forward as the prompts (DecodeEngine.mixed_batches).
+        self.decode_in_budget = False
         self._eos = frozenset(config.eos_token_ids)
         self._waiting: deque[Sequence] = deque()
         # Admitted seqs (AWAITING_KV, PREFILLING, RUNNING) in admission order.
@@ -201,12 +207,13 @@ class DecodeScheduler:
         copies: list[PageCopy] = []
         computing: set[tuple[int, ...]] = set()   # next_page keys of this step's prefills
         prefill_tokens = 0
+        budget = cfg.max_num_batched_tokens - (len(running) if self.decode_in_budget else 0)
         while self._waiting and len(self._admitted) < cfg.max_num_seqs:
             seq = self._waiting[0]
             n_tok = seq.num_tokens
             if seq.remote_kv or self.prefix_cache is None:
                 n_new = n_tok
-                if not seq.remote_kv and prefill and prefill_tokens + n_new > cfg.max_num_batched_tokens:
+                if not seq.remote_kv and prefill and prefill_tokens + n_new > budget:
                     break
                 need = pages_needed(n_tok, cfg.page_size)
                 if self.free_pages - decode_reserve < need:
@@ -216,7 +223,7 @@ class DecodeScheduler:
                 plan = self.prefix_cache.plan(seq)
                 if plan.next_page in computing:
                     break   # another prefill of this step computes its next page: share it next step
-                if prefill and prefill_tokens + n_tok - plan.num_cached > cfg.max_num_batched_tokens:
+                if prefill and prefill_tokens + n_tok - plan.num_cached > budget:
                     break
                 admitted = self.prefix_cache.admit(seq, plan, reserve=decode_reserve, drop_partial=not prefill)
                 if admitted is None:

@@ -156,7 +156,8 @@ def test_step_trace_lines_add_up_to_the_engine_counters(model_dir, tmp_path):
     recs = [json.loads(line) for line in engine.step_trace.getvalue().splitlines()]
     c = engine.counters
     assert len(recs) >= c.steps and sum(r["prefill_tokens"] for r in recs) == c.prefilled_tokens > 0
-    assert sum(r["decode_seqs"] > 0 for r in recs) == c.decode_steps
+    assert sum(r["decode_seqs"] > 0 for r in recs) == c.decode_steps + c.mixed_steps
+    assert sum(r["forwards"] for r in recs) == c.decode_steps + sum(r["prefill_seqs"] > 0 for r in recs)
     assert recs[0]["prefill_seqs"] == 5 and recs[0]["waiting"] == 0
     assert all(0 <= r["queue_ms"] <= r["step_ms"] for r in recs)
     assert [r["t"] for r in recs] == sorted(r["t"] for r in recs)

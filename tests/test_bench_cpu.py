@@ -66,3 +66,25 @@ def test_sdpa_fallback_matches_torch_reference(tmp_path):
                                       num_pages=64, max_model_len=512))
     err = bench._compare_backends(runner, SdpaBackend(), get_attention_backend("torch"))
     assert err < 1e-4
+
+
+def test_backend_probe_draws_from_the_models_vocabulary(tmp_path):
+    """The probe that checks the attention backend draws token ids from the model's own
+    vocabulary: a 32k-vocab model (Mistral-7B's size) runs it (ids up to 120,000 raised on
+    the CPU and hit a device-side assert on the GPU)."""
+    from benchmarks.sdpa_backend import SdpaBackend
+    from benchmarks.workloads import TINY_LLAMA
+    from engine.attention import get_attention_backend
+    from engine.config import EngineConfig
+    from engine.runner import ModelRunner
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**TINY_LLAMA, "vocab_size": 32000}))
+    runner = ModelRunner(EngineConfig(model=str(d), load_format="dummy", dtype="float32",
+                                      num_pages=64, max_model_len=512))
+    ids = bench.probe_token_ids(32000, 300)
+    assert 1000 <= min(ids) and max(ids) < 32000 and len(set(ids)) > 250
+    assert max(bench.probe_token_ids(500, 300)) < 500
+    err = bench._compare_backends(runner, SdpaBackend(), get_attention_backend("torch"))
+    assert err < 1e-4

@@ -146,6 +146,30 @@ def test_prefill_token_budget_allows_one_long_prompt():
     assert out.num_batched_tokens == 11
 
 
+def test_decode_tokens_count_against_the_budget_when_they_share_the_forward():
+    """decode_in_budget (an engine running decode rows in the prefill's forward): the step's
+    running seqs take one token each of max_num_batched_tokens; a lone prompt still goes in."""
+    for in_budget, admitted in ((False, ["p0", "p1"]), (True, ["p0"])):
+        sched = make_scheduler(max_num_batched_tokens=10, max_model_len=256)
+        sched.decode_in_budget = in_budget
+        for i in range(3):
+            sched.add(make_seq(f"r{i}", prompt_len=2, remote=False))
+        step(sched)                                     # three running seqs
+        for i in range(3):
+            sched.add(make_seq(f"p{i}", prompt_len=4, remote=False))
+        out = sched.schedule()
+        assert ids(out.decode) == ["r0", "r1", "r2"] and ids(out.prefill) == admitted
+        assert out.num_batched_tokens == 3 + 4 * len(admitted)     # 11 > 10 without the flag
+    sched = make_scheduler(max_num_batched_tokens=10, max_model_len=256)
+    sched.decode_in_budget = True
+    for i in range(3):
+        sched.add(make_seq(f"r{i}", prompt_len=2, remote=False))
+    step(sched)
+    sched.add(make_seq("long", prompt_len=9, remote=False))   # 9 + 3 decodes > 10: admitted alone
+    out = sched.schedule()
+    assert ids(out.prefill) == ["long"] and out.num_batched_tokens == 12
+
+
 def test_remote_seqs_ignore_prefill_budget_but_not_order():
     sched = make_scheduler(max_num_batched_tokens=8)
     sched.add(make_seq("l1", prompt_len=6, remote=False))

@@ -159,6 +159,27 @@ def test_long_context_decode_and_extend():
     _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, torch.float16, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_mixed_batch_with_long_context_decode_rows(dtype):
+    """A mixed batch (prompts, then the running seqs' one-token rows, contexts of several
+    key blocks): the backend sends the tail to the decode kernel; the extend kernel alone
+    gets the same rows right too, and a one-token row between prompts stays with it."""
+    n = 300 if ON_GPU else 70
+    starts, news = [0, 37, 4 * n + 5, n, 3, 2 * n + 1], [n // 2, 20, 1, 1, 1, 1]
+    seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 64, dtype)
+    assert (meta.decode_tail, meta.decode_tail_max_seq_len) == (4, 4 * n + 6) and not meta.is_decode
+    scale = 64 ** -0.5
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, dtype, seed)
+    out = torch.full_like(q, float("nan"))       # K/V are stored now: the extend kernel on all rows
+    K.paged_extend(q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.start_pos, meta.max_new_len, scale, out)
+    _check(out, ref, dtype, seed)
+    seed, meta, q, k, v, kc, vc = _case([4 * n + 5, 0, 2 * n + 1, 37], [1, n // 2, 1, 20], 16, 8, 64, dtype)
+    assert meta.decode_tail == 0
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, dtype, seed)
+
+
 def test_the_interpreter_setting_is_restored_for_later_processes():
     """Kernels here run interpreted on a CPU, yet the variable is gone once the imports and
     this module's tests end, so processes started by later tests do not inherit it."""

@@ -8,7 +8,9 @@ Lifecycle of one forward pass:
         itself, reading K/V through the page tables (never from the k/v arguments);
   3. the metadata is discarded.
 Tokens of all seqs are flattened into one ragged batch [T, ...] (no padding), seq i
-owning rows cu_seqlens[i]:cu_seqlens[i+1].
+owning rows cu_seqlens[i]:cu_seqlens[i+1]. A mixed batch (prompts, then the running seqs'
+decode tokens in the same forward) ends in `decode_tail` one-token seqs, which a backend
+may hand to its decode kernel.
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ class AttentionMetadata:
     page_tables_list: tuple[tuple[int, ...], ...]
     max_new_len: int
     max_seq_len: int
+    # The trailing seqs that bring one new token each, behind at least one that brings more
+    # (a mixed batch's decode rows), and their longest context; 0 when there are none or
+    # every seq brings one token (is_decode).
+    decode_tail: int = 0
+    decode_tail_max_seq_len: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -131,6 +138,10 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
         seq_idx = torch.repeat_interleave(torch.arange(B), lens_t)
         positions = starts_t[seq_idx] + (torch.arange(T) - cu[:-1][seq_idx])
     slots = tables[seq_idx, positions // page_size] * page_size + positions % page_size
+    tail = 0
+    if B and max(lens_l) > 1:
+        while lens_l[B - 1 - tail] == 1:     # stops at a seq with more: there is one
+            tail += 1
     parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
     if token_ids is not None:
         parts.append(token_ids if isinstance(token_ids, torch.Tensor)
@@ -161,6 +172,8 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
         page_tables_list=tuple(tuple(pt[:k]) for pt, k in zip(pts, need)),
         max_new_len=max(lens_l) if B else 0,
         max_seq_len=max(seq_lens) if B else 0,
+        decode_tail=tail,
+        decode_tail_max_seq_len=max(seq_lens[B - tail:]) if tail else 0,
     )
     return meta, (out[6] if token_ids is not None else None)
 

@@ -3,7 +3,10 @@
 Per layer and forward: (1) a Triton store kernel scatters the new k/v into the paged
 caches at meta.slot_mapping; (2) if every seq brings exactly one token (meta.is_decode)
 the split-KV paged decode kernel runs, otherwise the paged extend kernel (prefix pages
-plus the new tokens, causal). Launch grids come from Python ints already in the
+plus the new tokens, causal); a mixed batch's trailing one-token seqs (meta.decode_tail:
+the decode rows riding a prefill's forward) go to the decode kernel instead, whose
+programs read each K/V row once per KV head, where the extend kernel would run a
+128-row query tile per query head for one row. Launch grids come from Python ints already in the
 metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -34,5 +37,13 @@ class TritonBackend(AttentionBackend):
         if meta.is_decode:
             return K.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.max_seq_len, scale, out)
-        return K.paged_extend(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens,
-                              meta.start_pos, meta.max_new_len, scale, out)
+        tail = meta.decode_tail
+        if not tail:
+            return K.paged_extend(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens,
+                                  meta.start_pos, meta.max_new_len, scale, out)
+        nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
+        K.paged_extend(q[:nt], k_cache, v_cache, meta.block_tables[:nb], meta.cu_seqlens[:nb + 1],
+                       meta.start_pos[:nb], meta.max_new_len, scale, out[:nt])
+        K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
+                       meta.decode_tail_max_seq_len, scale, out[nt:])
+        return out
