@@ -20,6 +20,7 @@ import grpc
 
 from benchmarks.metrics import RequestTrace, RunResult
 from benchmarks.workloads import Workload
+from engine import cluster_auth
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -36,6 +37,7 @@ class DisaggCluster:
                  enable_prefix_caching: bool = True):
         self.procs: list[subprocess.Popen] = []
         self.kv_backend = kv_backend
+        self.cluster_token = cluster_auth.new_token()   # credentials on, as `tandem serve` runs
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         common = ["--model", str(model_dir), "--load-format", "dummy", "--device", device,
@@ -53,7 +55,7 @@ class DisaggCluster:
         }
 
     def start(self, timeout: float = 300) -> "DisaggCluster":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{cluster_auth.TOKEN_ENV: self.cluster_token})
         for name, args in self.args.items():
             out = open(self.log_dir / f"{name}.log", "w")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args],
@@ -74,7 +76,7 @@ class DisaggCluster:
         sp = SamplingParams(temperature=0.0, max_tokens=wl.output_len, ignore_eos=True).to_proto()
         traces = [RequestTrace(prompt_len=len(p)) for p in prompts]
         opts = [("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(self.decode_addr, options=opts) as ch:
+        async with cluster_auth.aio_channel(self.decode_addr, token=self.cluster_token, options=opts) as ch:
             stub = pbg.DecodeStub(ch)
             await stub.Stats(pb.StatsRequest(), timeout=30)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA
+from engine import cluster_auth
 from tandem_cli.gpu_share import plan_starts, waves
 from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready
 
@@ -121,13 +122,14 @@ class Layout:
         self.decode_addrs: list[str] = []
         self.decode_metrics: list[str] = []     # http URLs of the decode workers' /metrics
         self.http_port = 0
+        self.cluster_token = cluster_auth.new_token()   # credentials on, as `tandem serve` runs
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def _spawn(self, name: str, args: list[str], gpu: str | None) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{cluster_auth.TOKEN_ENV: self.cluster_token})
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         if self.config.device == "cpu":
@@ -195,15 +197,13 @@ class Layout:
                                f"logs in {self.config.log_dir}")
 
     def _stats(self) -> list:
-        import grpc
-
         from proto import tandem_pb2 as pb
         from proto import tandem_pb2_grpc as pbg
 
         out = []
         for addrs, stub_cls in ((self.prefill_addrs, pbg.PrefillStub), (self.decode_addrs, pbg.DecodeStub)):
             for a in addrs:
-                with grpc.insecure_channel(a) as ch:
+                with cluster_auth.channel(a, token=self.cluster_token) as ch:
                     out.append(stub_cls(ch).Stats(pb.StatsRequest(), timeout=5))
         return out
 

@@ -31,8 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
+from engine import cluster_auth
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 from tandem_cli.procs import stop_all, wait_grpc_ready, wait_http_ready
@@ -83,9 +82,11 @@ class BenchCluster:
         self.http_port = free_port()
         self.prefill_pages, self.decode_pages = prefill_pages, decode_pages
         self.procs: list[subprocess.Popen] = []
+        self.cluster_token = cluster_auth.new_token()   # credentials on, as `tandem serve` runs
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                   **{cluster_auth.TOKEN_ENV: self.cluster_token})
         out = open(self.log_dir / f"{name}.log", "w")
         p = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *args], cwd=ROOT, env=env,
                              stdout=out, stderr=subprocess.STDOUT)
@@ -119,7 +120,7 @@ class BenchCluster:
     def prefill_stats(self) -> list[pb.StatsResponse]:
         out = []
         for address in self.prefill:
-            with grpc.insecure_channel(address) as ch:
+            with cluster_auth.channel(address, token=self.cluster_token) as ch:
                 out.append(pbg.PrefillStub(ch).Stats(pb.StatsRequest(), timeout=5))
         return out
 
