@@ -10,6 +10,34 @@ from __future__ import annotations
 import argparse
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig
+from tandem_cli.checks import UsageError, default_device
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A parse error is one line on stderr and exit code 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -17,23 +45,24 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--model", required=model_required, default=None,
                    help="local Hugging Face checkpoint directory, or a hub id (fetched when online)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="'dummy' = random weights from the model's config.json")
+                   help="auto and safetensors read the checkpoint's *.safetensors (the one weight format "
+                        "Tandem reads); dummy = random weights from the model's config.json")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    g.add_argument("--block-size", type=int, default=16, help="KV page size in tokens")
-    g.add_argument("--num-gpu-blocks-override", "--num-pages", dest="num_pages", type=int, default=None,
+    g.add_argument("--block-size", type=positive_int, default=16, help="KV page size in tokens")
+    g.add_argument("--num-gpu-blocks-override", "--num-pages", dest="num_pages", type=positive_int, default=None,
                    help="number of KV pages (default: sized from memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    g.add_argument("--gpu-memory-utilization", type=unit_fraction, default=0.9,
                    help="a worker: the GPU holds at most this fraction of its memory once the worker is up "
                         "(alone on a GPU: the fraction it may use, as in vLLM; KV gets what weights, "
                         "profiled activations, CUDA graphs and transfer staging leave). serve: the budget "
                         "of the whole GPU, shared by its workers")
-    g.add_argument("--kv-cache-memory", type=int, default=256 << 20,
+    g.add_argument("--kv-cache-memory", type=positive_int, default=256 << 20,
                    help="bytes of KV cache on CPU when --num-pages is not given")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256,
+    g.add_argument("--max-model-len", type=positive_int, default=None)
+    g.add_argument("--max-num-seqs", type=positive_int, default=256,
                    help="most sequences in a decode batch (decode CUDA graphs cover 1..this)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="auto: triton on cuda (Triton kernels, fused layer ops, decode CUDA graphs), "
                         "torch on cpu")
@@ -50,15 +79,19 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The resolved EngineConfig (device, attention backend) of `tandem serve|prefill|decode`."""
     if args.tensor_parallel_size != 1:
-        raise SystemExit("error: --tensor-parallel-size > 1 is not supported yet")
-    device = args.device
-    if device is None:
-        import torch
+        raise UsageError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported yet")
+    device = args.device or default_device()
+    try:
+        return _engine_config(args, device)
+    except ValueError as exc:   # a value EngineConfig refuses (e.g. --gpu-memory-utilization 0)
+        raise UsageError(str(exc)) from None
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
     return EngineConfig(
         model=args.model,
-        load_format=args.load_format,
+        # "auto" reads safetensors, the one weight format the engine reads: the same thing
+        load_format="auto" if args.load_format == "safetensors" else args.load_format,
         dtype=args.dtype,
         device=device,
         page_size=args.block_size,
@@ -78,10 +111,32 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def router_config_from_args(args: argparse.Namespace, model_path: str, cluster_token: str = ""):
+    """The RouterConfig of `tandem router` (model_path: --model resolved to a directory)."""
+    from router.config import RouterConfig
+
+    try:
+        return RouterConfig(
+            host=args.host, port=args.port, model_path=model_path,
+            served_model_names=tuple(args.served_model_name or [args.model]),
+            api_key=args.api_key, max_model_len=args.max_model_len,
+            decode_addresses=tuple(a for a in args.decode.split(",") if a),
+            prefill_addresses=tuple(a for a in args.prefill.split(",") if a),
+            request_timeout_s=args.request_timeout,
+            etcd_endpoints=tuple(a for a in args.etcd.split(",") if a),
+            etcd_prefix=args.etcd_prefix, placement=args.placement,
+            max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
+            queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
+            max_request_bytes=args.max_request_bytes, cluster_token=cluster_token,
+        ).resolved()
+    except ValueError as exc:   # e.g. neither --decode nor --etcd
+        raise UsageError(str(exc)) from None
+
+
 def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=default_port)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
 
 
 def add_cluster_token_arg(p) -> None:
@@ -125,7 +180,7 @@ def add_admission_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
+    parser = OneLineParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run router + prefill + decode on this machine")
@@ -139,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_transfer_arg(serve)
 
     serve.add_argument("--etcd", default="", help="use etcd membership (default: static member list)")
+    serve.add_argument("--etcd-prefix", default="/tandem", help="key prefix of this cluster in etcd")
+    serve.add_argument("--member-ttl", type=float, default=10.0, help="the workers' etcd lease TTL in seconds")
     serve.add_argument("--placement", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"])
     add_cluster_token_arg(serve)
     add_admission_args(serve)

@@ -3,13 +3,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from engine.errors import EngineStartupError
-from tandem_cli.args import build_parser, engine_config_from_args
+from tandem_cli.args import build_parser, engine_config_from_args, router_config_from_args
+from tandem_cli.checks import UsageError, check_router, check_worker
 
 
 def main(argv: list[str] | None = None) -> None:
+    """User errors (tandem_cli/checks.py) are one line and exit code 2; Ctrl-C before a command
+    is up (each one stops cleanly by itself once serving) exits 130 without a traceback."""
+    try:
+        _main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)   # not sys.exit: it would wait for a thread still loading the model
+
+
+def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format=f"%(asctime)s {args.command} %(levelname)s %(name)s: %(message)s")
@@ -19,22 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_serve(args))
     cluster_token = cluster_token_from_args(args)
     if args.command == "router":
-        from router.config import RouterConfig
+        config = router_config_from_args(args, check_router(args), cluster_token)
         from router.server import run_router
 
-        run_router(RouterConfig(
-            host=args.host, port=args.port, model_path=args.model,
-            served_model_names=tuple(args.served_model_name or [args.model]),
-            api_key=args.api_key, max_model_len=args.max_model_len,
-            decode_addresses=tuple(a for a in args.decode.split(",") if a),
-            prefill_addresses=tuple(a for a in args.prefill.split(",") if a),
-            request_timeout_s=args.request_timeout,
-            etcd_endpoints=tuple(a for a in args.etcd.split(",") if a),
-            etcd_prefix=args.etcd_prefix, placement=args.placement,
-            max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
-            queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
-            max_request_bytes=args.max_request_bytes, cluster_token=cluster_token,
-        ))
+        run_router(config)
         return
     try:
         run_worker(args, cluster_token)
@@ -56,6 +60,7 @@ def cluster_token_from_args(args) -> str:
 
 
 def run_worker(args, cluster_token: str = "") -> None:
+    args.model = check_worker(args)   # the local directory (a hub id is fetched here)
     config = engine_config_from_args(args)
     advertise_host = args.advertise_host or args.host
     advertise = f"{advertise_host}:{args.port}"

@@ -1,6 +1,8 @@
 """Child-process plumbing shared by `tandem serve`, the benchmarks and the tests:
 free loopback ports, readiness waits (gRPC channel ready, HTTP 200) and a
-SIGTERM-then-SIGKILL stop of a process group."""
+SIGTERM-then-SIGKILL stop of a process group. Each wait takes `stop`, a callable
+polled at least twice a second: when it returns True the wait raises `Interrupted`
+(`tandem serve` passes "a signal arrived", so Ctrl-C during start-up ends it)."""
 from __future__ import annotations
 
 import signal
@@ -8,6 +10,15 @@ import socket
 import subprocess
 import time
 import urllib.request
+from typing import Callable
+
+
+class Interrupted(Exception):
+    """A wait gave up because its `stop()` returned True."""
+
+
+def _never() -> bool:
+    return False
 
 
 def free_port() -> int:
@@ -16,12 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float,
+                    stop: Callable[[], bool] = _never) -> None:
     import grpc
 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         while time.monotonic() < deadline:
+            if stop():
+                raise Interrupted
             if proc.poll() is not None:
                 raise RuntimeError(f"worker at {address} exited with code {proc.returncode}")
             try:
@@ -32,10 +46,13 @@ def wait_grpc_ready(address: str, proc: subprocess.Popen, timeout: float) -> Non
     raise TimeoutError(f"worker at {address} not ready after {timeout:.0f}s")
 
 
-def _poll_router(url: str, proc: subprocess.Popen, timeout: float, ready, what: str) -> None:
+def _poll_router(url: str, proc: subprocess.Popen, timeout: float, ready, what: str,
+                 stop: Callable[[], bool] = _never) -> None:
     """Poll GET `url` until `ready(body)` holds; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop():
+            raise Interrupted
         if proc.poll() is not None:
             raise RuntimeError(f"router exited with code {proc.returncode}")
         try:
@@ -48,11 +65,12 @@ def _poll_router(url: str, proc: subprocess.Popen, timeout: float, ready, what: 
     raise TimeoutError(f"{what} after {timeout:.0f}s")
 
 
-def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    _poll_router(url, proc, timeout, lambda body: True, "router not ready")
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float, stop: Callable[[], bool] = _never) -> None:
+    _poll_router(url, proc, timeout, lambda body: True, "router not ready", stop)
 
 
-def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -> None:
+def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float,
+                 stop: Callable[[], bool] = _never) -> None:
     """Wait until the router's /health lists members of `roles` roles (etcd mode)."""
     import json
 
@@ -60,7 +78,7 @@ def wait_members(url: str, roles: int, proc: subprocess.Popen, timeout: float) -
         members = json.loads(body).get("membership", {}).get("members", {})
         return sum(1 for addrs in members.values() if addrs) >= roles
 
-    _poll_router(url, proc, timeout, ready, "workers not registered in etcd")
+    _poll_router(url, proc, timeout, ready, "workers not registered in etcd", stop)
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:

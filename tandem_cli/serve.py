@@ -34,8 +34,9 @@ from pathlib import Path
 from engine.cluster_auth import TOKEN_ENV, ClusterTokenError, new_token, resolve_token, write_token_file
 from engine.config import EngineConfig
 from tandem_cli.args import engine_config_from_args
+from tandem_cli.checks import check_serve, free_worker_port
 from tandem_cli.gpu_share import plan_starts, waves
-from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready, wait_members
+from tandem_cli.procs import Interrupted, stop_all, wait_grpc_ready, wait_http_ready, wait_members
 
 DEMO_NOTE = ("NOTE: serving the built-in demo model. Its weights are random: it produces noise, "
              "not language. Pass --model DIR to serve a real checkpoint.")
@@ -91,7 +92,8 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
     --gpu-memory-utilization, prefill once decode is ready). cluster_token_file: passed to each."""
     roles = [("decode", "decode", "")] + ([] if args.colocated else [("prefill", "prefill", "")])
     starts = plan_starts(roles, config.gpu_memory_utilization, sequential=config.device == "cuda")
-    etcd = ["--etcd", args.etcd] if args.etcd else []
+    etcd = ["--etcd", args.etcd, "--etcd-prefix", args.etcd_prefix, "--member-ttl", str(args.member_ttl)] \
+        if args.etcd else []
     # the KV transport matters only between separate prefill and decode workers
     kv = [] if args.colocated else ["--kv-transfer-backend", args.kv_transfer_backend]
     port = {"decode": ports[0], "prefill": ports[1]}
@@ -113,13 +115,39 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
                          s.wave, s.gpu_memory_utilization, config.device == "cuda") for s in starts]
 
 
-def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subprocess.Popen]) -> None:
-    """Start the plan wave by wave, printing progress; a wave waits for the previous one."""
+def router_argv(args: argparse.Namespace, model: str, decode_addr: str, prefill_addr: str,
+                token_file: str = "") -> list[str]:
+    """The router's arguments after `python -m tandem_cli.main` (model: the resolved directory)."""
+    argv = ["router", "--model", model, "--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
+    if args.etcd:
+        argv += ["--etcd", args.etcd, "--etcd-prefix", args.etcd_prefix]
+    else:
+        argv += ["--decode", decode_addr, "--prefill", prefill_addr]
+    argv += ["--cluster-token-file", token_file] if token_file else []
+    # clients name the model as the user did (a hub id, a path), not by the resolved directory
+    for name in args.served_model_name or ([args.model] if args.model else []):
+        argv += ["--served-model-name", name]
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    argv += ["--max-request-bytes", str(args.max_request_bytes),
+             "--max-queued-requests", str(args.max_queued_requests), "--queue-timeout", str(args.queue_timeout),
+             "--placement", args.placement, "--migration-limit", str(args.migration_limit)]
+    return argv
+
+
+def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subprocess.Popen],
+                   stop=lambda: False) -> None:
+    """Start the plan wave by wave, printing progress; a wave waits for the previous one.
+    stop(): polled while waiting; True raises procs.Interrupted."""
     for wave in waves(plan):
         started = []
         for w in wave:
             mem = (f" (the GPU stays within {w.gpu_memory_utilization:.0%} of its memory once it is up)"
                    if w.on_gpu else "")
+            if stop():
+                raise Interrupted
             print(f"starting the {w.role} worker on {w.address}{mem} ...", flush=True)
             procs.append(subprocess.Popen(cli + list(w.argv)))
             started.append((w, procs[-1], time.monotonic()))
@@ -127,7 +155,8 @@ def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subproc
             deadline = t0 + 600
             while True:
                 try:
-                    wait_grpc_ready(w.address, proc, timeout=min(30.0, max(0.1, deadline - time.monotonic())))
+                    wait_grpc_ready(w.address, proc, timeout=min(30.0, max(0.1, deadline - time.monotonic())),
+                                    stop=stop)
                     break
                 except TimeoutError:
                     if time.monotonic() >= deadline:
@@ -138,10 +167,13 @@ def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subproc
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if args.tensor_parallel_size != 1:
-        print("error: --tensor-parallel-size > 1 is not supported yet", file=sys.stderr)
-        return 2
-    model = args.model
+    """The exit code: 0 stopped by a signal once serving, 128 + the signal's number when one
+    came during start-up (Ctrl-C: 130), 1 a child failed. A user error raises
+    checks.UsageError before anything starts (main prints it: one line, exit code 2)."""
+    model = check_serve(args)   # ports, device, model directory, flag combinations
+    config = engine_config_from_args(args)
+    decode_port = args.worker_base_port or free_worker_port({args.port})
+    prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_worker_port({args.port, decode_port})
     if model is None:
         print(DEMO_NOTE, flush=True)
         model = str(demo_model_dir())
@@ -152,46 +184,32 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     cli = [sys.executable, "-m", "tandem_cli.main"]
     procs: list[subprocess.Popen] = []
-    stopping = False
+    stopping = 0   # the signal that asks us to stop (0: none yet)
 
     def on_signal(signum, frame):
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        decode_port = args.worker_base_port or free_port()
-        prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_port()
-        config = engine_config_from_args(args)
         plan = plan_workers(config, args, model, (decode_port, prefill_port), token_file)
         print(f"device {config.device}, attention backend {config.attention_backend} "
               f"({config.attention_backend_reason}), CUDA graphs "
               f"{'on' if config.uses_cuda_graphs else 'off'}", flush=True)
-        _start_workers(cli, plan, procs)
+        signalled = lambda: bool(stopping)  # noqa: E731
+        _start_workers(cli, plan, procs, signalled)
         decode_addr = next(w.address for w in plan if w.role == "decode")
         prefill_addr = next((w.address for w in plan if w.role == "prefill"), "")
-        etcd = ["--etcd", args.etcd] if args.etcd else []
-        router_cmd = cli + ["router", "--model", model, "--host", args.host, "--port", str(args.port),
-                            "--log-level", args.log_level]
-        router_cmd += etcd or ["--decode", decode_addr, "--prefill", prefill_addr]
-        router_cmd += ["--cluster-token-file", token_file] if token_file else []
-        for name in args.served_model_name or []:
-            router_cmd += ["--served-model-name", name]
-        if args.api_key:
-            router_cmd += ["--api-key", args.api_key]
-        if args.max_model_len:
-            router_cmd += ["--max-model-len", str(args.max_model_len)]
-        router_cmd += ["--max-request-bytes", str(args.max_request_bytes)]
-        router_cmd += ["--max-queued-requests", str(args.max_queued_requests),
-                       "--queue-timeout", str(args.queue_timeout), "--placement", args.placement,
-                       "--migration-limit", str(args.migration_limit)]
-        procs.append(subprocess.Popen(router_cmd))
+        if stopping:
+            raise Interrupted
+        procs.append(subprocess.Popen(cli + router_argv(args, model, decode_addr, prefill_addr, token_file)))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        wait_http_ready(f"http://{host}:{args.port}/health", procs[-1], timeout=120)
-        if etcd:
-            wait_members(f"http://{host}:{args.port}/health", 1 if args.colocated else 2, procs[-1], timeout=60)
-        names = ", ".join(args.served_model_name or [model])
+        wait_http_ready(f"http://{host}:{args.port}/health", procs[-1], timeout=120, stop=signalled)
+        if args.etcd:
+            wait_members(f"http://{host}:{args.port}/health", 1 if args.colocated else 2, procs[-1], timeout=60,
+                         stop=signalled)
+        names = ", ".join(args.served_model_name or [args.model or model])
         print(f"Tandem is serving {names} at http://{host}:{args.port}/v1 "
               f"({'colocated' if args.colocated else '1 prefill + 1 decode'}); Ctrl-C stops it.", flush=True)
         while not stopping:
@@ -201,6 +219,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.2)
         return 0
+    except Interrupted:   # Ctrl-C (or SIGTERM) while starting: stop the children, say so once
+        print(f"interrupted while starting ({signal.Signals(stopping).name}); stopping {len(procs)} "
+              f"child process{'es' if len(procs) != 1 else ''}", file=sys.stderr, flush=True)
+        return 128 + stopping
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

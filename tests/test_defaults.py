@@ -13,6 +13,7 @@ from engine.config import EngineConfig, resolve_attention_backend
 from engine.cuda_graphs import graph_buckets
 from tandem_cli.args import build_parser, engine_config_from_args
 from tandem_cli.gpu_share import plan_starts, waves
+from tandem_cli.procs import free_port
 from tandem_cli.serve import plan_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ def test_triton_that_cannot_import_fails_the_worker_with_one_line(tmp_path):
     model = make_tiny_model(tmp_path / "m", arch="llama", seed=0)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), ROOT]), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "tandem_cli.main", "decode", "--model", str(model), "--device", "cpu",
-                        "--attention-backend", "triton", "--port", "0", "--log-level", "warning"],
+                        "--attention-backend", "triton", "--port", str(free_port()), "--log-level", "warning"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
