@@ -47,6 +47,9 @@ def test_serve_embedded_default_answers_chat_and_stops_children(tmp_path):
         assert proc.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"children still running after SIGTERM: {alive}"
+        # a clean stop says nothing alarming (no traceback, no interpreter-exit leak reports)
+        rest = proc.stdout.read()
+        assert "Traceback" not in rest and "leaked" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
