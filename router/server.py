@@ -426,6 +426,10 @@ def run_router(config: RouterConfig) -> None:
         metrics.fallbacks.labels(what="cluster_auth_off").inc()
     app = create_app(config, tokenizer, DecodeClient.from_config(config), metrics)
     loop, http = _fast_io(metrics)
+    log.info("placement %s; decode %s; prefill %s; max_model_len %d (lowered to what the workers report)",
+             config.placement, ",".join(config.decode_addresses) or ("etcd" if config.etcd_endpoints else "-"),
+             ",".join(config.prefill_addresses) or ("etcd" if config.etcd_endpoints else "colocated"),
+             config.max_model_len)
     # Everything loaded so far (torch, transformers, the tokenizer) lives for the process: keep
     # it out of the cyclic GC's full collections, which scanned it all and stalled the event
     # loop: a burst of 64 requests got its 503s after ~160 ms, 20 ms with this

@@ -88,7 +88,9 @@ def run_worker(args, cluster_token: str = "") -> None:
 
         registry_config = RegistryConfig(endpoints=tuple(a for a in args.etcd.split(",") if a),
                                          prefix=args.etcd_prefix, ttl_s=args.member_ttl)
-    metrics_port = args.port + 1000 if args.metrics_port is None else args.metrics_port
+    from engine.metrics import metrics_port_for
+
+    metrics_port = metrics_port_for(args.port, args.metrics_port)
     metrics_address = f"{advertise_host}:{metrics_port}" if metrics_port else ""
     if args.command == "decode":
         from decode_worker.main import serve_decode
