@@ -12,9 +12,9 @@ Lifecycle:
      constant time) ends with UNAUTHENTICATED before its handler runs, whatever its
      streaming shape; the first refusal is logged with the caller's address, later ones
      once a minute, and each one reaches the `on_reject(method)` hook (a metric).
-  3. Clients: `aio_channel(...)` and `channel(...)` (blocking) open channels whose
-     interceptor adds the token to every call's metadata, so no call site adds it by hand;
-     an empty token sends nothing (for talking to an open worker).
+  3. Clients: `aio_channel(...)` and `channel(...)` (blocking) open channels that add the
+     token to every call's metadata, so no call site adds it by hand; an empty token sends
+     nothing (for talking to an open worker).
 
 What stays open: methods under `/grpc.health.v1.Health/` (no Tandem server registers the
 standard health service today). Load-balancer and Kubernetes gRPC probes cannot send custom
@@ -158,38 +158,70 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _with_token(details, token: str):
-    """Call details (aio or blocking; both are namedtuples) with the token appended."""
+    """Blocking call details (a namedtuple) with the token appended."""
     return details._replace(metadata=(*tuple(details.metadata or ()), (METADATA_KEY, token)))
 
 
-class _AioToken:
-    def __init__(self, token: str) -> None:
-        self._token = token
+class _WithToken:
+    """A multicallable whose calls carry the token besides whatever metadata the caller gives
+    (stream-request calls may pass metadata as their third positional argument)."""
+
+    __slots__ = ("_inner", "_token", "_pos")
+
+    def __init__(self, inner, token: str, metadata_pos: int | None) -> None:
+        self._inner, self._token, self._pos = inner, (METADATA_KEY, token), metadata_pos
+
+    def __call__(self, *args, **kwargs):
+        if self._pos is not None and len(args) > self._pos:
+            md = args[self._pos]
+            args = (*args[:self._pos], (*tuple(md or ()), self._token), *args[self._pos + 1:])
+        else:
+            kwargs["metadata"] = (*tuple(kwargs.get("metadata") or ()), self._token)
+        return self._inner(*args, **kwargs)
 
 
-# grpc.aio files each interceptor under the first shape it is an instance of (an if/elif on
-# the four classes), so one class per shape; the blocking channel takes one for all four.
-class _AioUnaryUnary(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_token(details, self._token), request)
+class _TokenChannel(grpc.aio.Channel):
+    """A grpc.aio channel whose every call carries the token. Not grpc.aio's client
+    interceptors: they run each call in an extra task and each streamed message through an
+    extra async generator (benchmarks/auth_overhead.py measured both); this adds one
+    function call per RPC and nothing per message."""
 
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self._channel, self._token = channel, token
 
-class _AioUnaryStream(_AioToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_token(details, self._token), request)
+    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return _WithToken(self._channel.unary_unary(method, request_serializer, response_deserializer,
+                                                    _registered_method), self._token, None)
 
+    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return _WithToken(self._channel.unary_stream(method, request_serializer, response_deserializer,
+                                                     _registered_method), self._token, None)
 
-class _AioStreamUnary(_AioToken, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self._token), request_iterator)
+    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return _WithToken(self._channel.stream_unary(method, request_serializer, response_deserializer,
+                                                     _registered_method), self._token, 2)
 
+    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return _WithToken(self._channel.stream_stream(method, request_serializer, response_deserializer,
+                                                      _registered_method), self._token, 2)
 
-class _AioStreamStream(_AioToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self._token), request_iterator)
+    async def __aenter__(self):
+        return self
 
+    async def __aexit__(self, exc_type, exc_val, exc_tb):
+        await self._channel.close(None)
 
-_AIO_SHAPES = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    async def close(self, grace: float | None = None):
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False):
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state):
+        return await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self):
+        await self._channel.channel_ready()
 
 
 class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -212,8 +244,8 @@ class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
 def aio_channel(address: str, *, token: str, options=()) -> grpc.aio.Channel:
     """A grpc.aio channel to a Tandem process whose every call carries `token` ("" = none)."""
-    return grpc.aio.insecure_channel(address, options=list(options),
-                                     interceptors=[cls(token) for cls in _AIO_SHAPES] if token else None)
+    ch = grpc.aio.insecure_channel(address, options=list(options))
+    return _TokenChannel(ch, token) if token else ch
 
 
 def channel(address: str, *, token: str, options=()) -> grpc.Channel:

@@ -169,20 +169,28 @@ def test_client_metadata_added_to_what_the_caller_sends():
             seen.append(tuple(context.invocation_metadata()))
             return request
 
+        async def echo_stream(request_iterator, context):
+            seen.append(tuple(context.invocation_metadata()))
+            return b"".join([r async for r in request_iterator])
+
         server = make_server(cluster_token=TOKEN)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "test.M", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+            "test.M", {"Echo": grpc.unary_unary_rpc_method_handler(echo),
+                       "EchoStream": grpc.stream_unary_rpc_method_handler(echo_stream)}),))
         address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         try:
             async with cluster_auth.aio_channel(address, token=TOKEN) as ch:
                 await ch.unary_unary("/test.M/Echo")(b"x", metadata=(("x-mine", "1"),), timeout=5)
+                # stream-request calls may pass timeout and metadata positionally
+                assert await ch.stream_unary("/test.M/EchoStream")(iter([b"a", b"b"]), 5, (("x-pos", "2"),)) == b"ab"
             with cluster_auth.channel(address, token=TOKEN) as ch:    # the blocking one, off the loop
                 await asyncio.to_thread(ch.unary_unary("/test.M/Echo"), b"x", timeout=5)
         finally:
             await server.stop(0)
         md = [dict(m) for m in seen]
-        assert md[0]["x-mine"] == "1" and md[0][METADATA_KEY] == TOKEN and md[1][METADATA_KEY] == TOKEN
+        assert md[0]["x-mine"] == "1" and md[1]["x-pos"] == "2"
+        assert [m[METADATA_KEY] for m in md] == [TOKEN] * 3
 
     asyncio.run(main())
 
