@@ -110,14 +110,14 @@ class DecodeClient:
         self._streams: dict[str, DecodeStream] = {}
         self._on_event = on_event or (lambda kind, address: None)
         self.ejections = Ejections(lambda a, why, out: self._on_event("ejected" if out else "readmitted", a))
-
-    def set_event_hook(self, on_event) -> None:
-        """on_event(kind, address) for "placed", "ejected", "readmitted", "retried", "local_prefill"."""
-        self._on_event = on_event
         self._said_local_prefill = False
         self._poller: asyncio.Task | None = None
         self._polled: asyncio.Event | None = None      # set after the poller's first round
         self._subscriptions: dict[str, asyncio.Task] = {}
+
+    def set_event_hook(self, on_event) -> None:
+        """on_event(kind, address) for "placed", "ejected", "readmitted", "retried", "local_prefill"."""
+        self._on_event = on_event
 
     @classmethod
     def from_config(cls, config) -> "DecodeClient":

@@ -517,3 +517,19 @@ def test_integral_floats_are_integers_as_openai_takes_them():
         with pytest.raises(OpenAIError) as exc:
             parse_request(CompletionRequest, b'{"prompt": [1, 2], "max_tokens": ' + bad + b"}")
         assert exc.value.status == 400 and exc.value.param == "max_tokens"
+
+
+def test_a_client_without_an_event_hook_polls_from_start():
+    """DecodeClient works without create_app (benchmarks, tools): start() runs the Stats poll
+    and waits for its first round; a dead worker is ejected by it."""
+    async def go():
+        addr = f"127.0.0.1:{free_port()}"
+        c = DecodeClient([addr])
+        try:
+            await c.start(first_poll_s=5.0)
+            return addr, c._polled.is_set(), c.ejections.snapshot(), c.max_model_len()
+        finally:
+            await c.close()
+
+    addr, polled, ejected, limit = run(go())
+    assert polled and "Stats failed" in ejected[addr] and limit is None
