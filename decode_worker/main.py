@@ -47,7 +47,7 @@ def make_decode_engine(config: EngineConfig, loop: asyncio.AbstractEventLoop) ->
 async def serve_decode(config: EngineConfig, host: str, port: int, advertise: str,
                        kv_backend: str = "grpc", registry_config=None, metrics_address: str = "",
                        trace_file: str = "", gpu_turn_file: str = "", step_trace_file: str = "",
-                       cluster_token: str = "") -> None:
+                       cluster_token: str = "", metrics_host: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
     gpu_turn_file: take turns on a shared GPU with a prefill worker (engine/gpu_turn.py).
     cluster_token: every call to this worker must carry it, and its calls to prefill workers
@@ -73,7 +73,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
-    start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
+    start_metrics_server(servicer.metrics.registry, metrics_host or host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("KV transport: %s (receiving into this worker's pool; advertised at %s)", kv_backend, advertise)
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)

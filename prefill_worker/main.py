@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: str = "grpc",
                         advertise: str = "", registry_config=None, metrics_address: str = "",
-                        gpu_turn_file: str = "", cluster_token: str = "") -> None:
+                        gpu_turn_file: str = "", cluster_token: str = "", metrics_host: str = "") -> None:
     """registry_config: a `membership.registry.RegistryConfig` to register in etcd once serving.
     gpu_turn_file: take turns on a shared GPU with a decode worker (engine/gpu_turn.py).
     cluster_token: every call to this worker must carry it, and its KV sends to decode workers
@@ -52,7 +52,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     # Prometheus /metrics on its own port (metrics_address "" = off); a daemon thread
-    start_metrics_server(servicer.metrics.registry, host, int(metrics_address.rpartition(":")[2] or 0))
+    start_metrics_server(servicer.metrics.registry, metrics_host or host, int(metrics_address.rpartition(":")[2] or 0))
     log.info("KV transport: %s (sending to the decode workers' pools, %s)", kv_backend,
              "straight from the registered KV pool" if engine.pool_send else "copying each layer first")
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,

@@ -155,6 +155,8 @@ def add_cluster_args(p: argparse.ArgumentParser, worker: bool) -> None:
         g.add_argument("--member-ttl", type=float, default=10.0, help="etcd lease TTL in seconds")
         g.add_argument("--metrics-port", type=int, default=None,
                        help="port of this worker's Prometheus /metrics (default: --port + 1000; 0 = off)")
+        g.add_argument("--metrics-host", default=None,
+                       help="address /metrics binds (default: --host), e.g. a monitoring network's")
 
 
 KV_TRANSFER_BACKENDS = ("grpc", "nixl")

@@ -91,7 +91,10 @@ def run_worker(args, cluster_token: str = "") -> None:
     from engine.metrics import metrics_port_for
 
     metrics_port = metrics_port_for(args.port, args.metrics_port)
-    metrics_address = f"{advertise_host}:{metrics_port}" if metrics_port else ""
+    metrics_host = args.metrics_host or args.host
+    # what others scrape: the advertised host unless /metrics binds one specific address of its own
+    shown = metrics_host if args.metrics_host and args.metrics_host not in ("0.0.0.0", "::") else advertise_host
+    metrics_address = f"{shown}:{metrics_port}" if metrics_port else ""
     if args.command == "decode":
         from decode_worker.main import serve_decode
 
@@ -99,14 +102,16 @@ def run_worker(args, cluster_token: str = "") -> None:
                                  kv_backend=args.kv_transfer_backend,
                                  registry_config=registry_config, metrics_address=metrics_address,
                                  trace_file=args.request_trace_file, gpu_turn_file=args.gpu_turn_file,
-                                 step_trace_file=args.step_trace_file, cluster_token=cluster_token))
+                                 step_trace_file=args.step_trace_file, cluster_token=cluster_token,
+                                 metrics_host=metrics_host))
     elif args.command == "prefill":
         from prefill_worker.main import serve_prefill
 
         asyncio.run(serve_prefill(config, args.host, args.port, advertise=advertise,
                                   kv_backend=args.kv_transfer_backend,
                                   registry_config=registry_config, metrics_address=metrics_address,
-                                  gpu_turn_file=args.gpu_turn_file, cluster_token=cluster_token))
+                                  gpu_turn_file=args.gpu_turn_file, cluster_token=cluster_token,
+                                  metrics_host=metrics_host))
 
 
 if __name__ == "__main__":

@@ -237,3 +237,34 @@ def test_metrics_after_traffic(cluster):
         for chain in chains:
             values = [st[s] for s in chain]
             assert values == sorted(values) and values[0] >= 0, (chain, st)
+
+
+def test_worker_metrics_bind_their_own_address(tmp_path):
+    """--metrics-host: /metrics listens there only (here 127.0.0.2), gRPC stays on --host."""
+    import socket
+    import subprocess
+    import sys
+
+    from cluster import ROOT, stop_all, wait_grpc_ready
+    from engine.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", arch="llama", seed=3)
+    port, mport = free_port(), free_port()
+    p = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", "decode", "--model", str(model), "--device", "cpu",
+                          "--dtype", "float32", "--num-pages", "64", "--port", str(port), "--metrics-port", str(mport),
+                          "--metrics-host", "127.0.0.2", "--log-level", "warning"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_grpc_ready(f"127.0.0.1:{port}", p, timeout=120)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                scrape(f"http://127.0.0.2:{mport}/metrics")
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", mport), timeout=2).close()
+    finally:
+        stop_all([p])
