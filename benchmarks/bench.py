@@ -129,10 +129,15 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
             backend = "sdpa"
     if backend == "sdpa":
         runner.backend = SdpaBackend()
-    # warm-up: a prefill and a decode pass (kernel selection, allocator)
+    # warm-up: a prefill and a decode pass (kernel selection, allocator), then one decode pass
+    # per CUDA-graph bucket: a bucket's first replay is checked against an eager pass (~20-40 ms
+    # at batch 100-250 on the H200), once per process, which would otherwise land in the first
+    # workload's steps (in W1's prefill steps, or its decode steps with mixed batches)
     pages = list(range(4))
     runner.forward([ForwardSeq(list(range(1000, 1032)), 0, pages)] * 1)
     runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])
+    for b in runner.graph_buckets:
+        runner.forward([ForwardSeq([1000], 32, pages)] * b)
     _free(device)
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
             f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; mixed batches "

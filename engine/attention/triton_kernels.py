@@ -82,7 +82,10 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 # size) are not specialized: Triton otherwise compiles a new variant the first time one of them
 # equals 1 or stops being a multiple of 16, and a served request paid ~1.2 s for that compile
 # (the first lone 128-token prompt after a warm-up of longer ones, H200 trace, 2026-12-01).
-@triton.jit(do_not_specialize=["stride_bt", "chunk"])
+# Likewise the alignment of the block-table and length pointers: a mixed batch hands the
+# decode kernel its tail, seq_lens[nb:] and block_tables[nb:], whose addresses are 16-byte
+# aligned or not with nb (the first mixed step of a W1 run compiled for ~640 ms, H200).
+@triton.jit(do_not_specialize=["stride_bt", "chunk"], do_not_specialize_on_alignment=["bt_ptr", "seqlen_ptr"])
 def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
                           acc_ptr, ml_ptr, out_ptr, sm_scale_log2,
                           stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
