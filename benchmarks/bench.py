@@ -130,9 +130,9 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     if backend == "sdpa":
         runner.backend = SdpaBackend()
     # warm-up: a prefill and a decode pass (kernel selection, allocator), then one decode pass
-    # per CUDA-graph bucket: a bucket's first replay is checked against an eager pass (~20-40 ms
-    # at batch 100-250 on the H200), once per process, which would otherwise land in the first
-    # workload's steps (in W1's prefill steps, or its decode steps with mixed batches)
+    # per CUDA-graph bucket: a bucket's first replay is checked against an eager pass (15-40 ms
+    # more than the step at batch 30-210 on the H200), once per process, which would land in
+    # the first workload's steps (W1's prefill steps, or its decode steps with mixed batches)
     pages = list(range(4))
     runner.forward([ForwardSeq(list(range(1000, 1032)), 0, pages)] * 1)
     runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])

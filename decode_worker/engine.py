@@ -36,9 +36,9 @@ seq that ends while a queued pass still writes its pages keeps them until that p
 read (scheduler.settle), so no one else, not even a KV transfer from another process,
 gets them before the device is done.
 
-Mixed batches (`mixed_batches`, EngineConfig.mixed_batches): a step with prompts to prefill
-runs its decode tokens in the same forward, one ragged batch of the prompts' tokens and then
-one row per running seq (the scheduler counts those rows against max_num_batched_tokens,
+Mixed batches (`mixed_batches`, EngineConfig.mixed_batches, on by default): a step with
+prompts to prefill runs its decode tokens in the same forward, one ragged batch of the
+prompts' tokens and then one row per running seq (the scheduler counts those rows against max_num_batched_tokens,
 `decode_in_budget`), instead of a prefill pass followed by a decode pass that reads every
 weight again; steps without prompts keep their CUDA-graphed decode pass. A step whose rows
 exceed the budget anyway (a lone prompt admitted over it) runs the two passes. If a mixed

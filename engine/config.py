@@ -196,7 +196,8 @@ class EngineConfig:
     async_scheduling: bool = True                # decode: queue the next pass before reading the last one
     # decode: a step with prompts to prefill runs its decode tokens in the same forward (one
     # ragged batch; they count against max_num_batched_tokens) instead of a second pass
-    mixed_batches: bool = False
+    # (H200, W1: 1.01x output tok/s, 0.98x mean TTFT; benchmarks/RESULTS.md 2026-12-01)
+    mixed_batches: bool = True
     role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
     kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
     attention_backend_reason: str = field(default="", compare=False)  # set with the resolution
