@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.overload import _connect
+from benchmarks.overload import _connect, serving
 from tandem_cli.procs import free_port
 
 
@@ -72,38 +71,22 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tandem-bigprompt-"))
     model = make_tiny_model(tmp / "llama", arch="llama", seed=4)
     port = free_port()
-    cmd = [sys.executable, "-m", "tandem_cli.main", "serve", "--model", str(model), "--device", "cpu",
-           "--colocated", "--port", str(port), "--served-model-name", "tiny", "--log-level", "warning"]
-    print("starting:", " ".join(cmd), flush=True)
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = ["--model", str(model), "--device", "cpu", "--colocated", "--served-model-name", "tiny",
+             "--log-level", "warning"]
     base = f"http://127.0.0.1:{port}"
     huge = "hello world " * int(args.mb * 1e6 / 12)
     small = {"model": "tiny", "prompt": "hello world", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     bigs = [("/v1/completions", {"model": "tiny", "prompt": huge, "max_tokens": 8}),
             ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": huge}]})]
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print((tmp / "serve.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        for _ in range(3):                                        # warm-up
-            httpx.post(f"{base}/v1/completions", json=small, timeout=60)
-        alone = [asyncio.run(_round(port, None, small)) for _ in range(args.rounds)]
-        loaded = [asyncio.run(_round(port, bigs[i % 2], small)) for i in range(args.rounds)]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with serving(serve, port, tmp / "serve.log"):
+            for _ in range(3):                                        # warm-up
+                httpx.post(f"{base}/v1/completions", json=small, timeout=60)
+            alone = [asyncio.run(_round(port, None, small)) for _ in range(args.rounds)]
+            loaded = [asyncio.run(_round(port, bigs[i % 2], small)) for i in range(args.rounds)]
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     base_s = statistics.median(r["small_s"] for r in alone)
     res = {
         "device": "cpu", "cpus": os.cpu_count(), "command": " ".join(sys.argv), "big_prompt_mb": args.mb,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -58,6 +59,32 @@ async def _stream(conn) -> dict:
             "wall_s": time.perf_counter() - t0, "done": b"[DONE]" in rest}
 
 
+@contextlib.contextmanager
+def serving(args: list[str], port: int, log_path: Path, timeout: float = 180.0):
+    """`tandem serve <args> --port port` in its own session, logging to log_path; yields once its
+    /health answers (its log tail on stderr and RuntimeError if it exits or times out first);
+    SIGTERM (then SIGKILL after 30 s) on the way out. benchmarks.big_prompt uses it too."""
+    from tandem_cli.procs import wait_http_ready
+
+    cmd = [sys.executable, "-m", "tandem_cli.main", "serve", *args, "--port", str(port)]
+    print("starting:", " ".join(cmd), flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            try:
+                wait_http_ready(f"http://127.0.0.1:{port}/health", proc, timeout)
+            except Exception:
+                print(log_path.read_text()[-3000:], file=sys.stderr)
+                raise RuntimeError(f"tandem serve did not come up (log: {log_path})") from None
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 async def _run(port: int, body: dict, n: int, health_url: str | None) -> tuple[list[dict], list[float]]:
     health: list[float] = []
     stop = asyncio.Event()
@@ -93,41 +120,25 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tandem-overload-"))
     model = make_tiny_model(tmp / "llama", arch="llama", seed=4)
-    cmd = [sys.executable, "-m", "tandem_cli.main", "serve", "--model", str(model), "--device", args.device,
-           "--colocated", "--port", str(args.port), "--block-size", "4", "--num-pages", "2048",
-           "--max-num-seqs", str(args.max_num_seqs), "--max-queued-requests", str(args.max_queued_requests),
-           "--served-model-name", "tiny", "--log-level", "warning"]
-    print("starting:", " ".join(cmd), flush=True)
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = ["--model", str(model), "--device", args.device, "--colocated", "--block-size", "4",
+             "--num-pages", "2048", "--max-num-seqs", str(args.max_num_seqs),
+             "--max-queued-requests", str(args.max_queued_requests), "--served-model-name", "tiny",
+             "--log-level", "warning"]
     base = f"http://127.0.0.1:{args.port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print((tmp / "serve.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        url = f"{base}/v1/completions"
-        body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True}
-        httpx.post(url, json=dict(body, stream=False, max_tokens=2), timeout=60)   # warm-up; Stats learned
-        time.sleep(1.0)
-        admit = args.max_num_seqs + args.max_queued_requests
-        control, _ = asyncio.run(_run(args.port, body, admit, None))
-        n = args.factor * args.max_num_seqs
-        over, health = asyncio.run(_run(args.port, body, n, f"{base}/health"))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with serving(serve, args.port, tmp / "serve.log"):
+            url = f"{base}/v1/completions"
+            body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.max_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True}
+            httpx.post(url, json=dict(body, stream=False, max_tokens=2), timeout=60)   # warm-up; Stats learned
+            time.sleep(1.0)
+            admit = args.max_num_seqs + args.max_queued_requests
+            control, _ = asyncio.run(_run(args.port, body, admit, None))
+            n = args.factor * args.max_num_seqs
+            over, health = asyncio.run(_run(args.port, body, n, f"{base}/health"))
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     ok = [r for r in over if r["status"] == 200]
     rejected = [r for r in over if r["status"] == 503]
     other = [r for r in over if r["status"] not in (200, 503)]

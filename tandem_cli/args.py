@@ -74,6 +74,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: queue each pass before the previous one's tokens are read, so the host "
                         "schedules while the device computes (off on a GPU shared by turns)")
+    g.add_argument("--mixed-batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode: a step with prompts to prefill runs the running seqs' decode tokens in the "
+                        "same forward pass (both within --max-num-batched-tokens)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -106,6 +109,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
         async_scheduling=args.async_scheduling,
+        mixed_batches=args.mixed_batches,
         role=args.command if args.command in ("prefill", "decode") else "colocated",
         kv_transfer_backend=getattr(args, "kv_transfer_backend", "") or "",
     )
