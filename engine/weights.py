@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +66,35 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no safetensors weights in {path} (use load_format='dummy' for random weights)")
 
 
+class LoadProgress:
+    """Progress of a checkpoint load, logged as a bar (shards and bytes done, elapsed, rate)
+    after each shard, and at most every `every_s` seconds otherwise not at all: a 16 GB
+    checkpoint in 4 shards gives 4 lines, the last one saying 100%."""
+
+    WIDTH = 24
+
+    def __init__(self, files: list[Path], every_s: float = 1.0) -> None:
+        self.files, self.every_s = files, every_s
+        self.total = sum(f.stat().st_size for f in files) or 1
+        self.done_bytes, self.done_files = 0, 0
+        self.t0 = time.monotonic()
+        self._last = -1e9
+
+    def shard_done(self, f: Path) -> None:
+        self.done_files += 1
+        self.done_bytes += f.stat().st_size
+        now = time.monotonic()
+        if now - self._last < self.every_s and self.done_files < len(self.files):
+            return
+        self._last = now
+        frac = self.done_bytes / self.total
+        bar = "#" * round(frac * self.WIDTH)
+        dt = now - self.t0
+        log.info("loading weights [%-*s] %3.0f%%  %d/%d shards  %.2f/%.2f GB  %.1f s (%.2f GB/s)",
+                 self.WIDTH, bar, 100 * frac, self.done_files, len(self.files), self.done_bytes / 1e9,
+                 self.total / 1e9, dt, self.done_bytes / 1e9 / max(dt, 1e-6))
+
+
 def load_model(path: Path | None, model_config: ModelConfig, dtype: torch.dtype,
                device: torch.device | str, load_format: str = "auto", seed: int = 0) -> CausalLM:
     if load_format == "dummy":
@@ -86,8 +116,8 @@ def load_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype,
         expected.discard("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
     files = checkpoint_files(path)
-    for i, f in enumerate(files):
-        log.info("loading shard %d/%d: %s", i + 1, len(files), f.name)
+    progress = LoadProgress(files)
+    for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for name in sf.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or name not in expected:
@@ -95,6 +125,7 @@ def load_safetensors(path: Path, cfg: ModelConfig, dtype: torch.dtype,
                         log.debug("skipping checkpoint tensor %s", name)
                     continue
                 state[name] = sf.get_tensor(name).to(device=device, dtype=dtype)
+        progress.shard_done(f)
     missing = expected - state.keys()
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
