@@ -1,18 +1,26 @@
-# Two entry points: `make serve` and `make test`. Both install what they need first.
+# Two entry points: `make serve` and `make test`. Each installs what it needs first (serve: the
+# serving dependencies only, about 1.2 GB with the CPU torch; test: the test tools too).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install serve test proto etcd
+.PHONY: install install-serve serve test proto etcd
 
-install:
+# What serving needs, and no more: no test tools; on a machine without an NVIDIA GPU no CUDA-only
+# wheels either (triton and nixl come with the `gpu` extra, taken where nvidia-smi runs).
+GPU_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo '[gpu]')
+
+install-serve:
 	@# CPU machines: take the CPU build of torch that lies on disk before the project,
 	@# so pip does not fetch a multi-GB CUDA build. A machine that already has torch>=2.11 keeps it.
 	$(PYTHON) -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__.split('.')[:2])) >= (2, 11) else 1)" 2>/dev/null \
 		|| $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.$(GPU_EXTRA)'
+
+install: install-serve
 	$(PIP) install -q -e '.[test]'
 
-serve: install
-	tandem serve
+serve: install-serve
+	$(PYTHON) -m tandem_cli.main serve $(SERVE_ARGS)
 
 test: install etcd
 	$(PYTHON) -m pytest -q
