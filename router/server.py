@@ -19,6 +19,7 @@ Lifecycle of one request:
   Metrics (router/metrics.py, GET /metrics): the ASGI middleware counts every
   request by route and status; `_text_deltas` feeds the request's RequestTimer
   (time to first token, inter-token gaps, end-to-end latency).
+  Operator dashboard (router/dashboard.py): GET /dashboard and its JSON, /dashboard/state.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from router.backend import DecodeClient
 from router.config import RouterConfig
+from router.dashboard import install as install_dashboard
 from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError, bad_request, install_error_handlers
 from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
@@ -408,6 +410,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
             out["membership"] = membership.snapshot()
         return out
 
+    install_dashboard(app, config, client, metrics, membership)   # GET /dashboard, /dashboard/state
     return app
 
 
