@@ -54,8 +54,15 @@ each one. Called once, from templates/validate.yaml.
 {{- if and $p.pdb.enabled (kindIs "float64" $p.pdb.minAvailable) (ge (int $p.pdb.minAvailable) (int $p.replicas)) (gt (int $p.replicas) 0) -}}
 {{- fail (printf "tandem: %s pool %q has pdb.minAvailable %d with %d replicas: no pod could ever be evicted and node drains would hang; use pdb.maxUnavailable or a smaller minAvailable" $role $p.pool (int $p.pdb.minAvailable) (int $p.replicas)) -}}
 {{- end -}}
-{{- if and $p.hugepages.enabled (not (and $p.resources $p.resources.requests (or (hasKey $p.resources.requests "cpu") (hasKey $p.resources.requests "memory")))) -}}
-{{- fail (printf "tandem: %s pool %q requests hugepages but no cpu or memory in resources.requests; Kubernetes refuses such a pod (hugepages require a cpu or memory request)" $role $p.pool) -}}
+{{- if $p.hugepages.enabled -}}
+{{- $res := $p.resources | default dict -}}
+{{- $cpuOrMemory := false -}}
+{{- range $part := list ($res.requests | default dict) ($res.limits | default dict) -}}
+{{- if or (hasKey $part "cpu") (hasKey $part "memory") -}}{{- $cpuOrMemory = true -}}{{- end -}}
+{{- end -}}
+{{- if not $cpuOrMemory -}}
+{{- fail (printf "tandem: %s pool %q requests hugepages but its resources give no cpu or memory; Kubernetes refuses such a pod (hugepages require a cpu or memory request)" $role $p.pool) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq (toString $p.engine.attentionBackend) "triton") (eq $p.device "cpu") -}}
 {{- fail (printf "tandem: %s pool %q has engine.attentionBackend triton but gpus 0 (--device cpu); the Triton kernels need a GPU (use auto or torch, or gpus 1)" $role $p.pool) -}}
