@@ -476,7 +476,7 @@ def test_shared_config_rolls_pods(chart, rendered):
 def test_bundled_etcd_flags_start_a_real_etcd(rendered, tmp_path):
     """The rendered etcd flags, with the pod's DNS name as localhost and free ports, make a
     working single-node etcd (the local binary may be older than the image: same flags)."""
-    from tests.etcd_server import find_etcd
+    from etcd_server import find_etcd
 
     binary = find_etcd()
     if binary is None:
