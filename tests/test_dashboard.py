@@ -6,6 +6,8 @@ page goes through the key-to-cookie login. Headless Debian `chromium` is driven 
 DevTools protocol (aiohttp's websocket client): every request the page makes is recorded, host
 names other than 127.0.0.1 do not resolve, and the page must still render in full. The numbers
 the page shows are read from the DOM before and after traffic, without a reload (it polls).
+A second, colocated cluster with static members and no key checks the open page, the "unknown"
+KV bandwidth of static members, and a stopped worker shown ejected, then up again.
 """
 from __future__ import annotations
 
@@ -251,3 +253,37 @@ async def _check_page(dt: DevTools, cluster, tmp_path: Path) -> None:
 @needs_cluster
 def test_page_in_headless_chromium(cluster, tmp_path):
     asyncio.run(_drive(cluster, tmp_path))
+
+
+def test_static_colocated_router_without_key_shows_ejection(tmp_path):
+    """No --api-key: the page and state are open. Static members: no /metrics address, so KV
+    bandwidth is said to be unknown. A decode worker that stops answering (SIGSTOP) is shown
+    ejected with the reason, and up again once its Stats answer."""
+    import signal
+
+    model_dir = make_tiny_model(tmp_path / "llama", arch="llama", seed=9)
+    with Cluster(model_dir, colocated=True, log_dir=tmp_path) as c:
+        url = f"http://127.0.0.1:{c.http_port}"
+        assert httpx.get(f"{url}/dashboard").text == PAGE_HTML
+        s = httpx.get(f"{url}/dashboard/state").json()
+        assert (s["mode"], s["membership"]) == ("colocated", "static")
+        [member] = s["members"]
+        assert member["address"] == c.decode_addr and member["state"] == "up"
+        assert member["kv_transfer"]["metrics_address"] is None and "unknown" in member["kv_transfer"]["error"]
+        assert s["totals"]["kv_bytes_per_s"] is None
+
+        proc = c.decode_procs[0]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 15
+            while (member := httpx.get(f"{url}/dashboard/state").json()["members"][0])["state"] != "ejected":
+                assert time.monotonic() < deadline, member
+                time.sleep(0.2)
+            assert "Stats failed" in member["ejected_reason"]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while (s := httpx.get(f"{url}/dashboard/state").json())["members"][0]["state"] != "up":
+            assert time.monotonic() < deadline, s["members"]
+            time.sleep(0.2)
+        assert s["router"]["ejections"] == 1
