@@ -14,7 +14,9 @@ etcd, the ingress, and a CPU-only variant. For each of them:
     EngineConfig / RouterConfig construction, the cluster token through `resolve_token`).
 Each template-time `fail` rule (templates/_validate.tpl) and a set of schema rejections
 (values.schema.json) have a case. When an `etcd` binary is installed, the bundled etcd's
-rendered flags start a real etcd. The Dockerfile is parsed here (no Docker on this machine):
+rendered flags start a real etcd, and the rendered router/prefill/decode command lines, run
+as processes on loopback (tiny model, CPU), serve a completion to the openai client with the
+API key from the Secret, their probe endpoints answering. The Dockerfile is parsed here (no Docker on this machine):
 non-root numeric USER, the ENTRYPOINT the chart calls, the GPU extra, every package copied,
 and the image name it documents is the chart's default.
 """
@@ -24,8 +26,10 @@ import base64
 import json
 import re
 import shlex
+import os
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 import urllib.request
@@ -252,11 +256,11 @@ def secret_value(docs, name: str, key: str) -> str:
     return f"value-of-{name}-{key}"   # a Secret the user manages
 
 
-def container_env(docs, pod_name: str, container: dict) -> dict[str, str]:
+def container_env(docs, pod_name: str, container: dict, pod_ip: str = POD_IP) -> dict[str, str]:
     env: dict[str, str] = {}
     for src in container.get("envFrom", []):
         env.update(one(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
-    fields = {"status.podIP": POD_IP, "metadata.name": f"{pod_name}-7d4b9-x2x8q"}
+    fields = {"status.podIP": pod_ip, "metadata.name": f"{pod_name}-7d4b9-x2x8q"}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = expand(e["value"], env)
@@ -275,8 +279,8 @@ def tandem_containers(docs):
                 yield w, c
 
 
-def command_line(docs, workload, container) -> list[str]:
-    env = container_env(docs, workload["metadata"]["name"], container)
+def command_line(docs, workload, container, env: dict[str, str] | None = None) -> list[str]:
+    env = container_env(docs, workload["metadata"]["name"], container) if env is None else env
     argv = [expand(a, env) for a in container["command"] + container["args"]]
     assert not [a for a in argv if "$(" in a], f"unexpanded variables in {argv}"
     return argv
@@ -476,7 +480,7 @@ def test_shared_config_rolls_pods(chart, rendered):
 def test_bundled_etcd_flags_start_a_real_etcd(rendered, tmp_path):
     """The rendered etcd flags, with the pod's DNS name as localhost and free ports, make a
     working single-node etcd (the local binary may be older than the image: same flags)."""
-    from etcd_server import find_etcd
+    from etcd_server import EtcdServer, find_etcd
 
     binary = find_etcd()
     if binary is None:
@@ -497,7 +501,8 @@ def test_bundled_etcd_flags_start_a_real_etcd(rendered, tmp_path):
             arg = re.sub(rf":{old}\b", f":{new}", arg)
         argv.append(arg.replace("/var/lib/etcd", str(tmp_path)))
     assert not [a for a in argv if "$(" in a]
-    proc = subprocess.Popen([binary, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([binary, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=EtcdServer._env())
     try:
         health = f"http://127.0.0.1:{ports[2379]}{c['readinessProbe']['httpGet']['path']}"
         deadline = time.monotonic() + 30
@@ -513,6 +518,80 @@ def test_bundled_etcd_flags_start_a_real_etcd(rendered, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_rendered_command_lines_make_a_serving_cluster(chart, tmp_path):
+    """The rendered router, prefill and decode command lines, run as processes on loopback with
+    a real etcd (external mode) and a tiny model on the CPU, form a cluster: the endpoints the
+    probes use answer, the workers register, and the openai client gets a completion with the
+    API key from the Secret. Substituted, as a pod would differ: the pod IP (127.0.0.1), the
+    bind address (loopback, not 0.0.0.0), the token file and cache directories (tmp_path)."""
+    from etcd_server import EtcdServer, find_etcd
+
+    from engine.tiny_models import make_tiny_model
+    from tandem_cli.procs import free_port, stop_all, wait_members
+
+    if find_etcd() is None:
+        pytest.skip("no etcd binary (Debian: etcd-server)")
+    openai = pytest.importorskip("openai")
+    model = make_tiny_model(tmp_path / "model", arch="llama", seed=3)
+    ports = [free_port() for _ in range(5)]
+    values = {"engine": {"model": str(model), "dtype": "float32", "blockSize": 4, "numPages": 128},
+              "model": {"servedModelNames": ["tiny"]}, "apiKey": {"existingSecret": "llm-api-key"},
+              "router": {"port": ports[0]},
+              "prefill": {"gpus": 0, "port": ports[1], "metricsPort": ports[2]},
+              "decode": {"gpus": 0, "port": ports[3], "metricsPort": ports[4]}}
+    etcd = EtcdServer(tmp_path / "etcd").start()
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        values["etcd"] = {"mode": "external", "endpoints": [etcd.endpoint]}
+        docs = render_docs(chart, values)
+        token_path = "/etc/tandem/cluster-token/token"
+        token_file = tmp_path / "token"
+        token_file.write_text(secret_value(docs, *mounted_file(docs, *next(tandem_containers(docs)), token_path)))
+        token_file.chmod(0o600)
+        containers = {c["name"]: (w, c) for w, c in tandem_containers(docs)}
+        for role in ("decode", "prefill", "router"):
+            w, c = containers[role]
+            env = container_env(docs, w["metadata"]["name"], c, pod_ip="127.0.0.1")
+            for var in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TRITON_CACHE_DIR"):
+                env[var] = str(tmp_path / "cache" / var.lower())
+            argv = [a.replace(token_path, str(token_file)).replace("--host=0.0.0.0", "--host=127.0.0.1")
+                    for a in command_line(docs, w, c, env)]
+            run_env = {k: v for k, v in os.environ.items() if k != "TANDEM_CLUSTER_TOKEN"}
+            run_env.update(env, OMP_NUM_THREADS="1")
+            with open(tmp_path / f"{role}.log", "w") as log:
+                procs[role] = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", *argv[1:]], cwd=ROOT,
+                                               env=run_env, stdout=log, stderr=subprocess.STDOUT)
+        probes = {}
+        for role in ("decode", "prefill", "router"):
+            c = containers[role][1]
+            named = {p["name"]: p["containerPort"] for p in c["ports"]}
+            probe = c["readinessProbe"]["httpGet"]
+            probes[role] = f"http://127.0.0.1:{named[probe['port']]}{probe['path']}"
+            live = c["livenessProbe"]
+            deadline = time.monotonic() + 120
+            while True:
+                assert procs[role].poll() is None, (tmp_path / f"{role}.log").read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(probes[role], timeout=1) as resp:
+                        assert resp.status == 200
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, f"{role}: {probes[role]} did not answer"
+                    time.sleep(0.3)
+            if "tcpSocket" in live:
+                socket.create_connection(("127.0.0.1", named[live["tcpSocket"]["port"]]), timeout=2).close()
+        wait_members(probes["router"], 2, procs["router"], 60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1",
+                               api_key=secret_value(docs, "llm-api-key", "api-key"))
+        out = client.completions.create(model="tiny", prompt="hello there", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4 and out.choices[0].text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=client.base_url, api_key="wrong").models.list()
+    finally:
+        stop_all(list(procs.values()), grace=10)
+        etcd.stop()
 
 
 # ---- template-time checks and schema ---------------------------------------------------------
