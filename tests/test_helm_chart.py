@@ -663,6 +663,7 @@ SCHEMA_REJECTS = {
     "pool name": ({"decode": {"pools": [pool("Decode_A")]}}, "/decode/pools/0/name"),
     "no decode pool": ({"decode": {"pools": []}}, "/decode/pools"),
     "unknown pool key": ({"decode": {"pools": [pool(gpu=1)]}}, "/decode/pools/0"),
+    "engine key typo": ({"prefill": {"engine": {"dtpye": "float16"}}}, "/prefill/engine"),
     "port": ({"router": {"port": 70000}}, "/router/port"),
     "etcd mode": ({"etcd": {"mode": "embedded"}}, "/etcd/mode"),
     "etcd endpoint with a scheme": ({"etcd": {"mode": "external", "endpoints": ["http://etcd:2379"]}},
