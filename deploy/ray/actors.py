@@ -93,9 +93,11 @@ class ManagedProcess:
         watches its driver)."""
         path = tempfile.mkdtemp(prefix=f"{name}-")
         self._dirs.append(path)
-        subprocess.Popen(["sh", "-c", 'while kill -0 "$0" 2>/dev/null; do sleep 1; done; rm -rf -- "$1"',
-                          str(os.getpid()), path], start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # backgrounded by a shell that exits at once: not this process's child, which Ray kills
+        # with the actor, nor in its process group
+        subprocess.run(["sh", "-c", '(while kill -0 "$0" 2>/dev/null; do sleep 1; done; rm -rf -- "$1") &',
+                        str(os.getpid()), path], start_new_session=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         return path
 
     # ---- the process ----------------------------------------------------------------

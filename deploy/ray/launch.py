@@ -224,7 +224,7 @@ class Launch:
     # ---- 7. stop ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        grace = self.args.stop_grace
+        t0, grace = time.monotonic(), self.args.stop_grace
         refs = [a.stop.remote(grace) for a in self.actors.values()]
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=grace + 1.0)
@@ -239,7 +239,7 @@ class Launch:
 
             remove_placement_group(self.pg)
         say(f"stopped: {len(everyone)} processes and their actors"
-            f"{', the placement group' if self.pg is not None else ''}")
+            f"{', the placement group' if self.pg is not None else ''} ({time.monotonic() - t0:.1f} s)")
 
 
 def _members(url: str) -> dict[str, list[str]]:
