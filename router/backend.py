@@ -355,6 +355,14 @@ class DecodeClient:
         `contextlib.aclosing`) to abort the request on the worker."""
         return attempts.run(self, request_id, prompt_ids, params, received_unix_ns)   # retries, migrations
 
+    def worker_view(self, address: str) -> tuple[pb.StatsResponse | None, float, int]:
+        """(its last polled Stats or None, when that poll was sent (monotonic), the router's
+        in-flight requests on it): what the operator dashboard shows per member."""
+        w = self._workers.get(address)
+        if w is None:
+            return None, 0.0, 0
+        return w.stats, w.stats_sent_at, len(w.in_flight)
+
     def max_model_len(self) -> int | None:
         """The smallest limit the current members reported in Stats (decode: prompt + output after
         their KV pools; prefill: prompt), None before any has answered."""

@@ -241,15 +241,14 @@ class Dashboard:
 
     def _member(self, role: str, address: str, metrics_address: str | None, now: float) -> dict[str, Any]:
         client = self.client
-        worker = client._workers.get(address)     # the poller's last Stats (router/backend.py _Worker)
-        st = worker.stats if worker is not None else None
+        st, sent_at, in_flight = client.worker_view(address)     # the poller's last Stats
         ejected = client.ejections.snapshot().get(address)
         row: dict[str, Any] = {
             "role": role, "address": address,
             "state": "ejected" if ejected is not None else ("up" if st is not None else "unknown"),
-            "ejected_reason": ejected, "router_in_flight": len(worker.in_flight) if worker else 0,
+            "ejected_reason": ejected, "router_in_flight": in_flight,
             "placed": client.placed.get(address, 0),
-            "stats_age_s": round(now - worker.stats_sent_at, 1) if st is not None else None,
+            "stats_age_s": round(now - sent_at, 1) if st is not None else None,
         }
         if st is not None:
             total = st.cached_prompt_tokens + st.computed_prompt_tokens
