@@ -125,10 +125,13 @@ class Job:
             return found and found.group(1)
 
         found = _wait_for(url, timeout, lambda: f"no TANDEM_URL line after {timeout} s:\n{self.log()}")
+        return found, self.run_id()
+
+    def run_id(self) -> str:
         run = re.search(r"tandem on ray, run (\w+): 1 prefill \+ 1 decode, .* device cpu, 0.5 CPU \+ 0 GPU per worker",
                         self.log())
         assert run, self.log()
-        return found, run.group(1)
+        return run.group(1)
 
     def status(self) -> str:
         from ray.job_submission import JobSubmissionClient
@@ -189,13 +192,14 @@ def _call_stats(address: str, token: str):
             return exc.code()
 
 
-def _assert_nothing_left(address: str, model: Path, run: str) -> None:
+def _assert_nothing_left(address: str, model: Path, run: str,
+                         labels: tuple[str, ...] = ("etcd", "decode-0", "prefill-0", "router")) -> None:
     _wait_for(lambda: not _run_processes(model, run), 20,
               lambda: f"processes left: {_run_processes(model, run)}")
     _wait_for(lambda: not _left_dirs(run), 5, lambda: f"temp dirs left: {_left_dirs(run)}")
     actors = _wait_for(lambda: (lambda a: a if "ALIVE" not in a.values() else None)(_actors(address, run)), 30,
                        lambda: f"actors left alive: {_actors(address, run)}")
-    assert set(actors) == {f"tandem-{run}-{x}" for x in ("etcd", "decode-0", "prefill-0", "router")}, actors
+    assert set(actors) == {f"tandem-{run}-{x}" for x in labels}, actors
     assert _wait_for(lambda: _placement_groups(address, run) == ["REMOVED"], 10,
                      lambda: f"placement group: {_placement_groups(address, run)}")
 
@@ -262,6 +266,18 @@ def test_a_driver_killed_with_sigkill_takes_every_process_with_it(ray_head, tiny
         _assert_nothing_left(ray_head, tiny_model, run)
         _wait_for(lambda: job.status() == "FAILED", 30, lambda: job.status())
         assert "stopped:" not in job.log()
+    finally:
+        job.close()
+
+
+def test_a_worker_that_cannot_start_fails_the_job_and_leaves_nothing(ray_head, tmp_path):
+    job = Job(ray_head, tmp_path / "no-such-model")   # each worker's --model check: one line, exit 2
+    try:
+        _wait_for(lambda: job.status() == "FAILED", 90, job.log)
+        _wait_for(lambda: re.search(r"error: the (decode|prefill)-0 process exited with code 2 while starting "
+                                    r"\(its log is above\); stopping", job.log()), 10, job.log)
+        assert "TANDEM_URL=" not in job.log()
+        _assert_nothing_left(ray_head, tmp_path / "no-such-model", job.run_id(), ("etcd", "decode-0", "prefill-0"))
     finally:
         job.close()
 

@@ -276,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=args.address, log_to_driver=True)
+    try:
+        ray.init(address=args.address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        print(f"error: cannot connect to the Ray cluster{f' at {args.address}' if args.address else ''}: {exc}",
+              file=sys.stderr, flush=True)
+        return 1
     stopping = 0   # the signal that asks us to stop (0: none yet); set after ray.init, which sets its own
 
     def on_signal(signum, frame):
