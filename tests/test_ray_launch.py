@@ -1,7 +1,9 @@
 """`ray job submit ... python -m deploy.ray.launch` against a real local Ray head (CPU, tiny
 model): the job serves a completion through the URL it prints, `ray job stop` leaves no Tandem
 process, etcd, actor, placement group or temp dir behind, and neither does a driver killed with
-SIGKILL. Without Ray: a process started by `ManagedProcess` dies with its parent (whichever
+SIGKILL (Ray's own clean-up of an actor's children is turned off on this head, so the launcher's
+is what runs: with PR_SET_PDEATHSIG disabled, that test fails with the three Tandem processes
+left). A worker that cannot start fails the job, and nothing is left either. Without Ray: a process started by `ManagedProcess` dies with its parent (whichever
 thread started it), and the launcher's user errors are one line and exit code 2."""
 from __future__ import annotations
 
@@ -53,7 +55,10 @@ def ray_head():
            "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--include-dashboard", "true"]
-    r = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=120)
+    # Ray's own clean-up of an actor's children is off, so what is tested is the launcher's
+    # (its stop, and PR_SET_PDEATHSIG when the driver is killed), whatever a cluster sets
+    ray_cleanup_off = {"RAY_kill_child_processes_on_worker_exit": "false", "RAY_process_group_cleanup_enabled": "false"}
+    r = subprocess.run(cmd, env=dict(_ray_env(), **ray_cleanup_off), capture_output=True, text=True, timeout=120)
     try:
         if r.returncode != 0:
             pytest.skip(f"Ray cannot start here: `ray start --head` exited {r.returncode}: "
