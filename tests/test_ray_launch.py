@@ -3,8 +3,9 @@ model): the job serves a completion through the URL it prints, `ray job stop` le
 process, etcd, actor, placement group or temp dir behind, and neither does a driver killed with
 SIGKILL (Ray's own clean-up of an actor's children is turned off on this head, so the launcher's
 is what runs: with PR_SET_PDEATHSIG disabled, that test fails with the three Tandem processes
-left). A worker that cannot start fails the job, and nothing is left either. Without Ray: a process started by `ManagedProcess` dies with its parent (whichever
-thread started it), and the launcher's user errors are one line and exit code 2."""
+left). A worker that cannot start fails the job, and nothing is left either. Without Ray: a
+process started by `ManagedProcess` dies with its parent (whichever thread started it), and the
+launcher's user errors are one line and exit code 2."""
 from __future__ import annotations
 
 import glob
