@@ -21,35 +21,10 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.tiny_models import make_tiny_model
+from test_colocated_prefix_cache import _DirectLoop, _Sink
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-
-
-class _DirectLoop:
-    """Stands in for the event loop: replies run at once on the calling thread."""
-
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
-
-
-class _Sink:
-    """One local request's tokens and finish (decode_worker.engine.RequestSink)."""
-
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.finish = None
-        self.error = ""
-
-    def on_reserved(self, pages):
-        raise AssertionError("a local seq reserves nothing for a KV transfer")
-
-    def on_output(self, out):
-        self.tokens += out.tokens
-        self.finish, self.error = out.finish, out.error
 
 
 @pytest.fixture(scope="module")
