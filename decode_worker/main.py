@@ -78,7 +78,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
     gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
-    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/server.py)
+    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/process.py)
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
                                      metrics_address, start_epoch_ms)
     # backends that hold resources beyond the server (nixl: the registered pool) release them last

@@ -58,7 +58,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
     gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
-    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/server.py)
+    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/process.py)
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,
                                      metrics_address, start_epoch_ms)
     await serve_until_shutdown(server, registry, sender.close, engine.stop)

@@ -1,7 +1,7 @@
 """Router (gateway) configuration.
 
 One frozen dataclass, built once by the CLI (or a test) and handed to
-`router.server.create_app` / `run_router`. Nothing here reads the
+`router.server.create_app` / `router.process.run_router`. Nothing here reads the
 environment or argv.
 """
 from __future__ import annotations

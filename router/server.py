@@ -23,7 +23,6 @@ Lifecycle of one request:
 """
 from __future__ import annotations
 
-import gc
 import logging
 import secrets
 import time
@@ -414,36 +413,6 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     return app
 
 
-def run_router(config: RouterConfig) -> None:
-    """Load the tokenizer, connect to the workers, serve until interrupted."""
-    import uvicorn
-    from transformers import AutoTokenizer
-
-    config = config.resolved()
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    metrics = RouterMetrics()
-    if not config.cluster_token:   # said once, counted: the workers it talks to must be open too
-        from engine.cluster_auth import warn_open
-
-        warn_open("the router sends no credentials, so only workers that run open answer it")
-        metrics.fallbacks.labels(what="cluster_auth_off").inc()
-    app = create_app(config, tokenizer, DecodeClient.from_config(config), metrics)
-    loop, http = _fast_io(metrics)
-    log.info("placement %s; decode %s; prefill %s; max_model_len %d (lowered to what the workers report)",
-             config.placement, ",".join(config.decode_addresses) or ("etcd" if config.etcd_endpoints else "-"),
-             ",".join(config.prefill_addresses) or ("etcd" if config.etcd_endpoints else "colocated"),
-             config.max_model_len)
-    # Everything loaded so far (torch, transformers, the tokenizer) lives for the process: keep
-    # it out of the cyclic GC's full collections, which scanned it all and stalled the event
-    # loop: a burst of 64 requests got its 503s after ~160 ms, 20 ms with this
-    # (benchmarks/overload.py, RESULTS.md).
-    gc.collect()
-    gc.freeze()
-    # no access log: a line per request costs the router's one core more than it tells (see /metrics)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http,
-                access_log=False)
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, or a 413 as soon as it is known to exceed `limit` bytes (from
     Content-Length, or while it streams in): a huge body is never held or parsed whole."""
@@ -459,23 +428,3 @@ async def _read_body(request: Request, limit: int) -> bytes:
                               code="request_too_large")
         parts.append(chunk)
     return b"".join(parts)
-
-
-def _fast_io(metrics: RouterMetrics) -> tuple[str, str]:
-    """uvloop and httptools (what `uvicorn[standard]` and vLLM use) when installed; otherwise
-    the pure-Python loop / HTTP parser, said once in the log and counted in a metric."""
-    import importlib.util
-    import logging
-
-    choice = []
-    for module, fast, slow in (("uvloop", "uvloop", "asyncio"), ("httptools", "httptools", "h11")):
-        if importlib.util.find_spec(module) is not None:
-            choice.append(fast)
-        else:
-            logging.getLogger(__name__).warning(
-                "%s is not installed: the router uses %s, which costs more CPU per streamed token",
-                module, slow)
-            metrics.fallbacks.labels(what=module).inc()
-            choice.append(slow)
-    logging.getLogger(__name__).info("router event loop %s, HTTP parser %s", *choice)
-    return choice[0], choice[1]

@@ -54,7 +54,7 @@ def _main(argv: list[str] | None) -> None:
     cluster_token = cluster_token_from_args(args)
     if args.command == "router":
         config = router_config_from_args(args, check_router(args), cluster_token)
-        from router.server import run_router
+        from router.process import run_router
 
         run_router(config)
         return
