@@ -1,4 +1,4 @@
-"""The Helm chart (deploy/helm/tandem) and the image (deploy/docker/Dockerfile), offline.
+"""The Helm chart (deploy/helm/tandem), offline.
 
 Helm's own engine (helm-python-sdk: the Go library, in process) renders and lints the chart
 for the default values, the multi-node example (2 prefill pools, 4 decode pools), external
@@ -16,9 +16,7 @@ Each template-time `fail` rule (templates/_validate.tpl) and a set of schema rej
 (values.schema.json) have a case. When an `etcd` binary is installed, the bundled etcd's
 rendered flags start a real etcd, and the rendered router/prefill/decode command lines, run
 as processes on loopback (tiny model, CPU), serve a completion to the openai client with the
-API key from the Secret, their probe endpoints answering. The Dockerfile is parsed here (no Docker on this machine):
-non-root numeric USER, the ENTRYPOINT the chart calls, the GPU extra, every package copied,
-and the image name it documents is the chart's default.
+API key from the Secret, their probe endpoints answering. The image: tests/test_dockerfile.py.
 """
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -41,13 +38,13 @@ helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 yaml = pytest.importorskip("yaml")
 
+from dockerfile import dockerfile_entrypoint, dockerfile_user  # noqa: E402
 from engine.cluster_auth import resolve_token  # noqa: E402
 from tandem_cli.args import build_parser, engine_config_from_args, router_config_from_args  # noqa: E402
 from tandem_cli.checks import check_etcd, check_port_range  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "tandem"
-DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 RELEASE, NAMESPACE = "llm", "serving"
 POD_IP = "10.244.3.17"
 
@@ -690,129 +687,6 @@ def test_defaults_pass_the_schema(chart):
     chart.validate_schema(chart.values)
     for values in SCENARIOS.values():
         chart.validate_schema(chart.merge_values(values))
-
-
-# ---- the image -------------------------------------------------------------------------------
-
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
-                "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
-
-
-def parse_dockerfile(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order: comments and parser directives dropped, backslash
-    continuations joined (a comment line inside a continuation is skipped, as Docker does)."""
-    out, pending = [], ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        word, _, rest = line.partition(" ")
-        assert word.upper() in INSTRUCTIONS, f"not a Dockerfile instruction: {line!r}"
-        assert word == word.upper(), f"instruction not upper case: {word}"
-        out.append((word.upper(), rest.strip()))
-    assert not pending, "the Dockerfile ends inside a continuation"
-    return out
-
-
-def stages(instructions) -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for ins in instructions:
-        if ins[0] == "FROM":
-            result.append([])
-        if result:
-            result[-1].append(ins)
-    return result
-
-
-def dockerfile_instructions():
-    return parse_dockerfile(DOCKERFILE.read_text())
-
-
-def dockerfile_entrypoint() -> list[str]:
-    final = stages(dockerfile_instructions())[-1]
-    entry = [rest for ins, rest in final if ins == "ENTRYPOINT"]
-    assert len(entry) == 1, "one ENTRYPOINT in the final stage"
-    value = json.loads(entry[0])   # exec form: no shell between the signal and tandem
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return value
-
-
-def dockerfile_user() -> int:
-    final = stages(dockerfile_instructions())[-1]
-    users = [rest for ins, rest in final if ins == "USER"]
-    assert users, "the final stage sets a USER"
-    uid = users[-1].split(":")[0]
-    assert uid.isdigit(), "a numeric USER, so Kubernetes' runAsNonRoot can check it"
-    assert int(uid) != 0
-    return int(uid)
-
-
-def pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-def test_dockerfile():
-    instructions = dockerfile_instructions()
-    build_args = {}
-    for ins, rest in instructions:
-        if ins == "FROM":
-            break
-        if ins == "ARG":
-            name, _, default = rest.partition("=")
-            build_args[name] = default.strip('"')
-    images = [re.sub(r"\$\{(\w+)\}", lambda m: build_args[m.group(1)], rest.split()[0])
-              for ins, rest in instructions if ins == "FROM"]
-    assert re.fullmatch(r"nvidia/cuda:[0-9.]+-runtime-ubuntu[0-9.]+", images[-1]), images
-    project = pyproject()["project"]
-    assert project["scripts"]["tandem"] == "tandem_cli.main:main"
-    assert dockerfile_entrypoint() == ["tandem"]
-    assert dockerfile_user() == 10001
-
-    runs = " ".join(rest for ins, rest in instructions if ins == "RUN")
-    assert re.search(r"""pip install ["']?\.\[gpu\]""", runs), "installs the package with its gpu extra"
-    assert "gpu" in project["optional-dependencies"]
-    copied = {rest.split()[0].rstrip("/") for ins, rest in instructions if ins == "COPY" and "--from" not in rest}
-    packages = {p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages <= copied, f"packages not copied into the image: {sorted(packages - copied)}"
-    for path in copied - {"pyproject.toml"}:
-        assert (ROOT / path).exists(), path
-    assert {"pyproject.toml", "README.md"} <= {w for ins, rest in instructions if ins == "COPY" for w in rest.split()}
-    labels = " ".join(rest for ins, rest in stages(instructions)[-1] if ins == "LABEL")
-    assert f'org.opencontainers.image.version="{project["version"]}"' in labels
-
-
-def test_chart_default_image_is_the_dockerfile_one(chart):
-    """The name the Dockerfile says to build is what the chart runs by default, and versions agree."""
-    documented = re.findall(r"docker build -f deploy/docker/Dockerfile -t (\S+) \.", DOCKERFILE.read_text())
-    assert len(documented) == 1
-    meta, values = chart.metadata, chart.values
-    assert meta["appVersion"] == pyproject()["project"]["version"]
-    image = f"{values['image']['repository']}:{values['image']['tag'] or meta['appVersion']}"
-    assert image == documented[0]
-    docs = render_docs(chart, {})
-    assert {c["image"] for _, c in tandem_containers(docs)} == {documented[0]}
-    assert {tuple(c["command"]) for _, c in tandem_containers(docs)} == {tuple(dockerfile_entrypoint())}
-
-
-def test_exposed_ports_are_the_chart_defaults(chart):
-    exposed = {int(p) for ins, rest in stages(dockerfile_instructions())[-1] if ins == "EXPOSE" for p in rest.split()}
-    v = chart.values
-    assert exposed == {v["router"]["port"], v["prefill"]["port"], v["prefill"]["metricsPort"],
-                       v["decode"]["port"], v["decode"]["metricsPort"]}
-
-
-def test_dockerfile_parser_rejects_garbage():
-    with pytest.raises(AssertionError):
-        parse_dockerfile("FROM x\nRUNN echo\n")
-    with pytest.raises(AssertionError):
-        parse_dockerfile("FROM x\nRUN echo \\\n")
-    assert parse_dockerfile("# c\nFROM x AS b\nRUN a \\\n  # note\n  b\n") == [("FROM", "x AS b"), ("RUN", "a  b")]
 
 
 def test_helm_sdk_is_helm():
