@@ -19,19 +19,26 @@ from openai import OpenAI
 from cluster import ROOT, free_port
 
 
+def _until_serving(proc: subprocess.Popen, timeout: float) -> list[str]:
+    """`tandem serve`'s output lines up to and including "Tandem is serving" (its stdout piped)."""
+    lines: list[str] = []
+    start = time.monotonic()
+    for line in proc.stdout:
+        lines.append(line)
+        if "Tandem is serving" in line:
+            return lines
+        assert time.monotonic() - start < timeout and proc.poll() is None, "".join(lines)
+    raise AssertionError("tandem serve ended before serving:\n" + "".join(lines))
+
+
 def test_serve_embedded_default_answers_chat_and_stops_children(tmp_path):
     port = free_port()
     env = dict(os.environ, TANDEM_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", "serve", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
     try:
         start = time.monotonic()
-        for line in proc.stdout:
-            lines.append(line)
-            if "Tandem is serving" in line:
-                break
-            assert time.monotonic() - start < 60, "".join(lines)
+        lines = _until_serving(proc, 60)
         assert any("random" in ln and "noise" in ln for ln in lines), "the demo model must say it produces noise"
         assert f"http://127.0.0.1:{port}/v1" in lines[-1]
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -155,14 +162,8 @@ def test_serve_placement_and_load_format_reach_the_router_and_workers(tiny_model
                              "--port", str(port), "--placement", "least_load", "--load-format", "safetensors"],
                             cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
     try:
-        start = time.monotonic()
-        for line in proc.stdout:
-            lines.append(line)
-            if "Tandem is serving" in line:
-                break
-            assert time.monotonic() - start < 90 and proc.poll() is None, "".join(lines)
+        _until_serving(proc, 90)
         children = psutil.Process(proc.pid).children(recursive=True)
         router_argv = _serve_child(children, "router")
         # the running router's own flags, parsed as it parsed them: its placement is least_load
