@@ -63,8 +63,8 @@ async def _stream(conn) -> dict:
 def serving(args: list[str], port: int, log_path: Path, timeout: float = 180.0):
     """`tandem serve <args> --port port` in its own session, logging to log_path; yields once its
     /health answers (its log tail on stderr and RuntimeError if it exits or times out first);
-    SIGTERM (then SIGKILL after 30 s) on the way out. benchmarks.big_prompt uses it too."""
-    from tandem_cli.procs import wait_http_ready
+    SIGTERM (then SIGKILL after 30 s: tandem_cli.procs.stop_all) on the way out. benchmarks.big_prompt uses it too."""
+    from tandem_cli.procs import stop_all, wait_http_ready
 
     cmd = [sys.executable, "-m", "tandem_cli.main", "serve", *args, "--port", str(port)]
     print("starting:", " ".join(cmd), flush=True)
@@ -78,11 +78,7 @@ def serving(args: list[str], port: int, log_path: Path, timeout: float = 180.0):
                 raise RuntimeError(f"tandem serve did not come up (log: {log_path})") from None
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_all([proc], grace=30.0)
 
 
 async def _run(port: int, body: dict, n: int, health_url: str | None) -> tuple[list[dict], list[float]]:

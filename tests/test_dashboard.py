@@ -25,7 +25,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from cluster import Cluster
+from cluster import Cluster, stop_all
 from engine.tiny_models import make_tiny_model
 from etcd_server import EtcdServer, find_etcd
 from router.dashboard import histogram_quantile
@@ -186,11 +186,7 @@ async def _drive(cluster, tmp_path: Path) -> None:
             async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                 await _check_page(DevTools(ws), cluster, tmp_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_all([proc])
 
 
 async def _check_page(dt: DevTools, cluster, tmp_path: Path) -> None:
