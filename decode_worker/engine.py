@@ -156,8 +156,10 @@ class DecodeEngine(EngineThread):
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
         self.post(self._submit, seq, sink)
 
-    def kv_ready(self, request_id: str, first_token: int, cached_tokens: int) -> None:
-        self.post(self._kv_ready, request_id, first_token, cached_tokens)
+    def kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False) -> None:
+        """The prompt KV has landed; `sent`: the caller already gave the sink the first token
+        (it does not end the request), so only a finish is emitted here."""
+        self.post(self._kv_ready, request_id, first_token, cached_tokens, sent)
 
     def abort(self, request_id: str) -> None:
         self.post(self._abort, request_id)
@@ -183,12 +185,15 @@ class DecodeEngine(EngineThread):
             return
         self._sinks[seq.request_id] = sink
 
-    def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int) -> None:
+    def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False) -> None:
         seq = self.scheduler.get(request_id)
         if seq is None or request_id not in self._sinks:
             return
         finish = self.scheduler.kv_ready(request_id, first_token, cached_tokens)
-        self._emit(seq, [first_token], finish)
+        if not sent:
+            self._emit(seq, [first_token], finish)
+        elif finish is not None:
+            self._emit(seq, [], finish)
 
     def _abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)

@@ -6,7 +6,10 @@ One request's lifecycle:
      thread with this object as its sink (`on_reserved`, `on_output`);
   2. remote prefill (prefill_address set), in a task of its own (`servicer.remote_prefill`):
      reserve -> open a KV transfer -> Prefill on the prefill worker -> wait for every layer
-     -> `kv_ready`; a failure ends the request with FINISH_ERROR (PREFILL_FAILED);
+     -> `kv_ready`; a failure ends the request with FINISH_ERROR (PREFILL_FAILED). The first
+     token (sampled on the prefill worker) is sent from here at once when it does not end
+     the request (`first_token_ends`), not with the engine's next step: that step may wait
+     behind a prefill batch for the GPU (engine/gpu_turn.py), and the token is known;
   3. every EngineOutput becomes one response handed to `deliver` (Generate: its queue;
      Stream: the call's pending batch, flushed once per engine reply);
   4. `close()`: if it did not finish, abort it everywhere (engine pages, the KV transfer,
@@ -72,6 +75,8 @@ class Request:
         self.prefill_task: asyncio.Task | None = None
         self.on_finish: Callable[[], None] | None = None
         self.timeline = Timeline(request.received_unix_ns)
+        self.seq: Sequence | None = None   # handed to the engine thread in start(); read here only
+        #                                    for what never changes (prompt, params)
 
     # -- engine sink (called on the loop) -----------------------------------
     def on_reserved(self, pages: list[int]) -> None:
@@ -89,6 +94,21 @@ class Request:
             self.reserved.exception()  # mark retrieved: colocated requests never await it
         self.cached = max(self.cached, out.cached_tokens)
         self._send(out.tokens, out.finish, out.error, out.error_kind)
+
+    def first_token_ends(self, token: int) -> bool:
+        """Whether `token` as the first output would finish this request (EOS, a stop token, a
+        length limit): the engine decides that case itself, with the same check
+        (Sequence.check_stop), and sends the token with its finish."""
+        cfg = self.servicer.engine.scheduler.config     # frozen
+        seq = self.seq
+        probe = Sequence(request_id=self.rid, prompt_token_ids=seq.prompt_token_ids, params=seq.params,
+                         output_token_ids=[token])
+        return probe.check_stop(frozenset(cfg.eos_token_ids), cfg.max_model_len) is not None
+
+    def send_first_token(self, token: int) -> None:
+        """The first token, sent ahead of the engine (it does not end the request)."""
+        if not self.finished:
+            self._send([token], None, "", ErrorKind.INTERNAL)
 
     def fail(self, message: str, kind: ErrorKind) -> None:
         """End the request here with an error (the engine is told by close())."""
@@ -117,6 +137,7 @@ class Request:
         seq = Sequence(request_id=self.rid, prompt_token_ids=list(self.request.prompt_token_ids),
                        params=SamplingParams.from_proto(self.request.sampling), remote_kv=self.remote,
                        output_offset=max(0, self.request.output_offset))
+        self.seq = seq
         s.engine.submit(seq, self)
         if self.remote:
             self.prefill_task = asyncio.get_running_loop().create_task(self._remote_prefill())

@@ -269,7 +269,12 @@ class DecodeServicer(pbg.DecodeServicer):
         tl.set("kv_first_layer", first_write)
         tl.set("kv_last_layer", done)
         tl.mark("admitted")
-        self.engine.kv_ready(req.rid, resp.first_token_id, resp.cached_tokens)
+        first = resp.first_token_id
+        ahead = not req.first_token_ends(first)
+        if ahead:
+            req.cached = resp.cached_tokens
+            req.send_first_token(first)
+        self.engine.kv_ready(req.rid, first, resp.cached_tokens, sent=ahead)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         req = self.live.get(request.request_id)
