@@ -3,11 +3,16 @@
 The router validates user input and builds a `SamplingParams`; the workers
 receive it through protobuf (`to_proto` / `from_proto`). Stop *strings* are a
 router concern (they need detokenised text) and are not sent to workers.
+
+Every field's default is neutral: a request that sets none of the penalty, bias or
+logprob fields samples exactly as before they existed (and takes the sampler's fast path).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20          # top alternatives per position, as OpenAI's top_logprobs allows
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,15 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # vLLM semantics (engine/sampler.py): presence/frequency count output tokens only,
+    # repetition divides (positive) / multiplies (negative) the logits of every token seen
+    # in the prompt or the output.
+    presence_penalty: float = 0.0     # in [-2, 2]; 0 = off
+    frequency_penalty: float = 0.0    # in [-2, 2]; 0 = off
+    repetition_penalty: float = 1.0   # > 0; 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), sorted by id
+    logprobs: int = -1                # -1 = none, 0 = the sampled token's, k = and the top k
+    prompt_logprobs: int = -1         # likewise for each prompt token after the first (echo)
 
     def __post_init__(self) -> None:
         """The ranges the router enforces, checked again here: a worker called directly
@@ -37,12 +51,38 @@ class SamplingParams:
             bad.append(f"max_tokens {self.max_tokens} (>= 0)")
         if any(t < 0 for t in self.stop_token_ids):
             bad.append("a negative stop token id")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+                bad.append(f"{name} {v} (in [-2, 2])")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            bad.append(f"repetition_penalty {self.repetition_penalty} (> 0)")
+        bias = tuple(sorted((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
+        object.__setattr__(self, "logit_bias", bias)   # canonical: one entry per token, by id
+        if any(t < 0 for t, _ in bias):
+            bad.append("a negative logit_bias token id")
+        if not all(math.isfinite(b) and -100.0 <= b <= 100.0 for _, b in bias):
+            bad.append("a logit_bias value outside [-100, 100]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if not (-1 <= v <= MAX_LOGPROBS):
+                bad.append(f"{name} {v} (-1 = none, or 0..{MAX_LOGPROBS})")
         if bad:
             raise ValueError("invalid sampling parameters: " + ", ".join(bad))
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Any penalty on: the sampler keeps this request's token counts on the device."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def changes_logits(self) -> bool:
+        """Penalties or a logit bias: the logits are processed before sampling."""
+        return self.has_penalties or bool(self.logit_bias)
 
     def to_proto(self):
         from proto import tandem_pb2 as pb
@@ -57,6 +97,14 @@ class SamplingParams:
             max_tokens=self.max_tokens,
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=dict(self.logit_bias),
+            has_logprobs=self.logprobs >= 0,
+            logprobs=max(self.logprobs, 0),
+            has_prompt_logprobs=self.prompt_logprobs >= 0,
+            prompt_logprobs=max(self.prompt_logprobs, 0),
         )
 
     @classmethod
@@ -70,4 +118,10 @@ class SamplingParams:
             max_tokens=msg.max_tokens,
             stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos,
+            presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty,
+            repetition_penalty=msg.repetition_penalty if msg.repetition_penalty != 0 else 1.0,
+            logit_bias=tuple(msg.logit_bias.items()),
+            logprobs=msg.logprobs if msg.has_logprobs else -1,
+            prompt_logprobs=msg.prompt_logprobs if msg.has_prompt_logprobs else -1,
         )
