@@ -83,6 +83,10 @@ class RouterMetrics:
         self.stream_errors = Counter("tandem_router_stream_errors",
                                      "Streams that ended with an error event after their 200, by code.",
                                      ["code"], registry=r)
+        self.ignored_fields = Counter("tandem_router_ignored_fields",
+                                      "Request fields the router did not know and ignored, by field name "
+                                      "(names past the first 64 seen count as \"other\").",
+                                      ["field"], registry=r)
         self.members = Gauge("tandem_members", "Cluster members known to the router, by role and state.",
                              ["role", "state"], registry=r)
         self._member_labels: set[tuple[str, str]] = set()

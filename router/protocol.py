@@ -3,7 +3,11 @@
 Lifecycle of a request body:
   1. `parse_request(Model, raw_bytes)`: JSON decode + pydantic validation;
      anything malformed, out of range or unsupported raises a 400 `OpenAIError`
-     (never a 422, never silently ignored: unknown fields are rejected).
+     (never a 422). Unknown top-level (and stream_options) fields are accepted and
+     ignored, as vLLM does: `unknown_fields(req)` names them and the server warns once
+     per name and counts them (router/ignored.py). Fields that would change the output
+     and that Tandem does not do (tools, guided decoding, ...) are not "unknown": they
+     are 400s naming the parameter (`_UNSUPPORTED`).
   2. The server resolves `model`, tokenizes (`prompt` / chat template) and
      checks lengths and token ids against the tokenizer and max_model_len,
      which need state this module does not have.
@@ -13,7 +17,9 @@ Lifecycle of a request body:
 
 Supported: one prompt per request (str, [str], [int], [[int]]); a batch of
 several prompts is rejected with 400. n must be 1. echo, logprobs, best_of>1,
-suffix, penalties other than 0, logit_bias, tools are rejected with 400.
+suffix, penalties other than 0, logit_bias, tools, response_format other than
+{"type": "text"} are rejected with 400. Accepted and ignored (OpenAI fields with
+no effect here): metadata, store, service_tier, parallel_tool_calls, user.
 """
 from __future__ import annotations
 
@@ -43,14 +49,57 @@ StrictStr = Annotated[str, Field(strict=True)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")          # vLLM's continuous_usage_stats, say: ignored
     include_usage: StrictBool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("type"), str) and v["type"] != "text":
+            raise ValueError(f"response_format of type {v['type']!r} is not supported (only 'text')")
+        return v
+
+
+# Fields that change the output and that this server does not do: present with anything but
+# their neutral values, they are a 400 naming the field instead of being ignored as unknown.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None,), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None, "none"),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "guided_decoding_backend": (None,), "use_beam_search": (None, False),
+    "min_tokens": (None, 0), "bad_words": (None, []), "allowed_token_ids": (None,), "prompt_logprobs": (None,),
+    "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]), "length_penalty": (None, 1, 1.0),
+    "truncate_prompt_tokens": (None,), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "chat_template": (None,), "chat_template_kwargs": (None,), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "add_special_tokens": (None,), "documents": (None,),
+}
+
+
+def _reject_unsupported(data: dict[str, Any]) -> None:
+    for name in _UNSUPPORTED.keys() & data.keys():
+        if not any(data[name] == v and type(data[name]) is type(v) for v in _UNSUPPORTED[name]):
+            raise bad_request(f"unsupported parameter: {name!r} is not supported by this server", param=name)
+
+
+def unknown_fields(req: BaseModel) -> list[str]:
+    """Names of the fields `req` took but does not know (ignored), stream_options' as
+    "stream_options.<name>"."""
+    names = list(req.model_extra or ())
+    opts = getattr(req, "stream_options", None)
+    if opts is not None and opts.model_extra:
+        names.extend(f"stream_options.{k}" for k in opts.model_extra)
+    return names
 
 
 class BaseSamplingRequest(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")            # unknown fields: ignored (unknown_fields)
 
     model: StrictStr | None = None                      # None = the first served model name
     temperature: Annotated[StrictFloat | None, Field(ge=0.0)] = None   # None = 1.0; 0 = greedy
@@ -66,6 +115,7 @@ class BaseSamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt | None, Field(json_schema_extra={"minimum": 1, "maximum": 1})] = 1   # n > 1: issue 13
     user: StrictStr | None = None
+    response_format: ResponseFormat | None = None
     # Accepted only at their neutral value (clients often send the defaults explicitly).
     frequency_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
     presence_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
@@ -227,6 +277,19 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    # what an SDK's own response message carries when sent back as history: accepted empty
+    refusal: Annotated[None, Field(json_schema_extra={"type": "null"})] = None
+    annotations: Annotated[list[None] | None, Field(max_length=0)] = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, v: list | None) -> list | None:
+        if v:
+            raise ValueError("tool calls are not supported")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -251,6 +314,11 @@ class ChatCompletionRequest(BaseSamplingRequest):
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
+    # OpenAI fields accepted and ignored (no effect on what this server generates)
+    metadata: dict[StrictStr, StrictStr] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @field_validator("logprobs")
     @classmethod
@@ -356,6 +424,8 @@ def parse_request(model: type[M], body: bytes) -> M:
     where = _lone_surrogate(data) if _may_hold_surrogate(body) else None
     if where is not None:
         raise bad_request(f"{where} holds a lone UTF-16 surrogate, which is not valid text", param=where)
+    if issubclass(model, BaseSamplingRequest):
+        _reject_unsupported(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -2,7 +2,8 @@
 
 Lifecycle of one request:
   1. auth (`Authorization: Bearer`, when RouterConfig.api_key is set) -> 401
-  2. `protocol.parse_request`: JSON + schema + ranges + unsupported fields -> 400
+  2. `protocol.parse_request`: JSON + schema + ranges + unsupported fields -> 400; unknown
+     fields are ignored, warned about once per name and counted (router/ignored.py)
   3. model name -> 404 model_not_found
   4. a text prompt that cannot fit max_model_len even at its fewest possible tokens -> 400
      before any tokenizer work; tokenize (prompt text or chat template; long texts on a
@@ -44,7 +45,9 @@ from router.dashboard import install as install_dashboard
 from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError, bad_request, install_error_handlers
 from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
-from router.protocol import ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request
+from router.ignored import IgnoredFields
+from router.protocol import (ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request,
+                             unknown_fields)
 from router.sse import SSEResponse, _unless_disconnected, sse_event
 from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
@@ -329,6 +332,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     config = config.resolved()
     metrics = metrics or RouterMetrics()
     gw = _Gateway(config, tokenizer, client, metrics)
+    ignored = IgnoredFields(metrics)
     client.set_event_hook(metrics.on_backend_event)
     if not config.etcd_endpoints:  # static members; an etcd view sets them on every change (router/members.py)
         metrics.set_members("decode", "static", len(config.decode_addresses))
@@ -373,6 +377,8 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(CompletionRequest, raw)
+        if req.model_extra or req.stream_options is not None:
+            ignored.note("/v1/completions", unknown_fields(req))
         job = await gw.completion_job(req)
         return await (gw.stream(request, job, chat=False) if job.stream else gw.complete(request, job, chat=False))
 
@@ -383,6 +389,8 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         except ClientDisconnect:                 # gone before its body arrived: nothing to answer
             return Response(status_code=499)
         req = parse_request(ChatCompletionRequest, raw)
+        if req.model_extra or req.stream_options is not None:
+            ignored.note("/v1/chat/completions", unknown_fields(req))
         job = await gw.chat_job(req)
         return await (gw.stream(request, job, chat=True) if job.stream else gw.complete(request, job, chat=True))
 

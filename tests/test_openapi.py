@@ -45,7 +45,7 @@ def test_bodies_and_statuses_are_documented(cluster):
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         body = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
         assert {"model", "max_tokens", "stream", "temperature"} <= set(body["properties"])
-        assert body["additionalProperties"] is False
+        assert body["additionalProperties"] is True           # unknown fields: ignored with a warning
         assert {"200", "400", "404", "413", "503"} <= set(op["responses"])
         assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
 

@@ -183,8 +183,9 @@ def test_malformed_json_is_400_not_422(dead_client):
 @pytest.mark.parametrize("extra,param", [
     ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 1}, "logprobs"), ({"best_of": 3}, "best_of"),
     ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"frobnicate": 1}, "frobnicate"),
-    ({"stream_options": {"include_usage": True}}, None),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"stream_options": {"include_usage": True}}, None), ({"min_tokens": 3}, "min_tokens"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_completion_fields(dead_client, extra, param):
     err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(**extra)), 400)
@@ -192,11 +193,77 @@ def test_unsupported_completion_fields(dead_client, extra, param):
         assert err["param"] == param and "support" in err["message"]
 
 
-@pytest.mark.parametrize("extra,param", [({"n": 3}, "n"), ({"logprobs": True}, "logprobs"),
-                                         ({"top_logprobs": 2}, "top_logprobs"), ({"tools": []}, "tools")])
+@pytest.mark.parametrize("extra,param", [
+    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": []}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"functions": []}, "functions"),
+    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
+])
 def test_unsupported_chat_fields(dead_client, extra, param):
     err = assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
     assert "support" in err["message"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", cmpl(frobnicate=1, metadata={"a": "b"})),
+    ("/v1/chat/completions", chat(metadata={"team": "x"}, store=False, service_tier="auto",
+                                  parallel_tool_calls=True, response_format={"type": "text"}, tool_choice="none",
+                                  frobnicate={"deep": [1]})),
+    ("/v1/chat/completions", chat(messages=[      # an SDK's response message sent back as history
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo", "refusal": None, "annotations": [], "audio": None,
+         "function_call": None, "tool_calls": None}])),
+    ("/v1/completions", cmpl(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})),
+])
+def test_ignored_and_unknown_fields_reach_the_backend(dead_client, path, body):
+    """Accepted (the dead worker's 503 shows validation passed), not rejected as before."""
+    assert_openai_error(dead_client.post(path, json=body), 503)
+
+
+@pytest.mark.parametrize("body,param", [
+    (chat(metadata={"a": 1}), "metadata.a"), (chat(store="yes"), "store"),
+    (chat(parallel_tool_calls=2), "parallel_tool_calls"), (chat(response_format={"type": 3}), "response_format.type"),
+    (cmpl(frobnicate=1, temperature=-1), "temperature"),
+])
+def test_known_fields_with_invalid_values_stay_400(dead_client, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    assert_openai_error(dead_client.post(path, json=body), 400, param)
+
+
+def test_unknown_fields_warned_once_and_counted(tokenizer, caplog):
+    async def body():
+        async with gateway(tokenizer) as (_, c):
+            rs = [await c.post("/v1/completions", json=cmpl(max_tokens=2, frobnicate=i, zap=None))
+                  for i in range(3)]
+            rs.append(await c.post("/v1/chat/completions", json=chat(max_tokens=2, frobnicate=True,
+                                                                     stream=True, stream_options={"x": 1})))
+            return rs, (await c.get("/metrics")).text
+
+    with caplog.at_level("WARNING", logger="router.ignored"):
+        rs, scrape = run(body())
+    assert [r.status_code for r in rs] == [200] * 4
+    assert rs[0].json()["choices"][0]["text"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "router.ignored"]
+    assert len(warned) == 3 and sum("'frobnicate'" in m for m in warned) == 1, warned
+    assert any("'stream_options.x'" in m and "/v1/chat/completions" in m for m in warned), warned
+    assert 'tandem_router_ignored_fields_total{field="frobnicate"} 4.0' in scrape
+    assert 'tandem_router_ignored_fields_total{field="zap"} 3.0' in scrape
+    assert 'tandem_router_ignored_fields_total{field="stream_options.x"} 1.0' in scrape
+
+
+def test_ignored_field_labels_and_logs_are_bounded(caplog):
+    from router.ignored import IgnoredFields
+    from router.metrics import RouterMetrics
+
+    m = RouterMetrics()
+    ig = IgnoredFields(m, max_labels=3, max_logged=5)
+    with caplog.at_level("WARNING", logger="router.ignored"):
+        for i in range(10):
+            ig.note("/x", [f"f{i}", "f0"])
+    scrape = m.render()[0].decode()
+    assert 'field="f0"} 11.0' in scrape and 'field="f2"} 1.0' in scrape and 'field="f3"' not in scrape
+    assert 'field="other"} 7.0' in scrape
+    assert len(caplog.records) == 6 and "not logged" in caplog.records[-1].getMessage()
 
 
 def test_neutral_values_accepted_until_backend(dead_client):
