@@ -25,8 +25,16 @@ False: colocated mode, or a recompute after preemption):
    ``all_token_ids[:num_computed]`` (prompt and output tokens whose KV is in the pages:
    multi-turn reuse), the tree adopting the pages or freeing duplicates, and free the
    pages past them; without ``keep`` (its prefill never ran, or the engine failed) free
-   the seq's own pages. A seq that was never admitted here (remote KV) just has its
-   pages freed: remote seqs never touch the tree.
+   the seq's own pages. A remote seq released before its KV landed just has its pages
+   freed.
+
+A remote seq (``seq.remote_kv``: a prefill worker sends its prompt KV into pages the
+scheduler reserved off the free list) joins at ``adopt(seq)``, once every layer has landed:
+its full prompt pages go into the tree as a local seq's do in ``on_prefilled``, and where the
+tree already holds the same prefix (another request's landed KV) the seq's copy is freed and
+the tree's page takes its place. So requests that share a prefix share its pages on the decode
+worker too (the pool holds one copy; decode attention reads one copy), and its release is a
+local seq's from then on. ``adopted_shared_pages`` counts the pages freed that way.
 
 Rules: a seq writes KV only at positions >= ``num_computed``, which lie in its own
 pages; tree pages in its page table are the leading ``num_shared`` ones, held locked.
@@ -82,7 +90,8 @@ class PrefixCacheManager:
         self.page_size = page_size
         self.evict_batch = evict_batch if evict_batch is not None else max(1, allocator.num_total // 128)
         self.cache = RadixCache(allocator, page_size)
-        self._held: dict[str, _Hold] = {}    # request id -> lock of an admitted local seq
+        self._held: dict[str, _Hold] = {}    # request id -> lock of an admitted local seq (or adopted remote one)
+        self.adopted_shared_pages = 0        # remote seqs' landed pages freed for the tree's copy (adopt)
 
     # -- accounting (plain ints) ---------------------------------------------------
     @property
@@ -151,10 +160,25 @@ class PrefixCacheManager:
         hold = self._held.get(seq.request_id)
         if hold is None:
             return
+        self.cache.unlock(hold.handle)
+        self._share_full_pages(seq, hold)
+
+    def adopt(self, seq: Sequence) -> None:
+        """A remote seq's KV of its first ``num_computed`` tokens has landed in its own pages
+        (no write to them is pending): share its full pages through the tree (module docstring)."""
+        if seq.request_id in self._held:
+            return
+        hold = self._held[seq.request_id] = _Hold(self.cache.root, 0)
+        before = list(seq.pages)
+        self._share_full_pages(seq, hold)
+        self.adopted_shared_pages += sum(a != b for a, b in zip(before, seq.pages))
+
+    def _share_full_pages(self, seq: Sequence, hold: _Hold) -> None:
+        """Insert seq's full computed pages (its lock is off), lock them again and use the tree's
+        pages in seq.pages (insert freed the duplicates)."""
         ps = self.page_size
         full = seq.num_computed // ps
         tokens = seq.all_token_ids[:full * ps]
-        self.cache.unlock(hold.handle)
         self.cache.insert(tokens, seq.pages[:full])
         m = self.cache.match_prefix(tokens)
         assert len(m.pages) == full, (len(m.pages), full)

@@ -43,7 +43,8 @@ Results for a request id the scheduler no longer knows (aborted while its
 step was in flight) are ignored and return None, as vLLM does.
 
 Rules: AWAITING_KV seqs are never preempted (a sender writes into their
-pages) and never touch the prefix cache; admission leaves the pages that this
+pages) and never touch the prefix cache (at ``kv_ready`` their full pages join it,
+PrefixCacheManager.adopt); admission leaves the pages that this
 step's decodes need, so a new seq never pushes out an older running one.
 Free pages (``free_pages``, what the router sees) = free list + evictable
 cache pages.
@@ -275,6 +276,8 @@ class DecodeScheduler:
             return None
         seq.cached_tokens = cached_tokens
         seq.num_computed = seq.num_prompt_tokens
+        if self.prefix_cache is not None:
+            self.prefix_cache.adopt(seq)    # its full pages shared with same-prefix seqs from now on
         return self._append(seq, first_token_id)
 
     def on_prefilled(self, request_id: str, token_id: int) -> FinishReason | None:

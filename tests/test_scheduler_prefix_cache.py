@@ -177,19 +177,31 @@ def test_check_integrity_catches_a_seq_writing_into_a_cache_page():
     sched.check_integrity()
 
 
-def test_remote_seqs_never_touch_the_cache():
+def test_remote_seqs_share_their_landed_prompt_pages():
+    """Reserved pages are the seq's own (a sender writes them); once the KV has landed
+    (kv_ready), same-prefix seqs share the full pages: one copy in the pool."""
     sched = make_cached_scheduler()
-    for i in range(3):
-        sched.add(Sequence(f"r{i}", list(range(1, 13)), SamplingParams(max_tokens=3), remote_kv=True))
-    for _ in range(10):
-        out = sched.schedule()
-        for s in out.reserved:
-            sched.kv_ready(s.request_id, 5, cached_tokens=0)
-        for s in out.decode:
-            sched.on_decoded(s.request_id, 5)
+    prompt = list(range(1, 14))             # 13 tokens: 3 full pages of 4 + 1 slot
+    seqs = [Sequence(f"r{i}", prompt[:-1] + [50 + i], SamplingParams(max_tokens=3, ignore_eos=True),
+                     remote_kv=True) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    assert [s.request_id for s in out.reserved] == ["r0", "r1", "r2"]
+    assert sched.prefix_cache.num_pages == 0 and out.page_copies == ()
+    assert len({p for s in seqs for p in s.pages}) == 12        # 4 own pages each
+    sched.check_integrity()
+    for s in seqs:
+        sched.kv_ready(s.request_id, 7, cached_tokens=0)
         sched.check_integrity()
-        assert sched.prefix_cache.num_pages == 0 and out.page_copies == ()
-    assert not sched.has_work and sched.allocator.num_free == 64
+    shared = seqs[0].pages[:3]
+    assert all(s.pages[:3] == shared for s in seqs) and sched.prefix_cache.num_pages == 3
+    assert len({p for s in seqs for p in s.pages}) == 3 + 3    # the full pages once, a last page each
+    assert sched.prefix_cache.adopted_shared_pages == 6
+    assert sched.allocator.num_free == 64 - 6
+    drain(sched)
+    assert not sched.has_work and sched.free_pages == 64
+    sched.check_integrity()
 
 
 def test_small_pool_evicts_lru_entries_and_stays_whole():
