@@ -17,11 +17,30 @@ Reproducibility: a row with `params.seed` draws its E from its own
 that pair, the row's logits and its params -- not on the batch it sits in, nor on
 which worker samples it (the prefill worker draws output 0, the decode worker the
 rest). Rows without a seed draw from the generator owned by the `Sampler`.
+Penalties and logit bias change the logits, never the noise, so they keep that property.
+
+Before step 1, rows that ask for them get logit bias and presence/frequency/repetition
+penalties (engine/penalties.py: vLLM's semantics; the output-token counts live on the
+device in a `PenaltyTable`, updated with each step's draws, so a step queued before the
+previous one is read back sees its tokens). Penalties apply to greedy rows too.
+Logprobs (engine/logprobs.py) come from the same logits in the same call: by default the
+raw ones (before bias and penalties), as vLLM v1; `run` returns them packed in one small
+device tensor beside the tokens.
+
+Fast path: a batch in which no row uses bias, penalties or logprobs costs one pass over
+the params more than before (`SamplingParams.plain`), nothing on the device.
+Lifecycle of per-request state: `release(request_id)` once a request that used a
+penalty ends (the engines call it for every request that ends; unknown ids are no-ops).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
+from engine.logprobs import TokenLogprob, pack, unpack
+from engine.penalties import PenaltyTable, TokenSource, add_logit_bias
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -75,15 +94,41 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return scaled
 
 
-class Sampler:
-    """Samples one token per row; owns the RNG used by rows without a seed.
+@dataclass(frozen=True)
+class SampleOutput:
+    """One `Sampler.run`: the tokens, and the packed logprobs of the rows that asked."""
+    tokens: torch.Tensor                      # int64 [B] on the device
+    logprobs: torch.Tensor | None = None      # float32 [len(lp_rows), 1 + 2K] (logprobs.pack), device
+    lp_rows: tuple[int, ...] = ()             # batch rows with params.logprobs >= 0, in order
+    lp_ks: tuple[int, ...] = ()               # their params.logprobs
 
-    Keeps one generator per device, created lazily from `seed`.
+    def entries(self, tokens: Sequence[int], packed: Sequence[Sequence[float]] | None
+                ) -> list[TokenLogprob | None]:
+        """Per batch row, its TokenLogprob (None where not asked), from the host copies of
+        `tokens` and `logprobs`."""
+        out: list[TokenLogprob | None] = [None] * len(tokens)
+        if self.lp_rows:
+            for i, e in zip(self.lp_rows, unpack(packed, [tokens[i] for i in self.lp_rows], self.lp_ks)):
+                out[i] = e
+        return out
+
+
+class Sampler:
+    """Samples one token per row; owns the RNG used by rows without a seed, and the
+    per-request penalty state (one `PenaltyTable` per device).
+
+    Keeps one generator per device, created lazily from `seed`. logprobs_mode: "raw"
+    (the model's distribution) or "processed" (after logit bias and penalties).
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, logprobs_mode: str = "raw"):
+        if logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"logprobs_mode {logprobs_mode!r}: 'raw' or 'processed'")
         self._seed = seed
+        self.logprobs_mode = logprobs_mode
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._tables: dict[torch.device, PenaltyTable] = {}
+        self._staging = None     # PinnedStaging for the feature paths' host->device copies (CUDA)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -93,23 +138,62 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
+    def _upload(self, device: torch.device):
+        """upload(*host tensors of int64 / float64) -> device copies, in one copy on CUDA (pinned)."""
+        if device.type != "cuda":
+            return lambda *parts: list(parts)
+        if self._staging is None:
+            from engine.attention.base import PinnedStaging
+            self._staging = PinnedStaging()
+
+        def upload(*parts: torch.Tensor) -> list[torch.Tensor]:
+            flat = [p.reshape(-1).view(torch.int64) for p in parts]
+            dev = self._staging.to_device(flat, device)
+            out, o = [], 0
+            for p, f in zip(parts, flat):
+                out.append(dev[o:o + f.numel()].view(p.dtype).view(p.shape))
+                o += f.numel()
+            return out
+        return upload
+
+    def table(self, device: torch.device, vocab: int) -> PenaltyTable:
+        t = self._tables.get(device)
+        if t is None or t.vocab != vocab:
+            t = self._tables[device] = PenaltyTable(vocab, device, upload=self._upload(device))
+        return t
+
+    def release(self, request_id: str) -> None:
+        """The request ended: free its penalty state (no-op if it had none)."""
+        for t in self._tables.values():
+            t.release(request_id)
+
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               output_index: list[int]) -> list[int]:
+               output_index: list[int], sources: Sequence[TokenSource] | None = None) -> list[int]:
         """Return one token id per row of `logits` [B, V] (see module docstring)."""
-        return self.sample_on_device(logits, params, output_index).tolist()
+        return self.run(logits, params, output_index, sources).tokens.tolist()
 
     def sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams],
-                         output_index: list[int]) -> torch.Tensor:
+                         output_index: list[int], sources: Sequence[TokenSource] | None = None) -> torch.Tensor:
         """`sample`, left on logits' device (int64 [B]); reading it back is the caller's sync."""
+        return self.run(logits, params, output_index, sources).tokens
+
+    def run(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
+            sources: Sequence[TokenSource] | None = None) -> SampleOutput:
+        """Sample every row, on logits' device. `sources[i]` (a TokenSource, e.g. the Sequence)
+        is read for rows with a penalty (their request id and, on first sight, their tokens)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
         if len(params) != batch or len(output_index) != batch:
             raise ValueError(f"{batch} rows but {len(params)} params and {len(output_index)} output indices")
         if batch == 0:
-            return torch.zeros(0, dtype=torch.int64, device=logits.device)
+            return SampleOutput(torch.zeros(0, dtype=torch.int64, device=logits.device))
         device = logits.device
-        logits = logits.float()
+        raw = logits = logits.float()
+        special = [i for i, p in enumerate(params) if not p.plain]
+        pen_slots = pen_idx = None
+        if special:
+            logits, pen_slots, pen_idx = self._process(logits, params, special, sources)
         out = torch.argmax(logits, dim=-1)
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -131,7 +215,46 @@ class Sampler:
                 out[torch.tensor(rows, device=device)] = drawn
             else:
                 out = drawn
-        return out
+        if not special:
+            return SampleOutput(out)
+        if pen_slots is not None:
+            self.table(device, vocab).count(pen_slots, out.index_select(0, pen_idx))
+        lp_rows = tuple(i for i in special if params[i].logprobs >= 0)
+        if not lp_rows:
+            return SampleOutput(out)
+        ks = tuple(params[i].logprobs for i in lp_rows)
+        src = raw if self.logprobs_mode == "raw" else logits
+        if len(lp_rows) < batch:
+            idx, = self._upload(device)(torch.tensor(lp_rows, dtype=torch.int64))
+            src, toks = src.index_select(0, idx), out.index_select(0, idx)
+        else:
+            toks = out
+        packed = pack(torch.log_softmax(src, dim=-1), toks, max(ks))
+        return SampleOutput(out, packed, lp_rows, ks)
+
+    def _process(self, logits: torch.Tensor, params: list[SamplingParams], special: list[int],
+                 sources: Sequence[TokenSource] | None):
+        """Logit bias and penalties of the rows that have them, into a new logits tensor (the
+        input stays as it was: raw logprobs read it). Returns (logits, penalty slots, their rows)."""
+        rows = [i for i in special if params[i].changes_logits]
+        if not rows:
+            return logits, None, None
+        device, upload = logits.device, self._upload(logits.device)
+        pen = [j for j, i in enumerate(rows) if params[i].has_penalties]
+        if pen and sources is None:
+            raise ValueError("penalties need each row's token source (Sampler.run's sources)")
+        idx, pen_local, pen_rows = upload(torch.tensor(rows, dtype=torch.int64), torch.tensor(pen, dtype=torch.int64),
+                                          torch.tensor([rows[j] for j in pen], dtype=torch.int64))
+        sub = logits.index_select(0, idx)
+        add_logit_bias(sub, [params[i] for i in rows], upload)
+        slots = None
+        if pen:
+            table = self.table(device, logits.shape[1])
+            psub = sub if len(pen) == len(rows) else sub.index_select(0, pen_local)
+            slots = table.apply(psub, [params[rows[j]] for j in pen], [sources[rows[j]] for j in pen])
+            if psub is not sub:
+                sub.index_copy_(0, pen_local, psub)
+        return logits.index_copy(0, idx, sub), slots, (pen_rows if pen else None)
 
     def _exponential_noise(self, params: list[SamplingParams], output_index: list[int],
                            vocab: int, device: torch.device) -> torch.Tensor:

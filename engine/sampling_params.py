@@ -34,6 +34,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), sorted by id
     logprobs: int = -1                # -1 = none, 0 = the sampled token's, k = and the top k
     prompt_logprobs: int = -1         # likewise for each prompt token after the first (echo)
+    # no bias, penalty or logprobs: the sampler's fast path (set by __post_init__)
+    plain: bool = field(init=False, repr=False, compare=False, default=True)
 
     def __post_init__(self) -> None:
         """The ranges the router enforces, checked again here: a worker called directly
@@ -69,6 +71,7 @@ class SamplingParams:
                 bad.append(f"{name} {v} (-1 = none, or 0..{MAX_LOGPROBS})")
         if bad:
             raise ValueError("invalid sampling parameters: " + ", ".join(bad))
+        object.__setattr__(self, "plain", not self.changes_logits and self.logprobs < 0)
 
     @property
     def greedy(self) -> bool:
