@@ -15,8 +15,8 @@ Lifecycle of a request body:
      sent to the decode worker; stop *strings* stay in the router
      (`req.stop_strings()`).
 
-Supported: one prompt per request (str, [str], [int], [[int]]); a batch of
-several prompts is rejected with 400. n must be 1. echo, logprobs, best_of>1,
+Prompts: str, [int], or a batch [str, ...] / [[int], ...] (`prompts()`; the server runs
+each as its own cluster request, one choice per prompt). n must be 1. echo, logprobs, best_of>1,
 suffix, penalties other than 0, logit_bias, tools, response_format other than
 {"type": "text"} are rejected with 400. Accepted and ignored (OpenAI fields with
 no effect here): metadata, store, service_tier, parallel_tool_calls, user.
@@ -191,7 +191,7 @@ class BaseSamplingRequest(BaseModel):
 class CompletionRequest(BaseSamplingRequest):
     """POST /v1/completions. After validation `prompt` is a str or a list[int]."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]     # see prompts()
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = 16   # None = fill the context
     echo: StrictBool | None = False
     logprobs: StrictInt | None = None
@@ -200,32 +200,41 @@ class CompletionRequest(BaseSamplingRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
+    def _prompts(cls, v: Any) -> Any:
         def all_ints(xs: list) -> bool:     # C speed; json.loads gives plain ints (bool is its own type)
             return set(map(type, xs)) == {int}
 
         if isinstance(v, str):
-            prompt: str | list[int] = v
-        elif isinstance(v, list) and v and all_ints(v):
-            prompt = v
-        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
-            if len(v) > 1:
-                raise ValueError(f"batched prompts are not supported ({len(v)} prompts); send one prompt per request")
-            prompt = v[0]
-        elif isinstance(v, list) and v and all(isinstance(x, list) for x in v):
-            if len(v) > 1:
-                raise ValueError(f"batched prompts are not supported ({len(v)} prompts); send one prompt per request")
-            if v[0] and not all_ints(v[0]):
-                raise ValueError("a token-id prompt must be a list of integers")
-            prompt = v[0]
-        elif isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        else:
-            raise ValueError("prompt must be a string, a list of one string, a list of token ids, "
-                             "or a list of one list of token ids")
-        if len(prompt) == 0:
-            raise ValueError("prompt must not be empty")
-        return prompt
+            if not v:
+                raise ValueError("prompt must not be empty")
+            return v
+        if not isinstance(v, list) or not v:
+            if isinstance(v, list):
+                raise ValueError("prompt must not be empty")
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
+                             "or a list of lists of token ids")
+        if all_ints(v):
+            return v
+        if all(isinstance(x, str) for x in v):
+            if not all(v):
+                raise ValueError(f"prompt {[bool(x) for x in v].index(False)} is empty")
+            return v
+        if all(isinstance(x, list) for x in v):
+            for i, x in enumerate(v):
+                if not x:
+                    raise ValueError(f"prompt {i} is empty")
+                if not all_ints(x):
+                    raise ValueError(f"prompt {i}: a token-id prompt must be a list of integers")
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
+                         "or a list of lists of token ids (not a mix)")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch, in choice-index order (one for a str or a token-id list)."""
+        p = self.prompt
+        if isinstance(p, str) or not p or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
     @field_validator("echo")
     @classmethod

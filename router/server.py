@@ -9,17 +9,15 @@ Lifecycle of one request:
      before any tokenizer work; tokenize (prompt text or chat template; long texts on a
      worker thread, `router/tokenize.py`) and check token ids against the vocabulary and
      prompt + max_tokens against max_model_len (the smallest the workers report) -> 400
-  5. `DecodeClient.generate` -> GenerateResponse stream -> IncrementalDetokenizer
-     -> StopStringMatcher -> text deltas (`_text_deltas`)
-  6. non-streaming: one JSON object; streaming: SSE chunks, a finish chunk, an
-     optional usage chunk, `data: [DONE]`. The first worker message is awaited
-     before the 200 is sent, so an unreachable worker is a plain 5xx JSON error;
-     a later failure is a final SSE `{"error": ...}` event.
-  Whenever the request ends early (stop string, client disconnect, error) the
-  backend iterator is closed, which cancels the gRPC call on the worker.
-  Metrics (router/metrics.py, GET /metrics): the ASGI middleware counts every
-  request by route and status; `_text_deltas` feeds the request's RequestTimer
-  (time to first token, inter-token gaps, end-to-end latency).
+  5. a `generation.Work` of one `Job` per prompt (a completions batch has several, each its
+     own cluster request) run by router/generation.py: the JSON answer, or the SSE stream
+     (the first worker message of every job is awaited before the 200, so an unreachable
+     worker is a plain 5xx JSON error; a later failure is a final SSE `{"error": ...}` event).
+     Whenever a request ends early (stop string, client disconnect, error, a failed sibling
+     prompt) its backend iterators are closed, which aborts them on the workers.
+  Metrics (router/metrics.py, GET /metrics): the ASGI middleware counts every request by
+  route and status; each job feeds its own RequestTimer (time to first token, inter-token
+  gaps, end-to-end latency).
   Operator dashboard (router/dashboard.py): GET /dashboard and its JSON, /dashboard/state.
 """
 from __future__ import annotations
@@ -28,64 +26,27 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from engine.sampling_params import SamplingParams
-from proto import tandem_pb2 as pb
 from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.dashboard import install as install_dashboard
-from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError, bad_request, install_error_handlers
-from router.metrics import ARRIVAL_NS_KEY, MetricsMiddleware, RequestTimer, RouterMetrics
+from router.generation import Generation, Job, Work
 from router.ignored import IgnoredFields
+from router.metrics import MetricsMiddleware, RouterMetrics
 from router.protocol import (ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request,
                              unknown_fields)
-from router.sse import SSEResponse, _unless_disconnected, sse_event
 from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
 
 log = logging.getLogger(__name__)
-
-_FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
-
-
-@dataclass
-class _Usage:
-    """Per-request token counters (mutated while the request streams)."""
-    prompt_tokens: int
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A validated, tokenized request ready for a decode worker."""
-    request_id: str
-    model: str
-    created: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    return_token_ids: bool = False
-
 
 class _Gateway:
     """Everything the route handlers share: config, tokenizer, backend client."""
@@ -98,8 +59,6 @@ class _Gateway:
         self.metrics = metrics or RouterMetrics()
         self.tokenization = Tokenization(tokenizer)
         self.vocab_size = len(tokenizer)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     # ---- validation that needs the tokenizer / config ---------------------------
 
@@ -126,10 +85,9 @@ class _Gateway:
         reported = self.client.max_model_len()
         return self.config.max_model_len if reported is None else min(self.config.max_model_len, reported)
 
-    def make_job(self, req: BaseSamplingRequest, prompt_ids: list[int], prefix: str) -> _Job:
-        model = self.resolve_model(req.model)
+    def sampling_params(self, req: BaseSamplingRequest, n_prompt: int) -> SamplingParams:
+        """The prompt's sampling parameters, once its length fits the context with max_tokens."""
         limit = self.max_model_len()
-        n_prompt = len(prompt_ids)
         if n_prompt == 0:
             raise bad_request("prompt must not be empty", param="prompt")
         max_tokens = req.requested_max_tokens()
@@ -141,11 +99,18 @@ class _Gateway:
                 f"{n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the prompt, {max(max_tokens, 1)} "
                 f"in the completion). Please reduce the prompt or max_tokens.",
                 param="max_tokens", code="context_length_exceeded")
+        return req.sampling_params(max_tokens)
+
+    def make_work(self, req: BaseSamplingRequest, prompts: list[list[int]], prefix: str, chat: bool) -> Work:
+        model = self.resolve_model(req.model)
         if req.stop_token_ids:
             self.check_token_ids(list(req.stop_token_ids), "stop_token_ids")
-        return _Job(request_id=f"{prefix}-{uuid.uuid4().hex}", model=model, created=int(time.time()),
-                    prompt_ids=prompt_ids, params=req.sampling_params(max_tokens), stop=req.stop_strings(),
-                    stream=req.is_stream, include_usage=req.include_usage,
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        jobs = tuple(Job(request_id=rid if len(prompts) == 1 else f"{rid}-{i}", index=i, prompt_ids=ids,
+                         params=self.sampling_params(req, len(ids)))
+                     for i, ids in enumerate(prompts))
+        return Work(request_id=rid, model=model, created=int(time.time()), chat=chat, jobs=jobs,
+                    stop=req.stop_strings(), stream=req.is_stream, include_usage=req.include_usage,
                     return_token_ids=req.return_token_ids)
 
     def check_text_fits(self, req: BaseSamplingRequest, num_chars: int, param: str) -> None:
@@ -161,17 +126,23 @@ class _Gateway:
                 f"requested for the completion. Please reduce the {param} or max_tokens.",
                 param=param, code="context_length_exceeded")
 
-    async def completion_job(self, req: CompletionRequest) -> _Job:
+    async def completion_work(self, req: CompletionRequest) -> Work:
         self.resolve_model(req.model)  # 404 before any tokenizer work
-        if isinstance(req.prompt, str):
-            self.check_text_fits(req, len(req.prompt), "prompt")
-            ids = await self.tokenization.encode(req.prompt)
-        else:
-            ids = list(req.prompt)
-            self.check_token_ids(ids, "prompt")
-        return self.make_job(req, ids, "cmpl")
+        prompts = req.prompts()
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_fits(req, len(p), "prompt")
+        ids_list = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = await self.tokenization.encode(p)
+            else:
+                ids = list(p)
+                self.check_token_ids(ids, "prompt")
+            ids_list.append(ids)
+        return self.make_work(req, ids_list, "cmpl", chat=False)
 
-    async def chat_job(self, req: ChatCompletionRequest) -> _Job:
+    async def chat_work(self, req: ChatCompletionRequest) -> Work:
         self.resolve_model(req.model)
         messages = [m.to_template() for m in req.messages]
         self.check_text_fits(req, sum(len(m["content"]) for m in messages), "messages")
@@ -179,136 +150,7 @@ class _Gateway:
             out = await self.tokenization.chat(messages)
         except Exception as exc:  # noqa: BLE001 - template errors (bad roles, no template) are the caller's
             raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
-        return self.make_job(req, _input_ids(out), "chatcmpl")
-
-    # ---- generation -------------------------------------------------------------
-
-    async def _text_deltas(self, job: _Job, responses: AsyncIterator[pb.GenerateResponse],
-                           usage: _Usage, all_ids: list[int] | None = None,
-                           timer: RequestTimer | None = None) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish_reason or None); the last item has a finish reason.
-        Closes `responses` (cancelling the gRPC call) before reporting a stop-string hit."""
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        matcher = StopStringMatcher(job.stop)
-        hidden = self.eos_ids | set(job.params.stop_token_ids)
-        async with aclosing(responses):
-            async for resp in responses:
-                ids = list(resp.token_ids)
-                if timer is not None:
-                    timer.on_tokens(len(ids))
-                if all_ids is not None:
-                    all_ids.extend(ids)
-                usage.completion_tokens += len(ids)
-                usage.cached_tokens = max(usage.cached_tokens, resp.cached_tokens)
-                finished = resp.finish_reason != pb.FINISH_NONE
-                if resp.finish_reason == pb.FINISH_STOP and ids and ids[-1] in hidden:
-                    ids = ids[:-1]  # the EOS / stop token itself is not part of the text
-                text = detok.push(ids)
-                if finished:
-                    text += detok.flush()
-                safe, stopped = matcher.feed(text)
-                if (stopped or finished) and timer is not None:
-                    timer.on_finish(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-                if stopped:
-                    await responses.aclose()  # frees the pages on the worker now
-                    yield safe, "stop"
-                    return
-                if finished:
-                    yield safe + matcher.flush(), _FINISH.get(resp.finish_reason, "stop")
-                    return
-                if safe:
-                    yield safe, None
-        raise OpenAIError(502, "decode worker stream ended without a finish reason", code="worker_error")
-
-    async def complete(self, request: Request, job: _Job, chat: bool) -> Response:
-        usage = _Usage(prompt_tokens=len(job.prompt_ids))
-        token_ids: list[int] = []
-        timer = self.metrics.timer(request.scope)
-
-        async def collect() -> tuple[str, str]:
-            parts: list[str] = []
-            finish = "stop"
-            responses = self.client.generate(job.request_id, job.prompt_ids, job.params,
-                                             request.scope.get(ARRIVAL_NS_KEY, 0))
-            async for delta, reason in self._text_deltas(job, responses, usage, token_ids, timer):
-                parts.append(delta)
-                finish = reason or finish
-            return "".join(parts), finish
-
-        result = await _unless_disconnected(request, collect)
-        if result is None:
-            return Response(status_code=499)
-        text, finish = result
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        if job.return_token_ids:
-            choice["token_ids"] = token_ids
-            choice["prompt_token_ids"] = job.prompt_ids
-        return JSONResponse({"id": job.request_id, "object": "chat.completion" if chat else "text_completion",
-                             "created": job.created, "model": job.model, "choices": [choice],
-                             "usage": usage.to_dict()})
-
-    async def stream(self, request: Request, job: _Job, chat: bool) -> Response:
-        usage = _Usage(prompt_tokens=len(job.prompt_ids))
-        timer = self.metrics.timer(request.scope)
-        responses = self.client.generate(job.request_id, job.prompt_ids, job.params,
-                                             request.scope.get(ARRIVAL_NS_KEY, 0))
-
-        async def first() -> pb.GenerateResponse:
-            try:
-                return await anext(responses)
-            except BaseException:
-                await responses.aclose()
-                raise
-
-        head = await _unless_disconnected(request, first)  # worker errors here are plain HTTP errors
-        if head is None:
-            await responses.aclose()
-            return Response(status_code=499)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                d: dict[str, Any] = {"role": "assistant"} if role else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return sse_event({"id": job.request_id, "object": obj, "created": job.created,
-                              "model": job.model, "choices": [choice]})
-
-        async def replay() -> AsyncIterator[pb.GenerateResponse]:
-            async with aclosing(responses):
-                yield head
-                async for resp in responses:
-                    yield resp
-
-        async def body() -> AsyncIterator[str]:
-            try:
-                if chat:
-                    yield chunk(None, None, role=True)
-                async for delta, reason in self._text_deltas(job, replay(), usage, timer=timer):
-                    if delta or reason:
-                        yield chunk(delta, reason)
-                if job.include_usage:
-                    yield sse_event({"id": job.request_id, "object": obj, "created": job.created,
-                                     "model": job.model, "choices": [], "usage": usage.to_dict()})
-            except OpenAIError as exc:
-                log.warning("request %s: stream ended with an error (HTTP %d, %s): %s", job.request_id,
-                            exc.status, exc.code or exc.type, exc.message)
-                self.metrics.stream_errors.labels(exc.code or exc.type).inc()
-                yield sse_event(exc.to_dict())
-            except Exception as exc:  # noqa: BLE001 - the stream must end with an event, not a reset
-                log.exception("request %s: internal error during the stream", job.request_id)
-                self.metrics.stream_errors.labels("internal_error").inc()
-                yield sse_event(OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").to_dict())
-            finally:
-                await responses.aclose()
-            yield "data: [DONE]\n\n"
-
-        return SSEResponse(body(), on_close=responses.aclose)
+        return self.make_work(req, [_input_ids(out)], "chatcmpl", chat=True)
 
 
 def _input_ids(out: Any) -> list[int]:
@@ -333,6 +175,7 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
     metrics = metrics or RouterMetrics()
     gw = _Gateway(config, tokenizer, client, metrics)
     ignored = IgnoredFields(metrics)
+    generation = Generation(client, tokenizer, metrics)
     client.set_event_hook(metrics.on_backend_event)
     if not config.etcd_endpoints:  # static members; an etcd view sets them on every change (router/members.py)
         metrics.set_members("decode", "static", len(config.decode_addresses))
@@ -379,8 +222,8 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         req = parse_request(CompletionRequest, raw)
         if req.model_extra or req.stream_options is not None:
             ignored.note("/v1/completions", unknown_fields(req))
-        job = await gw.completion_job(req)
-        return await (gw.stream(request, job, chat=False) if job.stream else gw.complete(request, job, chat=False))
+        work = await gw.completion_work(req)
+        return await (generation.stream(request, work) if work.stream else generation.complete(request, work))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -391,8 +234,8 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
         req = parse_request(ChatCompletionRequest, raw)
         if req.model_extra or req.stream_options is not None:
             ignored.note("/v1/chat/completions", unknown_fields(req))
-        job = await gw.chat_job(req)
-        return await (gw.stream(request, job, chat=True) if job.stream else gw.complete(request, job, chat=True))
+        work = await gw.chat_work(req)
+        return await (generation.stream(request, work) if work.stream else generation.complete(request, work))
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:

@@ -273,10 +273,18 @@ def test_neutral_values_accepted_until_backend(dead_client):
     assert_openai_error(dead_client.post("/v1/completions", json=body), 503)
 
 
-def test_batched_prompts_rejected(dead_client):
-    for prompt in (["a", "b"], [[1, 2], [3]]):
-        assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt)), 400, "prompt",
-                            "not supported")
+@pytest.mark.parametrize("prompt,contains", [
+    (["a", ""], "prompt 1 is empty"), ([[1, 2], []], "prompt 1 is empty"), (["a", [1]], "not a mix"),
+    ([[1], ["a"]], "prompt 1"), ([[1, 2], [3, True]], "prompt 1"), ([1.5], "not a mix"),
+])
+def test_bad_batched_prompts(dead_client, prompt, contains):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=prompt)), 400, "prompt", contains)
+
+
+def test_a_batched_prompt_too_long_or_out_of_vocabulary_fails_the_request(dead_client):
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=[[1], [5] * MAX_LEN])), 400,
+                        "max_tokens", str(MAX_LEN))
+    assert_openai_error(dead_client.post("/v1/completions", json=cmpl(prompt=[[1], [10**6]])), 400, "prompt")
 
 
 def test_dead_worker_fails_fast(dead_client):
@@ -317,7 +325,9 @@ class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
         self.delay = 0.0                     # seconds before each token
         self.fail_after: int | None = None   # send FINISH_ERROR instead of token i
         self.hang = False                    # never answer
+        self.fail_first_token: int | None = None   # a request whose prompt starts with it fails after 1 token
         self.requests: list[pb.GenerateRequest] = []
+        self.cancelled_ids: list[str] = []
         self.cancelled = asyncio.Event()
         self.finished = asyncio.Event()
 
@@ -329,7 +339,9 @@ class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
             max_tokens = request.sampling.max_tokens
             out = self.reply if request.sampling.ignore_eos else self.reply + [self.eos]
             for i, tok in enumerate(out):
-                if self.fail_after is not None and i == self.fail_after:
+                fails_here = self.fail_first_token is not None and i == 1 and \
+                    request.prompt_token_ids[0] == self.fail_first_token
+                if fails_here or (self.fail_after is not None and i == self.fail_after):
                     yield pb.GenerateResponse(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
                                               error="GPU on fire")
                     return
@@ -343,6 +355,7 @@ class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
                     break
             self.finished.set()
         except asyncio.CancelledError:
+            self.cancelled_ids.append(request.request_id)
             self.cancelled.set()
             raise
 
@@ -600,3 +613,82 @@ def test_a_client_without_an_event_hook_polls_from_start():
 
     addr, polled, ejected, limit = run(go())
     assert polled and "Stats failed" in ejected[addr] and limit is None
+
+
+# ---------------------------------------------------------------- batched prompts, usage: null
+
+def test_batched_prompts_each_their_own_request(tokenizer):
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            r = await c.post("/v1/completions", json=cmpl(prompt=prompts, max_tokens=3, return_token_ids=True))
+            rs = await c.post("/v1/completions", json=cmpl(prompt=["hello world", "the cat"], max_tokens=4,
+                                                           stream=True, stream_options={"include_usage": True}))
+            return r, rs, list(servicer.requests)
+
+    r, rs, requests = run(body())
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [ch["index"] for ch in out["choices"]] == [0, 1, 2]
+    assert [ch["prompt_token_ids"] for ch in out["choices"]] == prompts
+    reply = tokenizer.encode(REPLY_TEXT)
+    assert all(ch["token_ids"] == reply[:3] and ch["finish_reason"] == "length" for ch in out["choices"])
+    assert out["usage"] == {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18,
+                            "prompt_tokens_details": {"cached_tokens": 6}}
+    ids = [q.request_id for q in requests[:3]]
+    assert len(set(ids)) == 3 and all(i.startswith(out["id"] + "-") for i in ids)
+    assert sorted(list(q.prompt_token_ids) for q in requests[:3]) == sorted(prompts)
+    events = sse_events(rs.text)
+    by_index: dict[int, str] = {}
+    for e in events[:-1]:
+        assert len(e["choices"]) == 1 and e["usage"] is None
+        by_index[e["choices"][0]["index"]] = by_index.get(e["choices"][0]["index"], "") + e["choices"][0]["text"]
+    assert by_index == {0: tokenizer.decode(reply[:4]), 1: tokenizer.decode(reply[:4])}
+    finishes = [e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [0, 1]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 8
+    assert events[-1]["usage"]["prompt_tokens"] == len(tokenizer.encode("hello world")) + len(tokenizer.encode("the cat"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_failing_prompt_fails_the_batch_and_aborts_the_others(tokenizer, stream):
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            servicer.delay = 0.02
+            servicer.fail_first_token = 99
+            r = await c.post("/v1/completions", json=cmpl(prompt=[[5, 6], [99, 1], [7]], max_tokens=30,
+                                                          stream=stream))
+            for _ in range(100):
+                if len(servicer.cancelled_ids) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            return r, list(servicer.cancelled_ids), servicer.finished.is_set()
+
+    r, cancelled, any_finished = run(body())
+    if stream:
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert "GPU on fire" in events[-1]["error"]["message"]
+    else:
+        assert_openai_error(r, 500, contains="GPU on fire")
+    assert len(cancelled) == 2 and not any_finished, cancelled
+    assert all(not c.endswith("-1") for c in cancelled)
+
+
+def test_usage_null_on_every_chunk_but_the_last_only_with_include_usage(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (_, c):
+            out = []
+            for path, b in (("/v1/completions", cmpl), ("/v1/chat/completions", chat)):
+                out.append(await c.post(path, json=b(stream=True, max_tokens=4, stream_options={"include_usage": True})))
+                out.append(await c.post(path, json=b(stream=True, max_tokens=4)))
+            return out
+
+    with_usage_c, without_c, with_usage_chat, without_chat = run(body())
+    for r in (with_usage_c, with_usage_chat):
+        events = sse_events(r.text)
+        assert all("usage" in e and e["usage"] is None for e in events[:-1])
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    for r in (without_c, without_chat):
+        assert all("usage" not in e for e in sse_events(r.text))

@@ -1,0 +1,319 @@
+"""Running one validated OpenAI request on the cluster: the JSON answer or the SSE stream.
+
+Lifecycle of a `Work` (built by router/server.py once the request is validated and tokenized):
+  1. It holds one `Job` per prompt: chat has one, a completions request one per prompt of its
+     batch. Each job is its own cluster request (request id `<id>-<index>` when there are
+     several), placed independently by `DecodeClient.generate`.
+  2. Per job, `_pieces` turns the worker's GenerateResponse stream into text: tokens ->
+     IncrementalDetokenizer -> StopStringMatcher -> `Piece(text, finish)`; the last piece has
+     a finish reason. A stop-string hit closes the job's gRPC stream (the worker frees its
+     pages) before the finish is reported.
+  3. `complete()`: every job runs concurrently; the first to fail cancels the others (their
+     streams close: aborts on the workers) and its error is the HTTP answer. The choices come
+     back in index order, usage summed over the jobs.
+  4. `stream()`: the first worker message of every job is awaited before the 200, so a
+     worker that cannot take one is a plain 5xx JSON error (the others aborted). Then one
+     pump task per job feeds a queue (a single job is read directly, no task); each chunk
+     carries its choice's `index`. With `stream_options.include_usage` every chunk has
+     `"usage": null` and a last chunk with no choices carries the summed usage, as OpenAI
+     sends. A failure after the 200 ends the stream with one `{"error": ...}` event and
+     aborts the other jobs. `data: [DONE]` always ends it.
+  A client that disconnects cancels whatever runs; every job's stream is closed at the end
+  whatever happened.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.sampling_params import SamplingParams
+from proto import tandem_pb2 as pb
+from router.backend import DecodeClient
+from router.detokenize import IncrementalDetokenizer, StopStringMatcher
+from router.errors import OpenAIError
+from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
+from router.sse import SSEResponse, _unless_disconnected, sse_event
+
+log = logging.getLogger(__name__)
+
+_FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length"}
+
+
+@dataclass
+class Usage:
+    """Token counters of one job (mutated while it streams), or of a whole request (summed)."""
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    @staticmethod
+    def total(parts: list["Usage"]) -> "Usage":
+        return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
+                     sum(u.cached_tokens for u in parts))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt of a request: one cluster request."""
+    request_id: str
+    index: int                  # its choice's index
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Work:
+    """A validated, tokenized request ready for the decode workers."""
+    request_id: str             # the response's id
+    model: str
+    created: int
+    chat: bool
+    jobs: tuple[Job, ...]
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool = False
+
+
+class Piece(NamedTuple):
+    text: str
+    finish: str | None          # the last piece of a job has one
+
+
+@dataclass
+class _Run:
+    """One job while it runs."""
+    job: Job
+    usage: Usage
+    timer: RequestTimer
+    responses: AsyncIterator[pb.GenerateResponse]
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Generation:
+    """Runs Works on the cluster (see the module docstring); one per app."""
+
+    def __init__(self, client: DecodeClient, tokenizer: Any, metrics: RouterMetrics) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def _start(self, request: Request, job: Job) -> _Run:
+        responses = self.client.generate(job.request_id, job.prompt_ids, job.params,
+                                         request.scope.get(ARRIVAL_NS_KEY, 0))
+        return _Run(job, Usage(prompt_tokens=len(job.prompt_ids)), self.metrics.timer(request.scope), responses)
+
+    async def _pieces(self, work: Work, run: _Run, responses: AsyncIterator[pb.GenerateResponse],
+                      keep_ids: bool) -> AsyncIterator[Piece]:
+        """The job's text as it comes (see the module docstring). Closes `responses`."""
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        matcher = StopStringMatcher(work.stop)
+        hidden = self.eos_ids | set(run.job.params.stop_token_ids)
+        usage, timer = run.usage, run.timer
+        async with aclosing(responses):
+            async for resp in responses:
+                ids = list(resp.token_ids)
+                timer.on_tokens(len(ids))
+                if keep_ids:
+                    run.token_ids.extend(ids)
+                usage.completion_tokens += len(ids)
+                usage.cached_tokens = max(usage.cached_tokens, resp.cached_tokens)
+                finished = resp.finish_reason != pb.FINISH_NONE
+                if resp.finish_reason == pb.FINISH_STOP and ids and ids[-1] in hidden:
+                    ids = ids[:-1]  # the EOS / stop token itself is not part of the text
+                text = detok.push(ids)
+                if finished:
+                    text += detok.flush()
+                safe, stopped = matcher.feed(text)
+                if stopped or finished:
+                    timer.on_finish(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+                if stopped:
+                    await responses.aclose()  # frees the pages on the worker now
+                    yield Piece(safe, "stop")
+                    return
+                if finished:
+                    yield Piece(safe + matcher.flush(), _FINISH.get(resp.finish_reason, "stop"))
+                    return
+                if safe:
+                    yield Piece(safe, None)
+        raise OpenAIError(502, "decode worker stream ended without a finish reason", code="worker_error")
+
+    # ---- one JSON answer ---------------------------------------------------------------
+
+    async def complete(self, request: Request, work: Work) -> Response:
+        runs = [self._start(request, job) for job in work.jobs]
+
+        async def collect(run: _Run) -> tuple[str, str]:
+            parts: list[str] = []
+            finish = "stop"
+            async for piece in self._pieces(work, run, run.responses, work.return_token_ids):
+                parts.append(piece.text)
+                finish = piece.finish or finish
+            return "".join(parts), finish
+
+        try:
+            results = await _unless_disconnected(request, lambda: _all_or_none([collect(r) for r in runs]))
+        finally:
+            await _close_all(runs)
+        if results is None:
+            return Response(status_code=499)
+        choices = []
+        for run, (text, finish) in zip(runs, results):
+            if work.chat:
+                choice = {"index": run.job.index, "message": {"role": "assistant", "content": text},
+                          "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": run.job.index, "text": text, "logprobs": None, "finish_reason": finish}
+            if work.return_token_ids:
+                choice["token_ids"] = run.token_ids
+                choice["prompt_token_ids"] = run.job.prompt_ids
+            choices.append(choice)
+        return JSONResponse({"id": work.request_id, "object": "chat.completion" if work.chat else "text_completion",
+                             "created": work.created, "model": work.model, "choices": choices,
+                             "usage": Usage.total([r.usage for r in runs]).to_dict()})
+
+    # ---- an SSE stream -------------------------------------------------------------------
+
+    async def stream(self, request: Request, work: Work) -> Response:
+        runs = [self._start(request, job) for job in work.jobs]
+
+        async def first(run: _Run) -> pb.GenerateResponse:
+            return await anext(run.responses)
+
+        try:
+            heads = await _unless_disconnected(request, lambda: _all_or_none([first(r) for r in runs]))
+        except BaseException:
+            await _close_all(runs)       # worker errors here are plain HTTP errors
+            raise
+        if heads is None:
+            await _close_all(runs)
+            return Response(status_code=499)
+        obj = "chat.completion.chunk" if work.chat else "text_completion"
+        usage_field = {"usage": None} if work.include_usage else {}
+
+        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False) -> str:
+            if work.chat:
+                d: dict[str, Any] = {"role": "assistant"} if role else ({"content": delta} if delta else {})
+                choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return sse_event({"id": work.request_id, "object": obj, "created": work.created,
+                              "model": work.model, "choices": [choice], **usage_field})
+
+        async def replay(run: _Run, head: pb.GenerateResponse) -> AsyncIterator[pb.GenerateResponse]:
+            async with aclosing(run.responses):
+                yield head
+                async for resp in run.responses:
+                    yield resp
+
+        streams = [self._pieces(work, run, replay(run, head), keep_ids=False) for run, head in zip(runs, heads)]
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                if work.chat:
+                    for run in runs:
+                        yield chunk(run.job.index, None, None, role=True)
+                async with aclosing(_merge(streams)) as merged:
+                    async for i, piece in merged:
+                        if piece.text or piece.finish:
+                            yield chunk(runs[i].job.index, piece.text, piece.finish)
+                if work.include_usage:
+                    yield sse_event({"id": work.request_id, "object": obj, "created": work.created,
+                                     "model": work.model, "choices": [],
+                                     "usage": Usage.total([r.usage for r in runs]).to_dict()})
+            except OpenAIError as exc:
+                log.warning("request %s: stream ended with an error (HTTP %d, %s): %s", work.request_id,
+                            exc.status, exc.code or exc.type, exc.message)
+                self.metrics.stream_errors.labels(exc.code or exc.type).inc()
+                yield sse_event(exc.to_dict())
+            except Exception as exc:  # noqa: BLE001 - the stream must end with an event, not a reset
+                log.exception("request %s: internal error during the stream", work.request_id)
+                self.metrics.stream_errors.labels("internal_error").inc()
+                yield sse_event(OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").to_dict())
+            finally:
+                for s in streams:
+                    await s.aclose()
+                await _close_all(runs)
+            yield "data: [DONE]\n\n"
+
+        async def on_close() -> None:
+            await _close_all(runs)
+
+        return SSEResponse(body(), on_close=on_close)
+
+
+async def _close_all(runs: list[_Run]) -> None:
+    for run in runs:
+        await run.responses.aclose()
+
+
+async def _all_or_none(coros: list[Awaitable[Any]]) -> list[Any]:
+    """Every result in order; the first failure (in index order among those done) cancels the
+    rest and is raised."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_END = object()
+
+
+async def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(stream index, piece) as they come from all streams; the first failure is raised (the
+    caller's exit cancels the rest)."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in s:
+                queue.put_nowait((i, piece))
+            queue.put_nowait((i, _END))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is _END:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
