@@ -6,7 +6,7 @@ The POST handlers read their raw body themselves (size limit, depth bound, surro
 `app.openapi()` build the usual document and then add:
   - `components.schemas`: CompletionRequest and ChatCompletionRequest exactly as pydantic
     validates them (nested models under their own names), and the response shapes below;
-  - per route: the request body (required, application/json), the 200 answer (JSON, or
+  - per route (the two generation routes, /tokenize and /detokenize): the request body (required, application/json), the 200 answer (JSON, or
     text/event-stream when `stream` is true) and every error status the route can give,
     each in the OpenAI error shape (router/errors.py).
 The response models here only describe: the handlers build plain dicts. The schemathesis test
@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.tokens_api import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 
 class ErrorBody(BaseModel):
@@ -148,6 +149,14 @@ def install(app: FastAPI, api_key: bool) -> None:
             op["responses"] = {"200": {"description": "the completion (JSON), or with stream=true an SSE stream",
                                        "content": {"application/json": {"schema": _ref(resp, comps)}, **_SSE}},
                                **_errors(post_errors, err)}
+        for path, req, resp, what in (("/tokenize", TokenizeRequest, TokenizeResponse, "the prompt's token ids"),
+                                      ("/detokenize", DetokenizeRequest, DetokenizeResponse, "the tokens' text")):
+            op = doc["paths"][path]["post"]
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": _ref(req, comps, mode="validation")}}}
+            op["responses"] = {"200": {"description": what,
+                                       "content": {"application/json": {"schema": _ref(resp, comps)}}},
+                               **_errors(("400", *auth, "404", "413", "499", "500"), err)}
         models = doc["paths"]["/v1/models"]["get"]
         models["responses"] = {"200": {"description": "the served model names",
                                        "content": {"application/json": {"schema": _ref(ModelList, comps)}}},

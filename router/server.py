@@ -18,6 +18,7 @@ Lifecycle of one request:
   Metrics (router/metrics.py, GET /metrics): the ASGI middleware counts every request by
   route and status; each job feeds its own RequestTimer (time to first token, inter-token
   gaps, end-to-end latency).
+  POST /tokenize and /detokenize (vLLM's shapes, same auth): router/tokens_api.py.
   Operator dashboard (router/dashboard.py): GET /dashboard and its JSON, /dashboard/state.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from router.protocol import (ChatCompletionRequest, CompletionRequest, BaseSampl
                              unknown_fields)
 from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
+from router.tokens_api import make_router as tokens_router
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,8 @@ def create_app(config: RouterConfig, tokenizer: Any, client: DecodeClient,
             for name in config.model_names]}
 
     app.include_router(v1)
+    app.include_router(tokens_router(gw, ignored, [Depends(require_api_key)],
+                                     lambda request: _read_body(request, config.max_request_bytes)))
     install_openapi(app, api_key=config.api_key is not None)   # bodies and answers documented
 
     @app.get("/metrics", include_in_schema=False)

@@ -52,29 +52,42 @@ class Tokenization:
             tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
         return tok
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self._own().encode(text))
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._own().encode(text, add_special_tokens=add_special_tokens))
 
-    def _chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self._own(), messages)
+    def _chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+              add_special_tokens: bool = False) -> list[int]:
+        return _chat_ids(self._own(), messages, add_generation_prompt, add_special_tokens)
 
-    async def _off_loop(self, fn, arg):
+    async def _off_loop(self, fn, *args):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenize")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, arg)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) <= self.inline_chars:
-            return list(self.tokenizer.encode(text))
-        return await self._off_loop(self._encode, text)
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return await self._off_loop(self._encode, text, add_special_tokens)
 
-    async def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt of a chat: engine.tokenizer.encode_chat (template + generation prompt)."""
+    async def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                   add_special_tokens: bool = False) -> list[int]:
+        """The prompt of a chat: engine.tokenizer.encode_chat (template + generation prompt);
+        add_special_tokens adds the tokenizer's own (BOS, say) on top of the template's."""
         if sum(len(m.get("content") or "") for m in messages) <= self.inline_chars:
-            return encode_chat(self.tokenizer, messages)
-        return await self._off_loop(self._chat, messages)
+            return _chat_ids(self.tokenizer, messages, add_generation_prompt, add_special_tokens)
+        return await self._off_loop(self._chat, messages, add_generation_prompt, add_special_tokens)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+              add_special_tokens: bool) -> list[int]:
+    if not add_special_tokens:
+        return encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        return encode_chat(tokenizer, messages)          # raises its "no chat template" error
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=True))

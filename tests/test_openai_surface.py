@@ -173,3 +173,33 @@ def test_a_failing_prompt_fails_the_batch_and_leaks_nothing(client, cluster):
             if line.startswith("data: {"):
                 break
     wait_idle(cluster)
+
+
+# ---------------------------------------------------------------- 3. /tokenize, /detokenize
+
+def test_tokenize_matches_what_the_completions_endpoints_send(client, cluster):
+    from transformers import AutoTokenizer
+
+    root = cluster.base_url.rsplit("/v1", 1)[0]
+    tok = AutoTokenizer.from_pretrained(str(cluster.model_dir))
+    text = "the quick brown fox"
+    t = httpx.post(root + "/tokenize", json={"model": "tiny", "prompt": text}, timeout=30).json()
+    assert set(t) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert t["tokens"] == tok.encode(text) and t["count"] == len(t["tokens"]) and t["token_strs"] is None
+    assert t["max_model_len"] == client.models.list().data[0].model_extra["max_model_len"]
+    bare = httpx.post(root + "/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                "return_token_strs": True}, timeout=30).json()
+    assert bare["tokens"] == tok.encode(text, add_special_tokens=False)
+    assert bare["token_strs"] == tok.convert_ids_to_tokens(bare["tokens"])
+    by_text = client.completions.create(model="tiny", prompt=text, max_tokens=4, **GREEDY)
+    by_ids = client.completions.create(model="tiny", prompt=t["tokens"], max_tokens=4, **GREEDY)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_text.usage.prompt_tokens == t["count"]
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat = httpx.post(root + "/tokenize", json={"messages": msgs}, timeout=30).json()
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **GREEDY)
+    assert chat["count"] == r.usage.prompt_tokens
+    d = httpx.post(root + "/detokenize", json={"model": "tiny", "tokens": t["tokens"]}, timeout=30)
+    assert d.status_code == 200 and d.json() == {"prompt": tok.decode(t["tokens"])}
+    bad = httpx.post(root + "/detokenize", json={"tokens": [10**7]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

@@ -692,3 +692,57 @@ def test_usage_null_on_every_chunk_but_the_last_only_with_include_usage(tokenize
         assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
     for r in (without_c, without_chat):
         assert all("usage" not in e for e in sse_events(r.text))
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize (no worker needed)
+
+def test_tokenize_and_detokenize(dead_client, tokenizer):
+    from engine.tokenizer import encode_chat
+
+    text = "the cat runs fast"
+    r = dead_client.post("/tokenize", json={"model": "tiny", "prompt": text})
+    assert r.status_code == 200, r.text
+    ids = tokenizer.encode(text)
+    assert r.json() == {"count": len(ids), "max_model_len": MAX_LEN, "tokens": ids, "token_strs": None}
+    r = dead_client.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert r["token_strs"] == tokenizer.convert_ids_to_tokens(ids)
+    msgs = [{"role": "user", "content": "hello"}]
+    r = dead_client.post("/tokenize", json={"model": "tiny-alias", "messages": msgs}).json()
+    assert r["tokens"] == encode_chat(tokenizer, msgs) and r["count"] == len(r["tokens"])
+    r2 = dead_client.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert r2["tokens"] == encode_chat(tokenizer, msgs, add_generation_prompt=False) != r["tokens"]
+    d = dead_client.post("/detokenize", json={"model": "tiny", "tokens": ids})
+    assert d.status_code == 200 and d.json() == {"prompt": tokenizer.decode(ids)}
+    assert dead_client.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/tokenize", {"model": "tiny"}, 400, None),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, None),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "continue_final_message": True}, 400,
+     "continue_final_message"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
+    ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+    ("/detokenize", {}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1], "model": "gpt-9"}, 404, "model"),
+])
+def test_tokenize_bad_input(dead_client, path, body, status, param):
+    assert_openai_error(dead_client.post(path, json=body), status, param)
+
+
+def test_tokenize_needs_the_api_key(tokenizer):
+    config = make_config(f"127.0.0.1:{free_port()}", api_key="sekret")
+    with TestClient(create_app(config, tokenizer, DecodeClient.from_config(config))) as c:
+        for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
+            assert_openai_error(c.post(path, json=body), 401)
+            assert c.post(path, json=body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        doc = c.get("/openapi.json").json()
+        for path in ("/tokenize", "/detokenize"):
+            op = doc["paths"][path]["post"]
+            assert {"200", "400", "401", "404"} <= set(op["responses"]), op["responses"]
+            ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.rsplit("/", 1)[1] in ("TokenizeResponse", "DetokenizeResponse")
