@@ -68,7 +68,8 @@ async def run(client: "DecodeClient", request_id: str, prompt_ids: Sequence[int]
         address = await client._choose_decode(n, tried, deadline)
         client._track(address, request_id, n)
         prefill = client._choose_prefill(request_id, ids, prefill_failed)
-        sampling = params if not generated else replace(params, max_tokens=params.max_tokens - len(generated))
+        sampling = params if not generated else replace(   # a migration: its prompt logprobs went out already
+            params, max_tokens=params.max_tokens - len(generated), prompt_logprobs=-1)
         request = pb.GenerateRequest(
             request_id=request_id,
             prompt_token_ids=ids,

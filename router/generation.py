@@ -38,6 +38,7 @@ from proto import tandem_pb2 as pb
 from router.backend import DecodeClient
 from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError
+from router.logprobs import LogprobFormatter
 from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
 from router.sse import SSEResponse, _unless_disconnected, sse_event
 
@@ -74,6 +75,7 @@ class Job:
     index: int                  # its choice's index
     prompt_ids: list[int]
     params: SamplingParams
+    prompt_text: str | None = None   # echo: the prompt as sent (None: decoded from prompt_ids)
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,17 @@ class Work:
     stream: bool
     include_usage: bool
     return_token_ids: bool = False
+    echo: bool = False          # completions: the prompt's text (and logprobs) before the completion
+
+    @property
+    def logprobs(self) -> bool:
+        return self.jobs[0].params.logprobs >= 0
 
 
 class Piece(NamedTuple):
     text: str
     finish: str | None          # the last piece of a job has one
+    logprobs: list[tuple[pb.TokenLogprob, int]] | None = None   # (entry, text offset) of the tokens since the last piece
 
 
 @dataclass
@@ -103,6 +111,7 @@ class _Run:
     timer: RequestTimer
     responses: AsyncIterator[pb.GenerateResponse]
     token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprob] | None = None
 
 
 class Generation:
@@ -112,6 +121,7 @@ class Generation:
         self.client = client
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.fmt = LogprobFormatter(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -127,18 +137,35 @@ class Generation:
         matcher = StopStringMatcher(work.stop)
         hidden = self.eos_ids | set(run.job.params.stop_token_ids)
         usage, timer = run.usage, run.timer
+        want_lp = run.job.params.logprobs >= 0
+        pending: list[tuple[pb.TokenLogprob, int]] = []     # logprobs not yet handed out with a piece
+        emitted = 0                                          # characters the detokenizer gave so far
         async with aclosing(responses):
             async for resp in responses:
                 ids = list(resp.token_ids)
                 timer.on_tokens(len(ids))
                 if keep_ids:
                     run.token_ids.extend(ids)
+                if resp.prompt_logprobs and run.prompt_logprobs is None:
+                    run.prompt_logprobs = list(resp.prompt_logprobs)
                 usage.completion_tokens += len(ids)
                 usage.cached_tokens = max(usage.cached_tokens, resp.cached_tokens)
                 finished = resp.finish_reason != pb.FINISH_NONE
+                shown = ids
                 if resp.finish_reason == pb.FINISH_STOP and ids and ids[-1] in hidden:
-                    ids = ids[:-1]  # the EOS / stop token itself is not part of the text
-                text = detok.push(ids)
+                    shown = ids[:-1]  # the EOS / stop token itself is not part of the text
+                if want_lp:
+                    if len(resp.logprobs) != len(ids):
+                        raise OpenAIError(502, f"decode worker sent {len(resp.logprobs)} logprobs for "
+                                               f"{len(ids)} tokens", code="worker_error")
+                    text = ""
+                    for j, entry in enumerate(resp.logprobs):   # one token at a time: its text offset
+                        pending.append((entry, emitted + len(text)))
+                        if j < len(shown):
+                            text += detok.push(shown[j:j + 1])
+                    emitted += len(text)
+                else:
+                    text = detok.push(shown)
                 if finished:
                     text += detok.flush()
                 safe, stopped = matcher.feed(text)
@@ -146,27 +173,64 @@ class Generation:
                     timer.on_finish(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
                 if stopped:
                     await responses.aclose()  # frees the pages on the worker now
-                    yield Piece(safe, "stop")
+                    yield Piece(safe, "stop", pending if want_lp else None)
                     return
                 if finished:
-                    yield Piece(safe + matcher.flush(), _FINISH.get(resp.finish_reason, "stop"))
+                    yield Piece(safe + matcher.flush(), _FINISH.get(resp.finish_reason, "stop"),
+                                pending if want_lp else None)
                     return
                 if safe:
-                    yield Piece(safe, None)
+                    yield Piece(safe, None, pending if want_lp else None)
+                    pending = []
         raise OpenAIError(502, "decode worker stream ended without a finish reason", code="worker_error")
+
+    # ---- echo and completions logprobs ----------------------------------------------------
+
+    def _echo(self, work: Work, run: _Run) -> tuple[str, _EchoLogprobs | None]:
+        """(the prompt's text to echo, its logprobs when asked); ("", None) without echo."""
+        if not work.echo:
+            return "", None
+        ids = run.job.prompt_ids
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        offsets, text = [], ""
+        for tok in ids:
+            offsets.append(len(text))
+            text += detok.push([tok])
+        text += detok.flush()
+        echo = run.job.prompt_text if run.job.prompt_text is not None else text
+        if not work.logprobs:
+            return echo, None
+        got = run.prompt_logprobs or []
+        if len(got) != len(ids) - 1:
+            raise OpenAIError(502, f"worker sent {len(got)} prompt logprobs for a prompt of {len(ids)} tokens",
+                              code="worker_error")
+        return echo, _EchoLogprobs([None, *got], list(ids), offsets)
+
+    def _completion_logprobs(self, lps: list[tuple[pb.TokenLogprob, int]], base: int, text_len: int,
+                             echo: _EchoLogprobs | None) -> dict[str, Any]:
+        """OpenAI's completions logprobs: the echoed prompt's (if any), then the output tokens'
+        with offsets `base` + their offset in the completion text, clamped to text_len."""
+        entries: list[pb.TokenLogprob | None] = [e for e, _ in lps]
+        ids = [e.token_id for e, _ in lps]
+        offsets = [base + o for _, o in lps]
+        if echo is not None:
+            entries, ids, offsets = echo.entries + entries, echo.token_ids + ids, echo.offsets + offsets
+        return self.fmt.completion(entries, ids, offsets, text_len)
 
     # ---- one JSON answer ---------------------------------------------------------------
 
     async def complete(self, request: Request, work: Work) -> Response:
         runs = [self._start(request, job) for job in work.jobs]
 
-        async def collect(run: _Run) -> tuple[str, str]:
+        async def collect(run: _Run) -> tuple[str, str, list]:
             parts: list[str] = []
+            lps: list[tuple[pb.TokenLogprob, int]] = []
             finish = "stop"
             async for piece in self._pieces(work, run, run.responses, work.return_token_ids):
                 parts.append(piece.text)
+                lps.extend(piece.logprobs or ())
                 finish = piece.finish or finish
-            return "".join(parts), finish
+            return "".join(parts), finish, lps
 
         try:
             results = await _unless_disconnected(request, lambda: _all_or_none([collect(r) for r in runs]))
@@ -175,12 +239,18 @@ class Generation:
         if results is None:
             return Response(status_code=499)
         choices = []
-        for run, (text, finish) in zip(runs, results):
+        for run, (text, finish, lps) in zip(runs, results):
             if work.chat:
                 choice = {"index": run.job.index, "message": {"role": "assistant", "content": text},
-                          "logprobs": None, "finish_reason": finish}
+                          "logprobs": self.fmt.chat([e for e, _ in lps]) if work.logprobs else None,
+                          "finish_reason": finish}
             else:
-                choice = {"index": run.job.index, "text": text, "logprobs": None, "finish_reason": finish}
+                echo, echo_lp = self._echo(work, run)
+                full = echo + text
+                lp = None
+                if work.logprobs:
+                    lp = self._completion_logprobs(lps, len(echo), len(full), echo_lp)
+                choice = {"index": run.job.index, "text": full, "logprobs": lp, "finish_reason": finish}
             if work.return_token_ids:
                 choice["token_ids"] = run.token_ids
                 choice["prompt_token_ids"] = run.job.prompt_ids
@@ -208,12 +278,13 @@ class Generation:
         obj = "chat.completion.chunk" if work.chat else "text_completion"
         usage_field = {"usage": None} if work.include_usage else {}
 
-        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False,
+                  logprobs: dict[str, Any] | None = None) -> str:
             if work.chat:
                 d: dict[str, Any] = {"role": "assistant"} if role else ({"content": delta} if delta else {})
-                choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             return sse_event({"id": work.request_id, "object": obj, "created": work.created,
                               "model": work.model, "choices": [choice], **usage_field})
 
@@ -230,10 +301,27 @@ class Generation:
                 if work.chat:
                     for run in runs:
                         yield chunk(run.job.index, None, None, role=True)
+                sent = [0] * len(runs)            # characters of each choice's text streamed so far
+                base = [0] * len(runs)            # ... of its echoed prompt
+                echoed = [not work.echo] * len(runs)
                 async with aclosing(_merge(streams)) as merged:
                     async for i, piece in merged:
-                        if piece.text or piece.finish:
-                            yield chunk(runs[i].job.index, piece.text, piece.finish)
+                        run = runs[i]
+                        if not echoed[i]:         # the prompt, once its logprobs are in (first message)
+                            echoed[i] = True
+                            echo, echo_lp = self._echo(work, run)
+                            lp = self._completion_logprobs([], 0, len(echo), echo_lp) if work.logprobs else None
+                            sent[i] = base[i] = len(echo)
+                            yield chunk(run.job.index, echo, None, logprobs=lp)
+                        if piece.text or piece.finish or piece.logprobs:
+                            lp = None
+                            if work.logprobs and work.chat:
+                                lp = self.fmt.chat([e for e, _ in piece.logprobs or ()])
+                            elif work.logprobs:
+                                lp = self._completion_logprobs(piece.logprobs or [], base[i],
+                                                               sent[i] + len(piece.text), None)
+                            sent[i] += len(piece.text)
+                            yield chunk(run.job.index, piece.text, piece.finish, logprobs=lp)
                 if work.include_usage:
                     yield sse_event({"id": work.request_id, "object": obj, "created": work.created,
                                      "model": work.model, "choices": [],
@@ -257,6 +345,12 @@ class Generation:
             await _close_all(runs)
 
         return SSEResponse(body(), on_close=on_close)
+
+
+class _EchoLogprobs(NamedTuple):
+    entries: list[pb.TokenLogprob | None]      # None for the first prompt token
+    token_ids: list[int]
+    offsets: list[int]
 
 
 async def _close_all(runs: list[_Run]) -> None:

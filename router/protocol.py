@@ -16,9 +16,12 @@ Lifecycle of a request body:
      (`req.stop_strings()`).
 
 Prompts: str, [int], or a batch [str, ...] / [[int], ...] (`prompts()`; the server runs
-each as its own cluster request, one choice per prompt). n must be 1. echo, logprobs, best_of>1,
-suffix, penalties other than 0, logit_bias, tools, response_format other than
-{"type": "text"} are rejected with 400. Accepted and ignored (OpenAI fields with
+each as its own cluster request, one choice per prompt). Sampling features (engine side:
+engine/sampling_params.py): presence/frequency penalties in [-2, 2], repetition_penalty > 0
+(vLLM), logit_bias {"<token id>": bias in [-100, 100]} (ids checked against the vocabulary
+by the server), completions `logprobs` 0..20 and `echo`, chat `logprobs` + `top_logprobs`
+0..20. n must be 1; best_of>1, suffix, tools, response_format other than {"type": "text"}
+are rejected with 400. Accepted and ignored (OpenAI fields with
 no effect here): metadata, store, service_tier, parallel_tool_calls, user.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from router.errors import bad_request, from_validation_error
 
 _INT32_MAX = 2**31 - 1
@@ -116,30 +119,17 @@ class BaseSamplingRequest(BaseModel):
     n: Annotated[StrictInt | None, Field(json_schema_extra={"minimum": 1, "maximum": 1})] = 1   # n > 1: issue 13
     user: StrictStr | None = None
     response_format: ResponseFormat | None = None
-    # Accepted only at their neutral value (clients often send the defaults explicitly).
-    frequency_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
-    presence_penalty: Annotated[StrictFloat | None, Field(json_schema_extra={"enum": [0, None]})] = None
-    logit_bias: Annotated[dict[str, Any] | None, Field(json_schema_extra={"maxProperties": 0})] = None
+    frequency_penalty: Annotated[StrictFloat | None, Field(ge=-2.0, le=2.0)] = None
+    presence_penalty: Annotated[StrictFloat | None, Field(ge=-2.0, le=2.0)] = None
+    repetition_penalty: Annotated[StrictFloat | None, Field(gt=0.0)] = None     # vLLM extension; 1 = off
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]] | None = None
 
     @field_validator("n")
     @classmethod
     def _n_is_one(cls, v: int | None) -> int | None:
         if v is not None and v != 1:
             raise ValueError(f"only n=1 is supported, got n={v}")
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None, info) -> float | None:
-        if v not in (None, 0.0):
-            raise ValueError(f"{info.field_name} is not supported (only 0 is accepted), got {v}")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
         return v
 
     @field_validator("stop")
@@ -175,8 +165,25 @@ class BaseSamplingRequest(BaseModel):
         """max_tokens the client asked for; None = fill the context."""
         raise NotImplementedError
 
+    def logit_bias_ids(self) -> list[int]:
+        return [int(k) for k in self.logit_bias or ()]
+
+    def logprobs_k(self) -> int:
+        """SamplingParams.logprobs: -1 none, else how many top alternatives."""
+        raise NotImplementedError
+
+    def echo_logprobs_k(self) -> int:
+        """SamplingParams.prompt_logprobs (completions' echo with logprobs)."""
+        return -1
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            logprobs=self.logprobs_k(),
+            prompt_logprobs=self.echo_logprobs_k(),
             temperature=1.0 if self.temperature is None else float(self.temperature),
             top_k=-1 if self.top_k is None else int(self.top_k),
             top_p=1.0 if self.top_p is None else float(self.top_p),
@@ -194,7 +201,7 @@ class CompletionRequest(BaseSamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]     # see prompts()
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = 16   # None = fill the context
     echo: StrictBool | None = False
-    logprobs: StrictInt | None = None
+    logprobs: Annotated[StrictInt | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
 
@@ -236,20 +243,6 @@ class CompletionRequest(BaseSamplingRequest):
             return [p]
         return list(p)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs is not supported")
-        return v
-
     @field_validator("best_of")
     @classmethod
     def _best_of_one(cls, v: int | None) -> int | None:
@@ -266,6 +259,12 @@ class CompletionRequest(BaseSamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprobs_k(self) -> int:
+        return -1 if self.logprobs is None else self.logprobs
+
+    def echo_logprobs_k(self) -> int:
+        return self.logprobs_k() if self.echo else -1
 
 
 class TextPart(BaseModel):
@@ -322,26 +321,30 @@ class ChatCompletionRequest(BaseSamplingRequest):
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Annotated[StrictInt | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     # OpenAI fields accepted and ignored (no effect on what this server generates)
     metadata: dict[StrictStr, StrictStr] | None = None
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
     parallel_tool_calls: StrictBool | None = None
+    echo: StrictBool | None = None                      # vLLM's chat echo: not done
 
-    @field_validator("logprobs")
+    @field_validator("echo")
     @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
+    def _no_echo(cls, v: bool | None) -> bool | None:
         if v:
-            raise ValueError("logprobs is not supported")
+            raise ValueError("echo is not supported for chat completions")
         return v
 
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("top_logprobs is not supported")
+    def _top_logprobs_need_logprobs(cls, v: int | None, info) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be true when top_logprobs is set")
         return v
+
+    def logprobs_k(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -103,17 +103,22 @@ class _Gateway:
                 param="max_tokens", code="context_length_exceeded")
         return req.sampling_params(max_tokens)
 
-    def make_work(self, req: BaseSamplingRequest, prompts: list[list[int]], prefix: str, chat: bool) -> Work:
+    def make_work(self, req: BaseSamplingRequest, prompts: list[list[int]], prefix: str, chat: bool,
+                  texts: list[str | None] | None = None) -> Work:
+        """texts: the prompts as sent, where they were text (what echo returns)."""
         model = self.resolve_model(req.model)
         if req.stop_token_ids:
             self.check_token_ids(list(req.stop_token_ids), "stop_token_ids")
+        if req.logit_bias:
+            self.check_token_ids(req.logit_bias_ids(), "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        texts = texts or [None] * len(prompts)
         jobs = tuple(Job(request_id=rid if len(prompts) == 1 else f"{rid}-{i}", index=i, prompt_ids=ids,
-                         params=self.sampling_params(req, len(ids)))
-                     for i, ids in enumerate(prompts))
+                         params=self.sampling_params(req, len(ids)), prompt_text=text)
+                     for i, (ids, text) in enumerate(zip(prompts, texts)))
         return Work(request_id=rid, model=model, created=int(time.time()), chat=chat, jobs=jobs,
                     stop=req.stop_strings(), stream=req.is_stream, include_usage=req.include_usage,
-                    return_token_ids=req.return_token_ids)
+                    return_token_ids=req.return_token_ids, echo=bool(getattr(req, "echo", False)))
 
     def check_text_fits(self, req: BaseSamplingRequest, num_chars: int, param: str) -> None:
         """Before tokenizing: a text of num_chars characters has at least min_tokens(num_chars)
@@ -142,7 +147,8 @@ class _Gateway:
                 ids = list(p)
                 self.check_token_ids(ids, "prompt")
             ids_list.append(ids)
-        return self.make_work(req, ids_list, "cmpl", chat=False)
+        return self.make_work(req, ids_list, "cmpl", chat=False,
+                              texts=[p if isinstance(p, str) else None for p in prompts])
 
     async def chat_work(self, req: ChatCompletionRequest) -> Work:
         self.resolve_model(req.model)

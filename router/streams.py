@@ -13,7 +13,7 @@ Lifecycle of a `DecodeStream` (one per worker address, bound to one loop):
   4. `RequestStream.get()` returns the next response, with every response
      already queued behind it coalesced into it (tokens concatenated): a
      consumer that falls behind catches up in fewer, larger SSE chunks, as
-     vLLM's output collector does;
+     vLLM's output collector does (logprobs, one per token, coalesce alike);
   5. `RequestStream.close()` unregisters it and, unless it finished, sends an
      abort so that the worker frees its pages;
   6. when the call ends (worker gone, shutdown) every open request fails with
@@ -80,6 +80,12 @@ class RequestStream:
         while resp.finish_reason == pb.FINISH_NONE and self._items:
             nxt = self._items.popleft()
             nxt.token_ids[:0] = resp.token_ids
+            if resp.logprobs:             # one entry per token: they coalesce the same way
+                merged = [*resp.logprobs, *nxt.logprobs]
+                del nxt.logprobs[:]
+                nxt.logprobs.extend(merged)
+            if resp.prompt_logprobs and not nxt.prompt_logprobs:
+                nxt.prompt_logprobs.extend(resp.prompt_logprobs)
             resp = nxt
         self.received = True
         if resp.token_ids:

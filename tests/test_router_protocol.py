@@ -181,9 +181,8 @@ def test_malformed_json_is_400_not_422(dead_client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 1}, "logprobs"), ({"best_of": 3}, "best_of"),
-    ({"suffix": "x"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"),
+    ({"suffix": "x"}, "suffix"), ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"stream_options": {"include_usage": True}}, None), ({"min_tokens": 3}, "min_tokens"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
@@ -194,7 +193,7 @@ def test_unsupported_completion_fields(dead_client, extra, param):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"n": 3}, "n"), ({"echo": True}, "echo"),
     ({"tools": []}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"functions": []}, "functions"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
@@ -264,6 +263,43 @@ def test_ignored_field_labels_and_logs_are_bounded(caplog):
     assert 'field="f0"} 11.0' in scrape and 'field="f2"} 1.0' in scrape and 'field="f3"' not in scrape
     assert 'field="other"} 7.0' in scrape
     assert len(caplog.records) == 6 and "not logged" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", cmpl(presence_penalty=2.5), "presence_penalty"),
+    ("/v1/completions", cmpl(frequency_penalty=-2.01), "frequency_penalty"),
+    ("/v1/completions", cmpl(repetition_penalty=0), "repetition_penalty"),
+    ("/v1/completions", cmpl(logit_bias={"5": 101}), "logit_bias.5"),
+    ("/v1/completions", cmpl(logit_bias={"five": 1}), "logit_bias.five"),
+    ("/v1/completions", cmpl(logit_bias={"-5": 1}), "logit_bias.-5"),
+    ("/v1/completions", cmpl(logit_bias={"5": "1"}), "logit_bias.5"),
+    ("/v1/completions", cmpl(logit_bias={"100000": 1}), "logit_bias"),      # past the vocabulary
+    ("/v1/completions", cmpl(logprobs=21), "logprobs"), ("/v1/completions", cmpl(logprobs=-1), "logprobs"),
+    ("/v1/completions", cmpl(logprobs=True), "logprobs"), ("/v1/completions", cmpl(echo=1), "echo"),
+    ("/v1/chat/completions", chat(top_logprobs=2), "top_logprobs"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("/v1/chat/completions", chat(logprobs=3), "logprobs"),
+])
+def test_sampling_feature_ranges(dead_client, path, body, param):
+    assert_openai_error(dead_client.post(path, json=body), 400, param)
+
+
+def test_sampling_features_reach_the_worker(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            await c.post("/v1/completions", json=cmpl(max_tokens=2, presence_penalty=0.5, frequency_penalty=-1,
+                                                      repetition_penalty=1.3, logit_bias={"7": -100, "3": 2.5},
+                                                      logprobs=0, echo=True))
+            await c.post("/v1/chat/completions", json=chat(max_tokens=2, logprobs=True, top_logprobs=4))
+            await c.post("/v1/chat/completions", json=chat(max_tokens=2, logprobs=False))
+            return [q.sampling for q in servicer.requests]
+
+    a, b, plain = run(body())
+    assert (a.presence_penalty, a.frequency_penalty, a.repetition_penalty) == (0.5, -1.0, pytest.approx(1.3))
+    assert dict(a.logit_bias) == {7: -100.0, 3: 2.5}
+    assert (a.has_logprobs, a.logprobs, a.has_prompt_logprobs, a.prompt_logprobs) == (True, 0, True, 0)
+    assert (b.has_logprobs, b.logprobs, b.has_prompt_logprobs) == (True, 4, False)
+    assert not plain.has_logprobs and not plain.logit_bias and plain.repetition_penalty in (0.0, 1.0)
 
 
 def test_neutral_values_accepted_until_backend(dead_client):
@@ -349,8 +385,14 @@ class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
                     await asyncio.sleep(self.delay)
                 done = i + 1 == max_tokens or tok == self.eos
                 reason = (pb.FINISH_STOP if tok == self.eos else pb.FINISH_LENGTH) if done else pb.FINISH_NONE
-                yield pb.GenerateResponse(request_id=request.request_id, token_ids=[tok], finish_reason=reason,
-                                          prompt_tokens=len(request.prompt_token_ids), cached_tokens=2)
+                resp = pb.GenerateResponse(request_id=request.request_id, token_ids=[tok], finish_reason=reason,
+                                           prompt_tokens=len(request.prompt_token_ids), cached_tokens=2)
+                if request.sampling.has_logprobs:
+                    resp.logprobs.append(fake_logprob(tok, i, request.sampling.logprobs))
+                if request.sampling.has_prompt_logprobs and i == 0:
+                    resp.prompt_logprobs.extend(fake_logprob(t, j, request.sampling.prompt_logprobs)
+                                                for j, t in enumerate(request.prompt_token_ids[1:]))
+                yield resp
                 if done:
                     break
             self.finished.set()
@@ -361,6 +403,13 @@ class FakeDecode(StreamFromGenerate, pbg.DecodeServicer):
 
 
 REPLY_TEXT = " the cat runs fast STOP the dog runs slow"
+
+
+def fake_logprob(tok: int, i: int, k: int) -> pb.TokenLogprob:
+    """Position i's made-up entry: the token at -0.25 * (i + 1) (the third -inf), top k = tok, tok+1, ..."""
+    lp = float("-inf") if i == 2 else -0.25 * (i + 1)
+    return pb.TokenLogprob(token_id=tok, logprob=lp, top_token_ids=[tok + j for j in range(k)],
+                           top_logprobs=[lp - j for j in range(k)])
 
 
 def run(coro, timeout: float = 30.0):
@@ -746,3 +795,105 @@ def test_tokenize_needs_the_api_key(tokenizer):
             assert {"200", "400", "401", "404"} <= set(op["responses"]), op["responses"]
             ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
             assert ref.rsplit("/", 1)[1] in ("TokenizeResponse", "DetokenizeResponse")
+
+
+# ---------------------------------------------------------------- logprobs and echo shapes
+
+def _check_completion_logprobs(lp: dict, text: str, tokenizer, n_alts: int) -> None:
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    n = len(lp["tokens"])
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and all(0 <= o <= len(text) for o in lp["text_offset"])
+    for tok, off, top, val in zip(lp["tokens"], lp["text_offset"], lp["top_logprobs"], lp["token_logprobs"]):
+        assert text[off:].startswith(tok) or tok == ""
+        if val is not None:
+            assert top[tok] == val and len(top) <= n_alts + 1
+
+
+def test_completion_logprobs_and_echo(tokenizer):
+    reply = tokenizer.encode(REPLY_TEXT)
+    prompt = [tokenizer.encode(w)[0] for w in ("hello", " world", " cat")]
+
+    async def body():
+        async with gateway(tokenizer) as (_, c):
+            plain = await c.post("/v1/completions", json=cmpl(prompt="hello world", max_tokens=5, logprobs=2))
+            echo = await c.post("/v1/completions", json=cmpl(prompt=prompt, max_tokens=4, logprobs=1, echo=True))
+            echo_only = await c.post("/v1/completions", json=cmpl(prompt="hello world", max_tokens=3, echo=True))
+            streamed = await c.post("/v1/completions", json=cmpl(prompt=prompt, max_tokens=4, logprobs=1, echo=True,
+                                                                 stream=True))
+            return plain.json(), echo.json(), echo_only.json(), streamed
+
+    plain, echo, echo_only, streamed = run(body())
+    ch = plain["choices"][0]
+    lp = ch["logprobs"]
+    assert ch["text"] == tokenizer.decode(reply[:5])
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in reply[:5]]
+    assert lp["token_logprobs"] == [-0.25, -0.5, -9999.0, -1.0, -1.25]        # -inf is sent as -9999.0
+    assert lp["top_logprobs"][0] == {tokenizer.decode([reply[0]]): -0.25, tokenizer.decode([reply[0] + 1]): -1.25}
+    assert "".join(lp["tokens"]) == ch["text"] and lp["text_offset"][0] == 0
+    _check_completion_logprobs(lp, ch["text"], tokenizer, 2)
+    # echo: the prompt's tokens first, the very first without a logprob
+    ch = echo["choices"][0]
+    lp = ch["logprobs"]
+    prompt_text = tokenizer.decode(prompt)
+    assert ch["text"] == prompt_text + tokenizer.decode(reply[:4])
+    assert lp["tokens"][:3] == [tokenizer.decode([t]) for t in prompt] and len(lp["tokens"]) == 7
+    assert lp["token_logprobs"][:4] == [None, -0.25, -0.5, -0.25] and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][3] == len(prompt_text)
+    _check_completion_logprobs(lp, ch["text"], tokenizer, 1)
+    assert echo_only["choices"][0]["text"].startswith("hello world") and echo_only["choices"][0]["logprobs"] is None
+    # streamed: the chunks' logprobs put together are the non-streamed ones
+    events = sse_events(streamed.text)
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == ch["text"]
+    joined = {k: [x for e in events for x in e["choices"][0]["logprobs"][k]] for k in lp}
+    assert joined == lp
+
+
+def test_chat_logprobs_shape(tokenizer):
+    reply = tokenizer.encode(REPLY_TEXT)
+
+    async def body():
+        async with gateway(tokenizer) as (_, c):
+            r = await c.post("/v1/chat/completions", json=chat(max_tokens=4, logprobs=True, top_logprobs=2))
+            r0 = await c.post("/v1/chat/completions", json=chat(max_tokens=4, logprobs=True))
+            rs = await c.post("/v1/chat/completions", json=chat(max_tokens=4, logprobs=True, top_logprobs=2,
+                                                                stream=True))
+            return r.json(), r0.json(), rs
+
+    r, r0, rs = run(body())
+    lp = r["choices"][0]["logprobs"]
+    assert set(lp) == {"content", "refusal"} and lp["refusal"] is None
+    assert len(lp["content"]) == 4
+    for i, (tok, e) in enumerate(zip(reply, lp["content"])):
+        name = tokenizer.decode([tok])
+        assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert e["token"] == name and e["bytes"] == list(name.encode()) and e["logprob"] == fake_lp(i)
+        assert [t["token"] for t in e["top_logprobs"]] == [name, tokenizer.decode([tok + 1])]
+        assert all(set(t) == {"token", "logprob", "bytes"} for t in e["top_logprobs"])
+    assert all(e["top_logprobs"] == [] for e in r0["choices"][0]["logprobs"]["content"])
+    events = sse_events(rs.text)
+    assert events[0]["choices"][0]["logprobs"] is None                  # the role chunk
+    content = [x for e in events[1:] for x in e["choices"][0]["logprobs"]["content"]]
+    assert content == lp["content"]
+
+
+def fake_lp(i: int) -> float:
+    return -9999.0 if i == 2 else -0.25 * (i + 1)
+
+
+def test_worker_without_logprobs_is_an_error_not_a_silent_null(tokenizer):
+    async def body():
+        async with gateway(tokenizer) as (servicer, c):
+            servicer.Generate = strip_logprobs(servicer.Generate)
+            return await c.post("/v1/completions", json=cmpl(max_tokens=3, logprobs=1))
+
+    assert_openai_error(run(body()), 502, contains="logprobs")
+
+
+def strip_logprobs(generate):
+    async def wrapped(request, context):
+        async for resp in generate(request, context):
+            del resp.logprobs[:]
+            yield resp
+    return wrapped
