@@ -10,6 +10,7 @@ from decode_worker.engine import DecodeEngine
 from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
+from engine.worker_thread import apply_switch_interval
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.page_allocator import PageAllocator
@@ -56,6 +57,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, make_decode_engine, config, loop)
     engine.gpu_turn = open_turn(gpu_turn_file, "decode")
+    apply_switch_interval()
     if step_trace_file:
         engine.step_trace = open(step_trace_file, "a", buffering=1)  # noqa: SIM115 - line-buffered, lives with the process
     engine.start()

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -48,6 +50,16 @@ from typing import Any, Callable
 from engine.errors import ResourceExhaustedError, classify_step_error
 
 log = logging.getLogger(__name__)
+
+
+def apply_switch_interval() -> None:
+    """$TANDEM_GIL_SWITCH_MS (ms; unset = Python's 5 ms): how long a thread that wants the GIL
+    waits for the holder to give it up. The engine thread and the event loop share the GIL:
+    the engine thread, back from waiting on the device, waits up to this long for the loop."""
+    value = os.environ.get("TANDEM_GIL_SWITCH_MS", "")
+    if value:
+        sys.setswitchinterval(float(value) / 1000.0)
+        log.info("GIL switch interval %.3f ms ($TANDEM_GIL_SWITCH_MS)", sys.getswitchinterval() * 1e3)
 
 
 def _classified(exc: Exception) -> Exception:
