@@ -203,3 +203,89 @@ def test_tokenize_matches_what_the_completions_endpoints_send(client, cluster):
     assert d.status_code == 200 and d.json() == {"prompt": tok.decode(t["tokens"])}
     bad = httpx.post(root + "/detokenize", json={"tokens": [10**7]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+# ---------------------------------------------------------------- 5. sampling features
+
+def _reference_logprobs(model_dir, ids: list[int]):
+    """float64 log_softmax of the HF model's logits at every position of `ids` ([len, V])."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+def test_completions_logprobs_and_echo_equal_a_float64_reference(client, cluster):
+    prompt = [5, 17, 29, 41, 53, 65]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=3, echo=True, **GREEDY)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    gen = out.choices[0].model_extra["token_ids"]
+    ids = prompt + gen
+    ref = _reference_logprobs(cluster.model_dir, ids)
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4), pos
+        top = ref[pos - 1].topk(3)
+        assert len(lp.top_logprobs[pos]) <= 4
+        best = max(lp.top_logprobs[pos].values())
+        assert best == pytest.approx(top.values[0].item(), abs=1e-4)
+    for pos in range(len(prompt), len(ids)):                         # greedy: the sampled token is the best
+        assert lp.token_logprobs[pos] == pytest.approx(ref[pos - 1].max().item(), abs=1e-4)
+    assert ch.text.endswith(out.choices[0].text) and len(ch.text) > len(out.choices[0].text)
+    assert all(0 <= o <= len(ch.text) for o in lp.text_offset) and lp.text_offset == sorted(lp.text_offset)
+    # streamed: the same logprobs, chunk by chunk
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=3, echo=True,
+                                            stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == ch.text
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert [x for c in chunks for x in c.choices[0].logprobs.text_offset] == lp.text_offset
+    wait_idle(cluster)
+
+
+def test_chat_logprobs_sync_async_streamed(client, aclient, cluster):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=5,
+              logprobs=True, top_logprobs=2, **GREEDY)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and r.choices[0].logprobs.refusal is None
+    for e in content:
+        assert isinstance(e.token, str) and e.bytes == list(e.token.encode())
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-6)       # greedy
+        assert e.top_logprobs[0].token == e.token
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+    async def main():
+        stream = await aclient.chat.completions.create(stream=True, **kw)
+        return [c async for c in stream]
+
+    chunks = asyncio.run(main())
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # the second request's prompt comes from the prefix cache: float32 sums in another order
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    none = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert none.choices[0].logprobs is None
+    wait_idle(cluster)
+
+
+def test_logit_bias_and_penalties_change_what_is_generated(client, cluster):
+    def ids(max_tokens: int, **extra) -> list[int]:
+        r = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=max_tokens, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        return r.choices[0].model_extra["token_ids"]
+
+    assert ids(8, logit_bias={"42": 100}) == [42] * 8
+    banned = ids(1)[0]
+    assert ids(1, logit_bias={str(banned): -100})[0] != banned
+    repeats = lambda xs: len(xs) - len(set(xs))                     # noqa: E731
+    base = ids(24)
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 3.0}):
+        got = ids(24, **extra)
+        assert got != base and repeats(got) <= repeats(base), (extra, got, base)
+    wait_idle(cluster)
