@@ -44,6 +44,14 @@ weight again; steps without prompts keep their CUDA-graphed decode pass. A step 
 exceed the budget anyway (a lone prompt admitted over it) runs the two passes. If a mixed
 pass raises, its prompts fail as a prefill pass's would, and the next step runs the decode
 pass apart: a decode row that causes the error then fails alone.
+
+Logprobs (SamplingParams.logprobs / prompt_logprobs; engine/logprobs.py): each pass's sampler
+output carries one packed float32 tensor for the rows that asked, copied back with the
+tokens (same pinned copy path, same event); `_read` hands each token its `TokenLogprob`.
+Prompt logprobs are computed in the request's first local prefill (its whole prompt: such
+requests never take a prefix-cache match), from that pass's hidden states, and leave with
+its first token. In P+D they come from the prefill worker (`kv_ready`). Penalty state
+(Sampler's PenaltyTable) is released when a request ends, whichever way.
 """
 from __future__ import annotations
 
@@ -57,8 +65,9 @@ import torch
 
 from engine.prefix_cache_manager import PageCopy
 from engine.errors import ResourceExhaustedError
+from engine.logprobs import TokenLogprob, prompt_logprobs, unpack
 from engine.runner import ForwardSeq, ModelRunner
-from engine.sampler import Sampler
+from engine.sampler import SampleOutput, Sampler
 from engine.scheduler import DecodeScheduler
 from engine.sequence import ErrorKind, FinishReason, Sequence, SequenceStatus
 from engine.worker_thread import EngineThread
@@ -75,6 +84,8 @@ class EngineOutput:
     error: str = ""                        # with FinishReason.ERROR
     error_kind: ErrorKind = ErrorKind.INTERNAL
     cached_tokens: int = 0                 # prompt tokens whose KV was reused (prefix cache / prefill side)
+    logprobs: tuple[TokenLogprob, ...] | None = None        # one per token (params.logprobs >= 0)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1..n-1, with the first token
 
 
 class RequestSink(Protocol):
@@ -84,21 +95,30 @@ class RequestSink(Protocol):
     def on_output(self, out: EngineOutput) -> None: ...
 
 
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 @dataclass(eq=False)
 class _Pass:
     """A forward pass queued on the device whose sampled tokens are not read yet."""
     seqs: list[Sequence]
     tokens: object          # int64 [len(seqs)] on the device
     num_prefill: int        # seqs[:num_prefill] were prefilled, the rest decoded
-    host: object = None     # pinned copy of tokens, queued right behind the pass (CUDA)
+    sampled: SampleOutput | None = None   # the sampler's output (logprobs of the rows that asked)
+    prompt_lp: dict = None  # row -> (packed prompt logprobs on the device, k): first prefills with echo
+    host: object = None     # pinned copies (tokens, logprobs, prompt logprobs), queued right behind the pass (CUDA)
     copied: object = None   # CUDA event: host holds them
 
     def __post_init__(self) -> None:
-        # Queue the copy back now, right behind this pass: a plain .tolist() at read time would
+        # Queue the copies back now, right behind this pass: a plain .tolist() at read time would
         # be queued behind the passes launched since and wait for them too.
         if self.tokens.is_cuda:
-            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self.host.copy_(self.tokens, non_blocking=True)
+            lp = self.sampled.logprobs if self.sampled is not None else None
+            self.host = (_pinned_copy(self.tokens), None if lp is None else _pinned_copy(lp),
+                         {r: (_pinned_copy(t), k) for r, (t, k) in (self.prompt_lp or {}).items()})
             self.copied = torch.cuda.Event()
             self.copied.record()
 
@@ -106,11 +126,22 @@ class _Pass:
     def prefill(self) -> bool:
         return self.num_prefill > 0
 
-    def read(self) -> list[int]:
+    def read(self) -> tuple[list[int], list, dict]:
+        """(tokens, per-row TokenLogprob or None, {row: prompt TokenLogprobs})."""
         if self.copied is None:
-            return self.tokens.tolist()
-        self.copied.synchronize()
-        return self.host.tolist()
+            lp = self.sampled.logprobs if self.sampled is not None else None
+            tokens, lp, prompt = self.tokens, lp, self.prompt_lp or {}
+        else:
+            self.copied.synchronize()
+            tokens, lp, prompt = self.host
+        tokens = tokens.tolist()
+        entries = (self.sampled.entries(tokens, None if lp is None else lp.tolist())
+                   if self.sampled is not None and self.sampled.lp_rows else [None] * len(tokens))
+        prompt_entries = {}
+        for r, (t, k) in prompt.items():
+            ids = self.seqs[r].prompt_token_ids[1:]
+            prompt_entries[r] = tuple(unpack(t.tolist(), ids, [k] * len(ids)))
+        return tokens, entries, prompt_entries
 
 
 @dataclass
@@ -156,10 +187,12 @@ class DecodeEngine(EngineThread):
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
         self.post(self._submit, seq, sink)
 
-    def kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False) -> None:
+    def kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False,
+                 logprob: TokenLogprob | None = None, prompt_lp: tuple[TokenLogprob, ...] | None = None) -> None:
         """The prompt KV has landed; `sent`: the caller already gave the sink the first token
-        (it does not end the request), so only a finish is emitted here."""
-        self.post(self._kv_ready, request_id, first_token, cached_tokens, sent)
+        (it does not end the request), so only a finish is emitted here. logprob / prompt_lp:
+        the first token's and the prompt's logprobs from the prefill worker, if asked."""
+        self.post(self._kv_ready, request_id, first_token, cached_tokens, sent, logprob, prompt_lp)
 
     def abort(self, request_id: str) -> None:
         self.post(self._abort, request_id)
@@ -185,29 +218,36 @@ class DecodeEngine(EngineThread):
             return
         self._sinks[seq.request_id] = sink
 
-    def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False) -> None:
+    def _kv_ready(self, request_id: str, first_token: int, cached_tokens: int, sent: bool = False,
+                  logprob: TokenLogprob | None = None, prompt_lp: tuple[TokenLogprob, ...] | None = None) -> None:
         seq = self.scheduler.get(request_id)
         if seq is None or request_id not in self._sinks:
             return
         finish = self.scheduler.kv_ready(request_id, first_token, cached_tokens)
         if not sent:
-            self._emit(seq, [first_token], finish)
+            self._emit(seq, [first_token], finish, logprobs=None if logprob is None else (logprob,),
+                       prompt_lp=prompt_lp)
         elif finish is not None:
             self._emit(seq, [], finish)
 
     def _abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         self._sinks.pop(request_id, None)
+        self.sampler.release(request_id)
 
     def _emit(self, seq: Sequence, tokens: list[int], finish: FinishReason | None, error: str = "",
-              kind: ErrorKind = ErrorKind.INTERNAL) -> None:
+              kind: ErrorKind = ErrorKind.INTERNAL, logprobs: tuple[TokenLogprob, ...] | None = None,
+              prompt_lp: tuple[TokenLogprob, ...] | None = None) -> None:
         rid = seq.request_id
+        if finish is not None:
+            self.sampler.release(rid)
         sink = self._sinks.get(rid)
         if sink is None:
             return
         if finish is not None:
             del self._sinks[rid]
-        self._outbox.append((sink, EngineOutput(rid, tokens, finish, error, kind, seq.cached_tokens)))
+        self._outbox.append((sink, EngineOutput(rid, tokens, finish, error, kind, seq.cached_tokens,
+                                                logprobs, prompt_lp)))
 
     def flush(self) -> None:
         if self._outbox:
@@ -335,13 +375,19 @@ class DecodeEngine(EngineThread):
         ]
         prompt_rows = sum(len(fs.token_ids) for fs in batch)
         batch += [self._decode_row(s) for s in decode]
-        logits = self.runner.forward(batch, feed=self._feed(decode, prompt_rows) or None)
+        # echo: a first prefill of the whole prompt keeps its hidden states for prompt logprobs
+        hidden = {i: None for i, s in enumerate(seqs) if s.params.prompt_logprobs >= 0
+                  and not s.output_token_ids and s.num_computed == 0} or None
+        logits = self.runner.forward(batch, feed=self._feed(decode, prompt_rows) or None, hidden_out=hidden)
         every = list(seqs) + list(decode)
-        tokens = self.sampler.sample_on_device(
-            logits, [s.params for s in every], [s.output_offset + len(s.output_token_ids) for s in every])
+        sampled = self.sampler.run(
+            logits, [s.params for s in every], [s.output_offset + len(s.output_token_ids) for s in every], every)
+        prompt_lp = {i: (prompt_logprobs(self.runner.model.compute_logits, h, seqs[i].prompt_token_ids,
+                                         seqs[i].params.prompt_logprobs), seqs[i].params.prompt_logprobs)
+                     for i, h in (hidden or {}).items()}
         self._split_next = False
         self._in_pass = every                # queued: from here on a failure is every row's
-        p = _Pass(every, tokens, num_prefill=len(seqs))
+        p = _Pass(every, sampled.tokens, num_prefill=len(seqs), sampled=sampled, prompt_lp=prompt_lp)
         self._step_tokens += prompt_rows
         self.counters.prefilled_tokens += prompt_rows
         for i, (seq, fs) in enumerate(zip(every, batch)):
@@ -357,9 +403,9 @@ class DecodeEngine(EngineThread):
         t = time.perf_counter()
         batch = [self._decode_row(s) for s in seqs]
         logits = self.runner.forward(batch, feed=self._feed(seqs) or None)
-        tokens = self.sampler.sample_on_device(
-            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs])
-        p = _Pass(seqs, tokens, num_prefill=0)
+        sampled = self.sampler.run(
+            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs], seqs)
+        p = _Pass(seqs, sampled.tokens, num_prefill=0, sampled=sampled)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for i, seq in enumerate(seqs):
@@ -372,7 +418,7 @@ class DecodeEngine(EngineThread):
         """Wait for a queued pass's tokens; hand each to its seq (finishes, outputs)."""
         self._in_pass = list(p.seqs)
         t = time.perf_counter()
-        tokens = p.read()
+        tokens, entries, prompt_lp = p.read()
         for i, (seq, tok) in enumerate(zip(p.seqs, tokens)):
             rid = seq.request_id
             src = self._pending_src.get(rid)
@@ -384,7 +430,8 @@ class DecodeEngine(EngineThread):
                 continue
             if i >= p.num_prefill:
                 self.counters.decoded_tokens += 1
-            self._emit(seq, [tok], finish)
+            e = entries[i]
+            self._emit(seq, [tok], finish, logprobs=None if e is None else (e,), prompt_lp=prompt_lp.get(i))
         if p.prefill:
             self.counters.prefill_seconds += time.perf_counter() - t
         else:
@@ -399,6 +446,7 @@ class DecodeEngine(EngineThread):
         sink = self._sinks.pop(rid, None) if rid is not None else None
         if rid is None:
             return
+        self.sampler.release(rid)
         seq = self.scheduler.get(rid)
         self.scheduler.abort(rid, FinishReason.ERROR)
         if sink is not None:
@@ -428,6 +476,7 @@ class DecodeEngine(EngineThread):
             rid = seq.request_id
             sink = self._sinks.pop(rid, None)
             self.scheduler.abort(rid, FinishReason.ERROR)
+            self.sampler.release(rid)
             if sink is not None:
                 self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"decode step failed: {exc}",
                                                         kind, seq.cached_tokens)))

@@ -93,7 +93,7 @@ class Request:
             self.reserved.set_exception(RuntimeError(out.error or f"finished before KV: {out.finish.name}"))
             self.reserved.exception()  # mark retrieved: colocated requests never await it
         self.cached = max(self.cached, out.cached_tokens)
-        self._send(out.tokens, out.finish, out.error, out.error_kind)
+        self._send(out.tokens, out.finish, out.error, out.error_kind, out.logprobs, out.prompt_logprobs)
 
     def first_token_ends(self, token: int) -> bool:
         """Whether `token` as the first output would finish this request (EOS, a stop token, a
@@ -105,29 +105,34 @@ class Request:
                          output_token_ids=[token])
         return probe.check_stop(frozenset(cfg.eos_token_ids), cfg.max_model_len) is not None
 
-    def send_first_token(self, token: int) -> None:
-        """The first token, sent ahead of the engine (it does not end the request)."""
+    def send_first_token(self, token: int, logprob=None, prompt_logprobs=None) -> None:
+        """The first token, sent ahead of the engine (it does not end the request), with its
+        TokenLogprob and the prompt's when the request asked for them."""
         if not self.finished:
-            self._send([token], None, "", ErrorKind.INTERNAL)
+            self._send([token], None, "", ErrorKind.INTERNAL, None if logprob is None else (logprob,),
+                       prompt_logprobs)
 
     def fail(self, message: str, kind: ErrorKind) -> None:
         """End the request here with an error (the engine is told by close())."""
         if not self.finished:
             self._send([], FinishReason.ERROR, message, kind)
 
-    def _send(self, tokens: list[int], finish: FinishReason | None, error: str, kind: ErrorKind) -> None:
+    def _send(self, tokens: list[int], finish: FinishReason | None, error: str, kind: ErrorKind,
+              logprobs=None, prompt_logprobs=None) -> None:
         if tokens and not self.sent_tokens:
             self.sent_tokens = True
             self.timeline.mark("first_token")
         if finish is None:
-            self.deliver(self.rid, tokens, pb.FINISH_NONE, self.prompt_len, self.cached)
+            self.deliver(self.rid, tokens, pb.FINISH_NONE, self.prompt_len, self.cached, "", pb.ERROR_INTERNAL,
+                         logprobs, prompt_logprobs)
             return
         self.finished = True
         if tokens:
             self.timeline.mark("last_token")
         self.servicer.timelines.finish(self.rid, self.timeline, finish.value)
         self.deliver(self.rid, tokens, FINISH_TO_PB[finish], self.prompt_len, self.cached, error,
-                     ERROR_KIND_TO_PB[kind] if finish is FinishReason.ERROR else pb.ERROR_INTERNAL)
+                     ERROR_KIND_TO_PB[kind] if finish is FinishReason.ERROR else pb.ERROR_INTERNAL,
+                     logprobs, prompt_logprobs)
         if self.on_finish is not None:
             self.on_finish()
 
@@ -179,14 +184,25 @@ class Request:
         self.finished = self.engine_done = True
 
 
-# deliver(request_id, tokens, finish_reason, prompt_tokens, cached_tokens, error="", error_kind=0)
+# deliver(request_id, tokens, finish_reason, prompt_tokens, cached_tokens, error="", error_kind=0,
+#         logprobs=None, prompt_logprobs=None): the last two are TokenLogprob tuples (engine/logprobs.py)
 Deliver = Callable[..., None]
 
 
+def _add_logprobs(msg: pb.GenerateResponse, logprobs, prompt_logprobs) -> None:
+    for field, entries in ((msg.logprobs, logprobs), (msg.prompt_logprobs, prompt_logprobs)):
+        for e in entries or ():
+            field.add(token_id=e.token_id, logprob=e.logprob, top_token_ids=[t for t, _ in e.top],
+                      top_logprobs=[lp for _, lp in e.top])
+
+
 def response_message(rid: str, tokens: list[int], finish: int, prompt_tokens: int, cached: int, error: str = "",
-              error_kind: int = pb.ERROR_INTERNAL) -> pb.GenerateResponse:
-    return pb.GenerateResponse(request_id=rid, token_ids=tokens, finish_reason=finish, prompt_tokens=prompt_tokens,
-                               cached_tokens=cached, error=error, error_kind=error_kind)
+                     error_kind: int = pb.ERROR_INTERNAL, logprobs=None, prompt_logprobs=None) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=rid, token_ids=tokens, finish_reason=finish, prompt_tokens=prompt_tokens,
+                              cached_tokens=cached, error=error, error_kind=error_kind)
+    if logprobs or prompt_logprobs:
+        _add_logprobs(msg, logprobs, prompt_logprobs)
+    return msg
 
 
 class StreamCall:
@@ -199,15 +215,17 @@ class StreamCall:
         self._batch: pb.StreamBatch | None = None
 
     def deliver(self, rid: str, tokens: list[int], finish: int, prompt_tokens: int, cached: int,
-                error: str = "", error_kind: int = pb.ERROR_INTERNAL) -> None:
+                error: str = "", error_kind: int = pb.ERROR_INTERNAL, logprobs=None, prompt_logprobs=None) -> None:
         if self._batch is None:
             self._batch = pb.StreamBatch()
             # runs after the current callback: one engine reply (every request of the step) -> one batch
             self.loop.call_soon(self._flush)
         # built in place: no per-response message to copy into the batch
-        self._batch.responses.add(request_id=rid, token_ids=tokens, finish_reason=finish,
-                                  prompt_tokens=prompt_tokens, cached_tokens=cached, error=error,
-                                  error_kind=error_kind)
+        msg = self._batch.responses.add(request_id=rid, token_ids=tokens, finish_reason=finish,
+                                        prompt_tokens=prompt_tokens, cached_tokens=cached, error=error,
+                                        error_kind=error_kind)
+        if logprobs or prompt_logprobs:
+            _add_logprobs(msg, logprobs, prompt_logprobs)
 
     def _flush(self) -> None:
         if self._batch is not None:

@@ -29,6 +29,7 @@ from decode_worker.engine import DecodeEngine
 from decode_worker.requests import (ERROR_KIND_TO_PB, RequestError, Request, response_message, StreamCall)
 from decode_worker.timeline import TimelineRecorder
 from engine import cluster_auth
+from engine.logprobs import TokenLogprob
 from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields
 from engine.sampling_params import SamplingParams
 from engine.sequence import ErrorKind, FinishReason
@@ -121,15 +122,18 @@ class DecodeServicer(pbg.DecodeServicer):
             return ErrorKind.INVALID_ARGUMENT, f"duplicate request id {request.request_id!r}"
         max_len = self.engine.scheduler.config.max_model_len
         try:
-            max_tokens = SamplingParams.from_proto(request.sampling).max_tokens
+            params = SamplingParams.from_proto(request.sampling)
         except ValueError as exc:
             return ErrorKind.INVALID_ARGUMENT, str(exc)
+        max_tokens = params.max_tokens
         if len(prompt) + max(max_tokens, 1) > max_len:
             return ErrorKind.INVALID_ARGUMENT, (f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
                                                 f"this worker's max_model_len {max_len}")
         vocab = self.engine.runner.model_config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             return ErrorKind.INVALID_ARGUMENT, f"token id outside [0, {vocab})"
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            return ErrorKind.INVALID_ARGUMENT, f"logit_bias token id outside [0, {vocab})"
         return None
 
     def _begin(self, request: pb.GenerateRequest, deliver) -> Request:
@@ -214,6 +218,11 @@ class DecodeServicer(pbg.DecodeServicer):
                 while resp.finish_reason == pb.FINISH_NONE and not queue.empty():
                     more = queue.get_nowait()
                     more.token_ids[:0] = resp.token_ids
+                    if resp.logprobs or resp.prompt_logprobs:    # keep them aligned with token_ids
+                        lps = list(resp.logprobs) + list(more.logprobs)
+                        del more.logprobs[:]
+                        more.logprobs.extend(lps)
+                        more.prompt_logprobs.extend(resp.prompt_logprobs)
                     resp = more
                 yield resp
                 if resp.finish_reason != pb.FINISH_NONE:
@@ -270,11 +279,13 @@ class DecodeServicer(pbg.DecodeServicer):
         tl.set("kv_last_layer", done)
         tl.mark("admitted")
         first = resp.first_token_id
+        logprob = TokenLogprob.from_proto(resp.first_token_logprob) if resp.HasField("first_token_logprob") else None
+        prompt_lp = tuple(map(TokenLogprob.from_proto, resp.prompt_logprobs)) or None
         ahead = not req.first_token_ends(first)
         if ahead:
             req.cached = resp.cached_tokens
-            req.send_first_token(first)
-        self.engine.kv_ready(req.rid, first, resp.cached_tokens, sent=ahead)
+            req.send_first_token(first, logprob, prompt_lp)
+        self.engine.kv_ready(req.rid, first, resp.cached_tokens, sent=ahead, logprob=logprob, prompt_lp=prompt_lp)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         req = self.live.get(request.request_id)

@@ -66,6 +66,7 @@ def unpack(rows: Sequence[Sequence[float]], tokens: Sequence[int], ks: Sequence[
     return out
 
 
+@torch.inference_mode()
 def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                     prompt: Sequence[int], k: int, chunk: int = 1024) -> torch.Tensor:
     """Packed logprobs [len(prompt) - 1, 1 + 2k] of prompt[1:], the row for token i+1 from the

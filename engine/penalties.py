@@ -4,7 +4,8 @@
 penalty: its output-token counts (int32 [V]) and which tokens its prompt holds (bool [V]).
 Lifecycle of a slot:
   1. the first `apply` that sees the request (`TokenSource.request_id`) takes a free slot
-     and fills it from the tokens the host knows (prompt, outputs so far);
+     and fills it from the tokens the host knows (prompt, outputs so far; every new
+     request of one step in one host->device copy);
   2. every sampling step adds the tokens it drew to the rows' counts on the device
      (`count`), so a step queued before the previous one's tokens are read back (async
      scheduling) still sees them, with no device->host sync;
@@ -94,29 +95,49 @@ class PenaltyTable:
         self.counts, self.in_prompt = counts, in_prompt
         self._free.extend(range(new - 1, old - 1, -1))
 
-    def slot(self, src: TokenSource) -> int:
-        """The request's slot, filled from its known tokens on first sight."""
-        s = self._slots.get(src.request_id)
-        if s is not None:
-            return s
-        if not self._free:
-            self._grow()
-        s = self._free.pop()
-        prompt = list(src.prompt_token_ids)
-        off = max(0, min(int(src.output_offset or 0), len(prompt)))
-        outputs = prompt[len(prompt) - off:] + [t for t in src.output_token_ids if t != PENDING]
-        prompt = prompt[:len(prompt) - off]
-        if max(prompt + outputs, default=0) >= self.vocab:
-            self._free.append(s)
+    def slots(self, sources: Sequence[TokenSource]) -> list[int]:
+        """Each request's slot; those seen for the first time are filled from their known
+        tokens, all in one host->device copy."""
+        out, fill = [], []
+        for src in sources:
+            s = self._slots.get(src.request_id)
+            if s is None:
+                if not self._free:
+                    self._grow()
+                s = self._free.pop()
+                self._slots[src.request_id] = s
+                fill.append((s, src))
+            out.append(s)
+        if fill:
+            try:
+                self._fill(fill)
+            except ValueError:
+                for s, src in fill:
+                    self.release(src.request_id)
+                raise
+        return out
+
+    def _fill(self, fill: list[tuple[int, TokenSource]]) -> None:
+        rows_p, toks_p, rows_o, toks_o = [], [], [], []
+        for s, src in fill:
+            prompt = list(src.prompt_token_ids)
+            off = max(0, min(int(src.output_offset or 0), len(prompt)))
+            outputs = prompt[len(prompt) - off:] + [t for t in src.output_token_ids if t != PENDING]
+            prompt = prompt[:len(prompt) - off]
+            rows_p += [s] * len(prompt)
+            toks_p += prompt
+            rows_o += [s] * len(outputs)
+            toks_o += outputs
+        if max(toks_p + toks_o, default=0) >= self.vocab or min(toks_p + toks_o, default=0) < 0:
             raise ValueError(f"token id outside the vocabulary [0, {self.vocab})")
-        self.counts[s].zero_()
-        self.in_prompt[s].zero_()
-        ids, = self.upload(torch.tensor(prompt + outputs, dtype=torch.int64))
-        self.in_prompt[s, ids[:len(prompt)]] = True
-        out = ids[len(prompt):]
-        self.counts[s].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)
-        self._slots[src.request_id] = s
-        return s
+        n_p = len(toks_p)
+        slots, ids = self.upload(torch.tensor([s for s, _ in fill], dtype=torch.int64),
+                                 torch.tensor([rows_p + rows_o, toks_p + toks_o], dtype=torch.int64))
+        self.counts.index_fill_(0, slots, 0)
+        self.in_prompt.index_fill_(0, slots, False)
+        self.in_prompt[ids[0, :n_p], ids[1, :n_p]] = True
+        out = ids[:, n_p:]
+        self.counts.index_put_((out[0], out[1]), torch.ones_like(out[0], dtype=torch.int32), accumulate=True)
 
     def release(self, request_id: str) -> None:
         s = self._slots.pop(request_id, None)
@@ -128,7 +149,7 @@ class PenaltyTable:
         """In place on float32 `logits` [N, V] (one row per params/sources entry, each with a
         penalty); returns the int64 slot index [N] on the device, for `count`."""
         slots, knobs = self.upload(
-            torch.tensor([self.slot(src) for src in sources], dtype=torch.int64),
+            torch.tensor(self.slots(sources), dtype=torch.int64),
             torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
                          dtype=torch.float64))
         knobs = knobs.to(torch.float32)

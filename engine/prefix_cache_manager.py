@@ -122,7 +122,9 @@ class PrefixCacheManager:
     # -- lifecycle (see the module docstring) ------------------------------------------
     def plan(self, seq: Sequence) -> PrefixPlan:
         tokens, ps = seq.all_token_ids, self.page_size
-        m = self.cache.match_prefix(tokens[:-1])
+        # prompt logprobs (echo) need every prompt position computed: its first prefill matches nothing
+        echo = seq.params.prompt_logprobs >= 0 and not seq.output_token_ids
+        m = self.cache.match_prefix(() if echo else tokens[:-1])
         k = len(m.pages)
         nxt = tuple(tokens[:(k + 1) * ps]) if (k + 1) * ps <= len(tokens) else None
         return PrefixPlan(m, pages_needed(len(tokens), ps) - k, nxt)

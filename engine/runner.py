@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Callable, Sequence
 
 import torch
@@ -177,13 +177,17 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, seqs: list[ForwardSeq],
                 on_layer_done: Callable[[int], None] | None = None,
-                feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None) -> torch.Tensor:
+                feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None,
+                hidden_out: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Writes K/V of the new tokens into their pages, returns float32 logits
         [len(seqs), vocab] of each seq's last new token. on_layer_done(layer) is
         called once that layer's K/V for every seq is in the pages.
         feed (async scheduling): [(tokens, rows, src_rows)]: before the pass, input token
         rows[j] of the flattened batch becomes tokens[src_rows[j]], a device tensor that an
-        earlier queued pass samples into (its row of the ForwardSeq holds a dummy id)."""
+        earlier queued pass samples into (its row of the ForwardSeq holds a dummy id).
+        hidden_out (prompt logprobs): for each seq index that is a key, the value is replaced by
+        the final hidden states of all its new tokens [len(token_ids), hidden] (model.compute_logits
+        maps them to logits)."""
         if not seqs:
             raise ValueError("forward needs at least one seq")
         for i, s in enumerate(seqs):
@@ -193,7 +197,7 @@ class ModelRunner:
                 raise ValueError(f"seq {i}: positions up to {s.start_pos + len(s.token_ids)} "
                                  f"exceed max_model_len {self.max_model_len}")
         try:
-            return self._forward(seqs, on_layer_done, feed)
+            return self._forward(seqs, on_layer_done, feed, hidden_out)
         except Exception as exc:  # noqa: BLE001 - out of memory becomes a resource error (engine/errors.py)
             decode = all(len(s.token_ids) == 1 for s in seqs)
             err = classify_step_error(exc, "decode" if decode else "prefill", len(seqs),
@@ -204,7 +208,8 @@ class ModelRunner:
             raise
 
     def _forward(self, seqs: list[ForwardSeq], on_layer_done: Callable[[int], None] | None,
-                 feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None) -> torch.Tensor:
+                 feed: list[tuple[torch.Tensor, list[int], list[int]]] | None = None,
+                 hidden_out: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         # One host->device copy carries the metadata, the token ids and the feed's row indices
         # (a separate copy from pageable memory would wait for the passes still queued).
         token_ids = list(chain.from_iterable(s.token_ids for s in seqs))
@@ -223,11 +228,15 @@ class ModelRunner:
                 ids[:T].index_copy_(0, ids[o:o + k], tokens.index_select(0, ids[o + k:o + 2 * k]))
                 o += 2 * k
             ids = ids[:T]
-        if (self.graphs is not None and on_layer_done is None and meta.is_decode
+        if (self.graphs is not None and on_layer_done is None and meta.is_decode and not hidden_out
                 and self.backend is self.graphs.backend):
             logits = self.graphs.run(meta, ids)
             if logits is not None:
                 return logits
         hidden = self.model(ids, meta, self.kv, self.backend, on_layer_done)
+        if hidden_out:
+            starts = list(chain([0], accumulate(len(s.token_ids) for s in seqs)))
+            for i in hidden_out:
+                hidden_out[i] = hidden[starts[i]:starts[i + 1]]
         last = meta.cu_seqlens[1:].long() - 1
         return self.model.compute_logits(hidden[last])

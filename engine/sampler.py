@@ -144,7 +144,7 @@ class Sampler:
             return lambda *parts: list(parts)
         if self._staging is None:
             from engine.attention.base import PinnedStaging
-            self._staging = PinnedStaging()
+            self._staging = PinnedStaging(slots=32)   # a few copies per step: reused steps later
 
         def upload(*parts: torch.Tensor) -> list[torch.Tensor]:
             flat = [p.reshape(-1).view(torch.int64) for p in parts]

@@ -17,6 +17,10 @@ Per request (driven by prefill_worker/server.py):
      failed pass frees the job's own pages instead.
   4. `abort(request_id)` drops a queued job; a job already computed has its
      sender aborted by the server.
+Logprobs: with params.logprobs >= 0 the first token's TokenLogprob is left in
+`job.first_logprob`, with params.prompt_logprobs >= 0 the prompt's in `job.prompt_logprobs`
+(computed from the pass's hidden states; such a job never takes a cache match, so every
+position is computed), both set before `on_done` is called.
 Sending straight from the pool (`pool_send`, when the KV sender registered this pool): no
 per-layer copies; after the pass each job's sender gets one `send_pool(page_table)` with an
 event marking the end of the pass, and the job keeps its pages until the server says the
@@ -43,6 +47,7 @@ from typing import Callable
 import torch
 
 from engine.errors import classify_step_error
+from engine.logprobs import TokenLogprob, prompt_logprobs, unpack
 from engine.page_allocator import PageAllocator
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
@@ -74,6 +79,14 @@ class PrefillJob:
     queued_ns: int = 0
     start_ns: int = 0
     end_ns: int = 0
+    # set on the engine thread before on_done, when the params ask for them (engine/logprobs.py)
+    first_logprob: TokenLogprob | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+
+    @property
+    def output_token_ids(self) -> tuple[int, ...]:
+        """No outputs yet (the sampler's TokenSource: a migrated request's are in its prompt)."""
+        return ()
 
     @property
     def cached_tokens(self) -> int:
@@ -187,7 +200,8 @@ class PrefillEngine(EngineThread):
         prompt = job.prompt_token_ids
         page_size = self.runner.page_size
         # the last prompt token is always computed: its logits give the first token
-        m = self.cache.match_prefix(prompt[:-1] if use_cache else ())
+        # prompt logprobs need every position computed: no match
+        m = self.cache.match_prefix(prompt[:-1] if use_cache and job.params.prompt_logprobs < 0 else ())
         self.cache.lock(m.handle)
         need = -(-len(prompt) // page_size) - len(m.pages)
         if self.allocator.num_free < need:
@@ -269,6 +283,17 @@ class PrefillEngine(EngineThread):
             tokens += n - job.cached_tokens
         return batch
 
+    def _logprobs(self, batch: list[PrefillJob], tokens: list[int], sampled, hidden) -> None:
+        """Leave each job's first-token and prompt logprobs on it (see the module docstring)."""
+        if sampled.lp_rows:
+            for job, e in zip(batch, sampled.entries(tokens, sampled.logprobs.tolist())):
+                job.first_logprob = e
+        for i, h in (hidden or {}).items():
+            job, k = batch[i], batch[i].params.prompt_logprobs
+            packed = prompt_logprobs(self.runner.model.compute_logits, h, job.prompt_token_ids, k)
+            ids = job.prompt_token_ids[1:]
+            job.prompt_logprobs = tuple(unpack(packed.tolist(), ids, [k] * len(ids)))
+
     def step(self) -> bool:
         batch = self._take_batch()
         if not batch:
@@ -295,8 +320,9 @@ class PrefillEngine(EngineThread):
             # (pool sends) the batch's WRITEs: copies left to run under the decode worker's turn
             # crawl through the device's time slices (H200 trace: KV landed 0.4-1.6 s after the pass).
             written = _Countdown(len(batch) if from_pool and self.gpu_turn is not None else 0)
+            hidden = {i: None for i, j in enumerate(batch) if j.params.prompt_logprobs >= 0} or None
             with self.gpu_turn or contextlib.nullcontext():
-                logits = self.runner.forward(seqs, on_layer_done=layer_done)
+                logits = self.runner.forward(seqs, on_layer_done=layer_done, hidden_out=hidden)
                 if from_pool:   # one WRITE per job, posted once the device finished the pass
                     ready = None
                     if kv.k[0].is_cuda:
@@ -304,7 +330,11 @@ class PrefillEngine(EngineThread):
                         ready.record(torch.cuda.current_stream(kv.k[0].device))
                     for job in batch:
                         job.send_pool(job.page_table, kv.num_layers, ready, written.down if written.n else None)
-                tokens = self.sampler.sample(logits, [j.params for j in batch], [j.output_offset for j in batch])
+                sampled = self.sampler.run(logits, [j.params for j in batch], [j.output_offset for j in batch], batch)
+                for job in batch:
+                    self.sampler.release(job.request_id)     # penalty state lives for one token here
+                tokens = sampled.tokens.tolist()
+                self._logprobs(batch, tokens, sampled, hidden)
                 written.wait(self.write_wait_s)
             end_ns = time.time_ns()
             for job in batch:

@@ -7,6 +7,7 @@ Prefill(request) lifecycle, one coroutine per request:
      event loop);
   3. once the pass is done and the sender has delivered every layer, answer
      with the first token;
+     (and, when the request asks, the first token's logprobs and the prompt's);
   4. if the caller cancels (decode aborted) or anything fails, drop the job
      and abort the sender so no late chunk lands in freed pages.
 
@@ -102,9 +103,11 @@ class PrefillServicer(pbg.PrefillServicer):
         if request.request_id and request.request_id in self._live:
             return f"duplicate request id {request.request_id!r}"
         try:
-            SamplingParams.from_proto(request.sampling)
+            params = SamplingParams.from_proto(request.sampling)
         except ValueError as exc:
             return str(exc)
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            return f"logit_bias token id outside [0, {vocab})"
         return ""
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -150,10 +153,15 @@ class PrefillServicer(pbg.PrefillServicer):
             if state != TransferState.DONE:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer ended in state {state.name}")
             ok = True
-            return pb.PrefillResponse(request_id=request.request_id, first_token_id=tok,
+            resp = pb.PrefillResponse(request_id=request.request_id, first_token_id=tok,
                                       cached_tokens=cached, computed_tokens=computed,
                                       queued_unix_ns=job.queued_ns, start_unix_ns=job.start_ns,
                                       end_unix_ns=job.end_ns)
+            if job.first_logprob is not None:
+                resp.first_token_logprob.CopyFrom(job.first_logprob.to_proto())
+            if job.prompt_logprobs:
+                resp.prompt_logprobs.extend(e.to_proto() for e in job.prompt_logprobs)
+            return resp
         finally:
             if self._live.get(key) is done:
                 del self._live[key]

@@ -64,14 +64,18 @@ def mixed_params() -> list[SamplingParams]:
     ]
 
 
-def run_steps(sampler: Sampler, steps: int, seed: int = 0, mode_raw: bool = True):
-    """Drive a mixed batch for `steps` steps, checking every row against the reference."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_steps(sampler: Sampler, steps: int, seed: int = 0, mode_raw: bool = True, device: str = "cpu"):
+    """Drive a mixed batch for `steps` steps, checking every row against the reference (the
+    seeded draws are compared with a sampler on the same device: the noise is per device)."""
     params = mixed_params()
     g = torch.Generator().manual_seed(seed)
     srcs = [Src(f"r{i}", torch.randint(0, V, (6,), generator=g).tolist()) for i in range(len(params))]
     for step in range(steps):
         logits = torch.randn(len(params), V, generator=g, dtype=torch.float64) * 4
-        out = sampler.run(logits.float(), params, [step] * len(params), srcs)
+        out = sampler.run(logits.float().to(device), params, [step] * len(params), srcs)
         tokens = out.tokens.tolist()
         packed = out.logprobs.tolist() if out.logprobs is not None else None
         entries = out.entries(tokens, packed)
@@ -82,7 +86,7 @@ def run_steps(sampler: Sampler, steps: int, seed: int = 0, mode_raw: bool = True
                 assert tokens[i] == int(torch.argmax(ref)), (step, i)
             else:   # the same draw as a plain row over the reference-processed logits
                 plain = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
-                assert tokens[i] == Sampler().sample(ref.float()[None], [plain], [step])[0], (step, i)
+                assert tokens[i] == Sampler().sample(ref.float()[None].to(device), [plain], [step])[0], (step, i)
             if p.logprobs >= 0:
                 check_logprob(entries[i], logits.float()[i].double() if mode_raw else ref, p.logprobs)
                 assert entries[i].token_id == tokens[i]
@@ -92,15 +96,16 @@ def run_steps(sampler: Sampler, steps: int, seed: int = 0, mode_raw: bool = True
     return srcs
 
 
-def test_mixed_batch_matches_float64_reference_over_steps():
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_matches_float64_reference_over_steps(device):
     sampler = Sampler(seed=1)
-    srcs = run_steps(sampler, steps=12)
-    table = sampler._tables[torch.device("cpu")]
+    srcs = run_steps(sampler, steps=12, device=device)
+    table = next(iter(sampler._tables.values()))
     assert table.num_live == 4          # rows with a penalty got a slot; the others none
     # the device counts equal the host's token counts
     for i in (1, 2, 5, 7):
         want = torch.bincount(torch.tensor(srcs[i].output_token_ids), minlength=V).to(torch.int32)
-        assert torch.equal(table.counts[table._slots[f"r{i}"]], want)
+        assert torch.equal(table.counts[table._slots[f"r{i}"]].cpu(), want)
 
 
 def test_processed_logprobs_mode():
