@@ -5,16 +5,20 @@ Lifecycle of a `Work` (built by router/server.py once the request is validated a
      batch. Each job is its own cluster request (request id `<id>-<index>` when there are
      several), placed independently by `DecodeClient.generate`.
   2. Per job, `_pieces` turns the worker's GenerateResponse stream into text: tokens ->
-     IncrementalDetokenizer -> StopStringMatcher -> `Piece(text, finish)`; the last piece has
-     a finish reason. A stop-string hit closes the job's gRPC stream (the worker frees its
-     pages) before the finish is reported.
-  3. `complete()`: every job runs concurrently; the first to fail cancels the others (their
-     streams close: aborts on the workers) and its error is the HTTP answer. The choices come
-     back in index order, usage summed over the jobs.
+     IncrementalDetokenizer -> StopStringMatcher -> `Piece(text, finish, logprobs)`; the last
+     piece has a finish reason. With logprobs asked, tokens are detokenized one at a time so
+     that each logprob entry gets its text offset; entries ride with the next piece out. A
+     stop-string hit closes the job's gRPC stream (the worker frees its pages) before the
+     finish is reported.
+  3. `complete()`: every job runs concurrently (router/fanout.py); the first to fail cancels
+     the others (their streams close: aborts on the workers) and its error is the HTTP
+     answer. The choices come back in index order, usage summed over the jobs; `echo` puts
+     the prompt's text (and its logprobs) before the completion's (router/logprobs.py).
   4. `stream()`: the first worker message of every job is awaited before the 200, so a
      worker that cannot take one is a plain 5xx JSON error (the others aborted). Then one
      pump task per job feeds a queue (a single job is read directly, no task); each chunk
-     carries its choice's `index`. With `stream_options.include_usage` every chunk has
+     carries its choice's `index` and, when asked, the logprobs of its tokens (an echoed
+     prompt is its job's first chunk). With `stream_options.include_usage` every chunk has
      `"usage": null` and a last chunk with no choices carries the summed usage, as OpenAI
      sends. A failure after the 200 ends the stream with one `{"error": ...}` event and
      aborts the other jobs. `data: [DONE]` always ends it.
@@ -23,9 +27,8 @@ Lifecycle of a `Work` (built by router/server.py once the request is validated a
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,6 +43,7 @@ from router.detokenize import IncrementalDetokenizer, StopStringMatcher
 from router.errors import OpenAIError
 from router.logprobs import LogprobFormatter
 from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
+from router.fanout import all_or_none, merge
 from router.sse import SSEResponse, _unless_disconnected, sse_event
 
 log = logging.getLogger(__name__)
@@ -233,7 +237,7 @@ class Generation:
             return "".join(parts), finish, lps
 
         try:
-            results = await _unless_disconnected(request, lambda: _all_or_none([collect(r) for r in runs]))
+            results = await _unless_disconnected(request, lambda: all_or_none([collect(r) for r in runs]))
         finally:
             await _close_all(runs)
         if results is None:
@@ -268,7 +272,7 @@ class Generation:
             return await anext(run.responses)
 
         try:
-            heads = await _unless_disconnected(request, lambda: _all_or_none([first(r) for r in runs]))
+            heads = await _unless_disconnected(request, lambda: all_or_none([first(r) for r in runs]))
         except BaseException:
             await _close_all(runs)       # worker errors here are plain HTTP errors
             raise
@@ -304,7 +308,7 @@ class Generation:
                 sent = [0] * len(runs)            # characters of each choice's text streamed so far
                 base = [0] * len(runs)            # ... of its echoed prompt
                 echoed = [not work.echo] * len(runs)
-                async with aclosing(_merge(streams)) as merged:
+                async with aclosing(merge(streams)) as merged:
                     async for i, piece in merged:
                         run = runs[i]
                         if not echoed[i]:         # the prompt, once its logprobs are in (first message)
@@ -356,58 +360,3 @@ class _EchoLogprobs(NamedTuple):
 async def _close_all(runs: list[_Run]) -> None:
     for run in runs:
         await run.responses.aclose()
-
-
-async def _all_or_none(coros: list[Awaitable[Any]]) -> list[Any]:
-    """Every result in order; the first failure (in index order among those done) cancels the
-    rest and is raised."""
-    if len(coros) == 1:
-        return [await coros[0]]
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-_END = object()
-
-
-async def _merge(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
-    """(stream index, piece) as they come from all streams; the first failure is raised (the
-    caller's exit cancels the rest)."""
-    if len(streams) == 1:
-        async for piece in streams[0]:
-            yield 0, piece
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[Piece]) -> None:
-        try:
-            async for piece in s:
-                queue.put_nowait((i, piece))
-            queue.put_nowait((i, _END))
-        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
-            queue.put_nowait((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            i, item = await queue.get()
-            if item is _END:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
