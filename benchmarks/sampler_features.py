@@ -1,7 +1,7 @@
 """Sampler cost per call with and without the issue-13 features (bias, penalties, logprobs).
 
 Usage: python -m benchmarks.sampler_features [--device cpu|cuda] [--batch 256] [--vocab 32]
-       [--iters 200] [--baseline-commit REV]
+       [--iters 200] [--baseline-commit REV | FILE]
 
 Rows: plain greedy, plain mixed (half sampled, seeded), then the same batch with every row
 using penalties + bias + logprobs=5, and with a quarter of the rows using them. A tiny
@@ -38,10 +38,13 @@ class _Src:
 
 
 def _old_sampler(rev: str):
-    text = subprocess.run(["git", "show", f"{rev}:engine/sampler.py"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "old_sampler.py"
-    path.write_text(text)
+    """The Sampler class at git revision `rev` (or from the file `rev`, where no .git travels)."""
+    path = Path(rev)
+    if not path.is_file():
+        text = subprocess.run(["git", "show", f"{rev}:engine/sampler.py"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+        path = Path(tempfile.mkdtemp()) / "old_sampler.py"
+        path.write_text(text)
     spec = importlib.util.spec_from_file_location("old_sampler", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
