@@ -17,7 +17,8 @@ Lifecycle of a `ClientPool`:
      any that did not exit. A run that passes its deadline terminates the processes and
      raises TimeoutError; the next `run` starts fresh ones.
 
-Parsing: a chunk is JSON-decoded only when it carries "usage" or "error"; text chunks are
+Parsing: a chunk is JSON-decoded only when it carries a usage object (not the `"usage": null`
+of every other chunk under include_usage, as OpenAI sends) or "error"; text chunks are
 recognised by bytes (`"text":"` present, `"text":""` absent), so one process parses tens
 of thousands of chunks per CPU-second (`python -m benchmarks.served_client` measures it
 against a synthetic SSE server).
@@ -52,7 +53,7 @@ async def _one(session, url: str, body: bytes, timeout, rec: dict, clock: Callab
                 if data == b"[DONE]":
                     break
                 rec["chunks"] += 1
-                if b'"usage"' in data or b'"error"' in data:
+                if b'"usage":{' in data or b'"usage": {' in data or b'"error"' in data:   # not "usage":null
                     obj = json.loads(data)
                     if "error" in obj:
                         err = obj["error"]
@@ -235,7 +236,8 @@ class ClientPool:
 
 def _fake_chunk(text: str, finish: str | None) -> bytes:
     ev = {"id": "cmpl-" + "0" * 32, "object": "text_completion", "created": 1700000000, "model": "bench",
-          "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+          "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+          "usage": None}                              # as the router sends them with include_usage
     b = b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
     return b"%x\r\n%s\r\n" % (len(b), b)
 

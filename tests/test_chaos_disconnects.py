@@ -39,7 +39,7 @@ async def _normal(client: httpx.AsyncClient, url: str, i: int) -> tuple[float, i
     async with client.stream("POST", url, json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
+            if line.startswith("data: {") and '"usage":{' in line:      # the other chunks carry "usage":null
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return time.monotonic() - t, tokens
 
