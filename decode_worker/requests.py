@@ -11,7 +11,8 @@ One request's lifecycle:
      the request (`first_token_ends`), not with the engine's next step: that step may wait
      behind a prefill batch for the GPU (engine/gpu_turn.py), and the token is known;
   3. every EngineOutput becomes one response handed to `deliver` (Generate: its queue;
-     Stream: the call's pending batch, flushed once per engine reply);
+     Stream: the call's pending batch, flushed once per engine reply), its TokenLogprobs
+     (when the request asked) as GenerateResponse.logprobs / prompt_logprobs;
   4. `close()`: if it did not finish, abort it everywhere (engine pages, the KV transfer,
      freed only once its writes drained, and the Prefill call). Idempotent.
 """
