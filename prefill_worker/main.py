@@ -8,6 +8,7 @@ import time
 
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
+from engine.worker_thread import apply_switch_interval
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.runner import ModelRunner
@@ -41,6 +42,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
     # nixl: writes read the pool itself (no per-layer copies); grpc copies each layer
     engine.pool_send = sender.bind_pool(runner.kv.k, runner.kv.v)
     engine.gpu_turn = open_turn(gpu_turn_file, "prefill")
+    apply_switch_interval()
     engine.start()
     metrics = WorkerMetrics(role="prefill", address=advertise)
     server = make_server(cluster_token=cluster_token, what="the prefill worker's gRPC services",
