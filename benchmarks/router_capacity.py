@@ -47,7 +47,7 @@ class Fake(pbg.DecodeServicer):
             for rid, st in list(live.items()):
                 st[0] -= 1
                 fin = pb.FINISH_LENGTH if st[0] <= 0 else pb.FINISH_NONE
-                out.append(pb.GenerateResponse(request_id=rid, token_ids=[1000 + st[0] % 5000], finish_reason=fin, prompt_tokens=st[1]))
+                out.append(pb.GenerateResponse(request_id=rid, token_ids=[3 + st[0] % 200], finish_reason=fin, prompt_tokens=st[1]))
                 if fin: del live[rid]
             yield pb.StreamBatch(responses=out)
     async def Stats(self, req, ctx):
@@ -60,7 +60,7 @@ async def fake_main(port):
 async def client(url, n, out_len):
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=n+10)) as c:
         async def one():
-            body = {"model": "m", "prompt": [1001 + i % 50 for i in range(PROMPT_LEN)], "max_tokens": out_len, "ignore_eos": True,
+            body = {"model": "m", "prompt": [3 + i % 50 for i in range(PROMPT_LEN)], "max_tokens": out_len, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             toks = chunks = 0
             async with c.stream("POST", url, json=body) as r:
@@ -72,7 +72,11 @@ async def client(url, n, out_len):
             return toks, chunks
         t0 = time.perf_counter()
         res = await asyncio.gather(*(one() for _ in range(n)))
-        return time.perf_counter() - t0, sum(r[0] for r in res), sum(r[1] for r in res)
+        toks = sum(r[0] for r in res)
+        if not toks:   # every request failed: say why instead of dividing by zero
+            r = await c.post(url, json={"model": "m", "prompt": [3] * PROMPT_LEN, "max_tokens": 1})
+            raise SystemExit(f"no tokens streamed; a plain request answers {r.status_code}: {r.text[:300]}")
+        return time.perf_counter() - t0, toks, sum(r[1] for r in res)
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "fake":
