@@ -40,6 +40,16 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", required=model_required, default=None,
@@ -210,8 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--step-trace-file", default="",
                        help="the decode worker appends one JSON line per engine step here")
     serve.add_argument("--gpu-turns", default="auto", choices=["auto", "on", "off"],
-                       help="prefill and decode workers sharing a GPU take turns on it (auto: on when they "
-                            "share a CUDA device; see engine/gpu_turn.py)")
+                       help="prefill and decode workers sharing a GPU take turns on it (auto: as --gpu-sharing "
+                            "says; on = --gpu-sharing turns, off = no turns; see engine/gpu_turn.py)")
+    serve.add_argument("--gpu-sharing", default="auto", choices=["auto", "mps", "turns", "none"],
+                       help="how the prefill and decode workers share one GPU: mps = side by side under CUDA "
+                            "MPS, each with its share of the SMs (--prefill-sm-fraction; serve runs the MPS "
+                            "daemon, tandem_cli/mps.py); turns = one at a time (engine/gpu_turn.py); none = "
+                            "the driver's time-slicing. auto: mps on a CUDA device, else none. When MPS is not "
+                            "available serve says so and the workers take turns")
+    serve.add_argument("--prefill-sm-fraction", type=open_fraction, default=0.6,
+                       help="with MPS: the prefill worker's share of the GPU's SMs "
+                            "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); decode gets the rest")
+    serve.add_argument("--serve-metrics-port", type=int, default=None,
+                       help="port of serve's own /metrics (GPU sharing mode, MPS fallbacks, SM split; "
+                            "default: --port + 1000; 0 = off)")
 
     router = sub.add_parser("router", help="run the OpenAI-compatible gateway")
     add_server_args(router, default_port=8000)

@@ -11,12 +11,20 @@ Lifecycle:
      worker), printing progress. On CUDA they share the GPU by tandem_cli.gpu_share:
      --gpu-memory-utilization is the whole GPU's budget, decode starts first with 0.6
      of it and prefill, once decode is ready (KV allocated), gets the rest. On the
-     CPU both start at once. Each is ready when its gRPC server answers;
+     CPU both start at once. Each is ready when its gRPC server answers.
+     How P and D share the GPU's compute (--gpu-sharing, `gpu_sharing`): under CUDA MPS,
+     side by side (the default on CUDA): before the workers, tandem_cli.mps starts the
+     control daemon (or uses one already running) and each worker's environment gets
+     its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (prefill 100 * --prefill-sm-fraction, decode the
+     rest), no GPU turns; when MPS is not available serve says so in one line, counts it
+     (tandem_gpu_sharing_fallbacks_total on serve's own /metrics, --serve-metrics-port)
+     and the workers take turns (engine/gpu_turn.py) instead;
   4. start the router with the static member list and wait for /health;
      with --etcd HOST:PORT the workers register there instead and the router
      follows etcd (no static list); serve waits until /health lists them;
   5. print the URL; on Ctrl-C / SIGTERM, or when any child exits, stop every
-     child (SIGTERM, then SIGKILL after a grace period).
+     child (SIGTERM, then SIGKILL after a grace period), then quit the MPS daemon if serve
+     started it (a SIGKILLed serve cannot: the next one stops the daemon it left).
 """
 from __future__ import annotations
 
@@ -34,8 +42,10 @@ from pathlib import Path
 from engine.cluster_auth import TOKEN_ENV, ClusterTokenError, new_token, resolve_token, write_token_file
 from engine.config import EngineConfig
 from tandem_cli.args import engine_config_from_args
-from tandem_cli.checks import check_serve, free_worker_port
+from engine.sm_split import thread_percentages
+from tandem_cli.checks import UsageError, check_port_range, check_serve, free_worker_port
 from tandem_cli.gpu_share import plan_starts, waves
+from tandem_cli.mps import MpsDaemon, MpsUnavailable, SharingMetrics, start_mps
 from tandem_cli.procs import Interrupted, stop_all, wait_grpc_ready, wait_http_ready, wait_members
 
 DEMO_NOTE = ("NOTE: serving the built-in demo model. Its weights are random: it produces noise, "
@@ -83,14 +93,35 @@ class WorkerLaunch:
     wave: int                       # starts once every worker of earlier waves is ready
     gpu_memory_utilization: float   # its --gpu-memory-utilization (cumulative share, gpu_share)
     on_gpu: bool
+    env: tuple[tuple[str, str], ...] = ()   # added to its environment (MPS client settings)
+    sm_percentage: int = 0          # its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (0: not under MPS)
+
+
+def gpu_sharing(args: argparse.Namespace, device: str) -> str:
+    """How serve's prefill and decode workers share their GPU, before MPS is tried: "mps",
+    "turns" or "none" (colocated: "none"). --gpu-turns on/off are the older spellings of
+    turns/none; a contradiction of the two flags is a UsageError."""
+    if args.colocated:
+        return "none"
+    sharing, turns = getattr(args, "gpu_sharing", "auto"), getattr(args, "gpu_turns", "auto")
+    if turns != "auto" and sharing not in ("auto", "turns" if turns == "on" else "none"):
+        raise UsageError(f"--gpu-turns {turns} contradicts --gpu-sharing {sharing}; give one of them")
+    if turns != "auto":
+        return "turns" if turns == "on" else "none"
+    if sharing == "auto":
+        return "mps" if device == "cuda" else "none"
+    return sharing
 
 
 def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
-                 ports: tuple[int, int], cluster_token_file: str = "") -> list[WorkerLaunch]:
+                 ports: tuple[int, int], cluster_token_file: str = "",
+                 mps: MpsDaemon | None = None) -> list[WorkerLaunch]:
     """The workers of `tandem serve` (config: `engine_config_from_args(args)`), in start
     order: one colocated decode worker, or decode + prefill sharing the GPU by
     tandem_cli.gpu_share's rule (on CUDA decode first with its share of
-    --gpu-memory-utilization, prefill once decode is ready). cluster_token_file: passed to each."""
+    --gpu-memory-utilization, prefill once decode is ready). cluster_token_file: passed to each.
+    mps: the running MPS daemon when `gpu_sharing` is "mps" (None there: MPS is not
+    available, and the workers take turns)."""
     roles = [("decode", "decode", "")] + ([] if args.colocated else [("prefill", "prefill", "")])
     starts = plan_starts(roles, config.gpu_memory_utilization, sequential=config.device == "cuda")
     etcd = ["--etcd", args.etcd, "--etcd-prefix", args.etcd_prefix, "--member-ttl", str(args.member_ttl)] \
@@ -104,16 +135,22 @@ def plan_workers(config: EngineConfig, args: argparse.Namespace, model: str,
                         ("--step-trace-file", getattr(args, "step_trace_file", ""))):
         if value:
             role_flags["decode"] += [flag, value]
-    turns = getattr(args, "gpu_turns", "auto")
-    if not args.colocated and (turns == "on" or (turns == "auto" and config.device == "cuda")):
+    sharing = gpu_sharing(args, config.device)
+    if sharing == "mps" and mps is None:
+        sharing = "turns"
+    if sharing == "turns":
         lock = os.path.join(tempfile.gettempdir(), f"tandem-gpu-turn-{ports[0]}.lock")
         for role in role_flags:
             role_flags[role] += ["--gpu-turn-file", lock]
+    share = dict(zip(("prefill", "decode"), thread_percentages(args.prefill_sm_fraction))) \
+        if sharing == "mps" else {}
     return [WorkerLaunch(s.role, f"127.0.0.1:{port[s.role]}",
                          tuple([s.role, "--port", str(port[s.role])]
                                + engine_flags(config, args, model, s.gpu_memory_utilization) + kv + etcd + auth
                                + role_flags[s.role]),
-                         s.wave, s.gpu_memory_utilization, config.device == "cuda") for s in starts]
+                         s.wave, s.gpu_memory_utilization, config.device == "cuda",
+                         tuple(sorted(mps.client_env(share[s.role]).items())) if share else (),
+                         share.get(s.role, 0)) for s in starts]
 
 
 def router_argv(args: argparse.Namespace, model: str, decode_addr: str, prefill_addr: str,
@@ -145,12 +182,13 @@ def _start_workers(cli: list[str], plan: list[WorkerLaunch], procs: list[subproc
     for wave in waves(plan):
         started = []
         for w in wave:
-            mem = (f" (the GPU stays within {w.gpu_memory_utilization:.0%} of its memory once it is up)"
-                   if w.on_gpu else "")
+            notes = ([f"the GPU stays within {w.gpu_memory_utilization:.0%} of its memory once it is up"]
+                     if w.on_gpu else []) + ([f"{w.sm_percentage}% of the SMs under MPS"] if w.sm_percentage else [])
             if stop():
                 raise Interrupted
-            print(f"starting the {w.role} worker on {w.address}{mem} ...", flush=True)
-            procs.append(subprocess.Popen(cli + list(w.argv)))
+            print(f"starting the {w.role} worker on {w.address}"
+                  f"{' (' + '; '.join(notes) + ')' if notes else ''} ...", flush=True)
+            procs.append(subprocess.Popen(cli + list(w.argv), env={**os.environ, **dict(w.env)} if w.env else None))
             started.append((w, procs[-1], time.monotonic()))
         for w, proc, t0 in started:
             deadline = t0 + 600
@@ -173,8 +211,13 @@ def run_serve(args: argparse.Namespace) -> int:
     checks.UsageError before anything starts (main prints it: one line, exit code 2)."""
     model = check_serve(args)   # ports, device, model directory, flag combinations
     config = engine_config_from_args(args)
-    decode_port = args.worker_base_port or free_worker_port({args.port})
-    prefill_port = (args.worker_base_port + 1) if args.worker_base_port else free_worker_port({args.port, decode_port})
+    sharing = gpu_sharing(args, config.device)
+    metrics_port = args.port + 1000 if args.serve_metrics_port is None else args.serve_metrics_port
+    check_port_range("--serve-metrics-port" + (" (default: --port + 1000)" if args.serve_metrics_port is None else ""),
+                     metrics_port, allow_zero=True)
+    decode_port = args.worker_base_port or free_worker_port({args.port, metrics_port})
+    prefill_port = (args.worker_base_port + 1) if args.worker_base_port else \
+        free_worker_port({args.port, metrics_port, decode_port})
     if model is None:
         print(DEMO_NOTE, flush=True)
         model = str(demo_model_dir())
@@ -186,6 +229,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cli = [sys.executable, "-m", "tandem_cli.main"]
     procs: list[subprocess.Popen] = []
     stopping = 0   # the signal that asks us to stop (0: none yet)
+    mps: MpsDaemon | None = None
+    sharing_metrics, metrics_server = SharingMetrics(), None
 
     def on_signal(signum, frame):
         nonlocal stopping
@@ -194,7 +239,26 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        plan = plan_workers(config, args, model, (decode_port, prefill_port), token_file)
+        if sharing == "mps":
+            try:
+                mps = start_mps(say=lambda line: print(line, flush=True))
+            except MpsUnavailable as exc:
+                print(f"MPS is not available ({exc}); falling back to GPU turns: the prefill and decode "
+                      "workers take turns on the GPU", file=sys.stderr, flush=True)
+                sharing_metrics.fallbacks.labels(exc.reason).inc()
+                sharing = "turns"
+        if not args.colocated:
+            sharing_metrics.set_mode(sharing, args.prefill_sm_fraction if sharing == "mps" else None)
+            if sharing == "mps":
+                p, d = thread_percentages(args.prefill_sm_fraction)
+                print(f"GPU sharing: CUDA MPS, prefill {p}% of the SMs, decode {d}%, side by side", flush=True)
+        else:
+            sharing_metrics.set_mode("none")
+        if metrics_port:
+            from engine.metrics import start_metrics_server
+
+            metrics_server = start_metrics_server(sharing_metrics.registry, args.host, metrics_port)
+        plan = plan_workers(config, args, model, (decode_port, prefill_port), token_file, mps)
         print(f"device {config.device}, attention backend {config.attention_backend} "
               f"({config.attention_backend_reason}), CUDA graphs "
               f"{'on' if config.uses_cuda_graphs else 'off'}", flush=True)
@@ -229,6 +293,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         stop_all(procs)
+        if mps is not None:   # after its clients: `quit` waits for them
+            print(mps.stop(), flush=True)
+        if metrics_server is not None:
+            metrics_server.stop()
         if token_dir:
             shutil.rmtree(token_dir, ignore_errors=True)
 
