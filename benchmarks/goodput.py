@@ -178,6 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.88, help="per GPU, split among its workers")
     p.add_argument("--prefill-pages", type=int, default=None)
     p.add_argument("--decode-pages", type=int, default=None)
+    p.add_argument("--gpu-sharing", default="none", choices=["none", "turns", "mps"],
+                   help="pd workers sharing a GPU: none (time-sliced), turns (engine/gpu_turn.py), "
+                        "mps (side by side under CUDA MPS; benchmarks/layouts.py)")
+    p.add_argument("--prefill-sm-fraction", type=float, default=0.6, help="mps: the prefill worker's share of the SMs")
     p.add_argument("--kv-transfer-backend", "--kv-transport", dest="kv_transport", default="grpc",
                    choices=KV_TRANSPORTS, help="KV transport between the P+D workers")
     p.add_argument("--log-dir", default=None)
@@ -262,7 +266,8 @@ def main(argv=None) -> int:
             max_model_len=max(s.input_len + s.output_len for s in shapes) + 16,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, prefill_pages=args.prefill_pages,
-            decode_pages=args.decode_pages, kv_transport=args.kv_transport)
+            decode_pages=args.decode_pages, kv_transport=args.kv_transport, gpu_sharing=args.gpu_sharing,
+            prefill_sm_fraction=args.prefill_sm_fraction)
         print(f"starting {cfg.describe()}; logs in {log_dir}", flush=True)
         t = time.perf_counter()
         with Layout(cfg) as lay:
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
         "command": "python -m benchmarks.goodput " + shlex.join(sys.argv[1:] if argv is None else argv),
         "slo": asdict(slo), "mix": args.mix, "shapes": [asdict(s) for s in shapes], "duration_s": duration,
         "seed": args.seed, "kv_transport": args.kv_transport, "startup_s": startup,
+        "gpu_sharing": args.gpu_sharing, "prefill_sm_fraction": args.prefill_sm_fraction,
         "goodput": res.goodput, "capped": res.capped, "bracket": list(res.bracket), "rows": rows,
         "total_s": time.perf_counter() - t_all,
     }

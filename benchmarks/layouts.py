@@ -7,6 +7,11 @@ Layouts (`LayoutConfig.layout`):
   - "colocated": `replicas` colocated workers (a decode worker with no prefill member
                  prefills itself), worker i on gpus[i % len(gpus)].
 Each worker is pinned with CUDA_VISIBLE_DEVICES; with no `gpus` (CPU) nothing is pinned.
+Workers sharing a GPU (`gpu_sharing`): "none" = the driver's time-slicing, "turns" = one at
+a time through a lock file (engine/gpu_turn.py), "mps" = side by side under CUDA MPS, the
+prefill workers with `prefill_sm_fraction` of the SMs and the decode workers the rest
+(tandem_cli/mps.py starts the daemon before the workers and quits it after them; MPS not
+available fails the start: a benchmark does not fall back).
 
 Lifecycle of a `Layout`:
   1. `write_model_dir(dir, tiny)`: config.json (Llama-3.1-8B or the tiny Llama, dummy
@@ -37,7 +42,9 @@ from pathlib import Path
 
 from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA
 from engine import cluster_auth
+from engine.sm_split import thread_percentages
 from tandem_cli.gpu_share import plan_starts, waves
+from tandem_cli.mps import start_mps
 from tandem_cli.procs import free_port, stop_all, wait_grpc_ready, wait_http_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +72,13 @@ class LayoutConfig:
     kv_transport: str = "grpc"
     startup_timeout_s: float = 900.0
     served_name: str = "bench"
+    gpu_sharing: str = "none"           # workers sharing a GPU: "none" | "turns" | "mps"
+    prefill_sm_fraction: float = 0.6    # mps: the prefill workers' share of the SMs
 
     def __post_init__(self) -> None:
+        if self.gpu_sharing not in ("none", "turns", "mps"):
+            raise ValueError(f"gpu_sharing must be none, turns or mps, got {self.gpu_sharing!r}")
+        thread_percentages(self.prefill_sm_fraction)   # raises outside (0, 1)
         if self.layout not in ("pd", "colocated"):
             raise ValueError(f"layout must be 'pd' or 'colocated', got {self.layout!r}")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -91,8 +103,13 @@ class LayoutConfig:
             where.setdefault(gpu or "cpu", []).append(name)
         shape = (f"{self.num_prefill}P+{self.num_decode}D" if self.layout == "pd"
                  else f"colocated x{self.replicas}")
+        sharing = ""
+        if self.layout == "pd" and any(len(v) > 1 for k, v in where.items() if k != "cpu"):
+            p, d = thread_percentages(self.prefill_sm_fraction)
+            sharing = {"none": ", time-sliced", "turns": ", GPU turns",
+                       "mps": f", MPS {p}/{d} (SM % prefill/decode)"}[self.gpu_sharing]
         return shape + " (" + "; ".join(f"{'GPU ' + k if k != 'cpu' else 'cpu'}: {', '.join(v)}"
-                                        for k, v in where.items()) + ")"
+                                        for k, v in where.items()) + sharing + ")"
 
 
 def write_model_dir(out_dir: Path, tiny: bool) -> Path:
@@ -123,13 +140,15 @@ class Layout:
         self.decode_metrics: list[str] = []     # http URLs of the decode workers' /metrics
         self.http_port = 0
         self.cluster_token = cluster_auth.new_token()   # credentials on, as `tandem serve` runs
+        self.mps = None                                 # tandem_cli.mps.MpsDaemon when gpu_sharing is mps
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _spawn(self, name: str, args: list[str], gpu: str | None) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{cluster_auth.TOKEN_ENV: self.cluster_token})
+    def _spawn(self, name: str, args: list[str], gpu: str | None, extra_env: dict | None = None) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{cluster_auth.TOKEN_ENV: self.cluster_token},
+                   **(extra_env or {}))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         if self.config.device == "cpu":
@@ -156,12 +175,18 @@ class Layout:
         pages = c.prefill_pages if (role == "prefill") else c.decode_pages
         if pages:
             args += ["--num-pages", str(pages)]
+        if c.layout == "pd" and c.gpu_sharing == "turns":
+            args += ["--gpu-turn-file", str(c.log_dir / "gpu.turn")]
         return args
 
     def start(self) -> Layout:
         c = self.config
         c.log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            share = {}
+            if c.layout == "pd" and c.gpu_sharing == "mps":
+                self.mps = start_mps(say=lambda line: print(line, flush=True))
+                share = dict(zip(("prefill", "decode"), thread_percentages(c.prefill_sm_fraction)))
             starts = plan_starts(c.workers(), c.gpu_memory_utilization, sequential=bool(c.gpus))
             for wave in waves(starts):
                 started = []
@@ -169,7 +194,8 @@ class Layout:
                     name, role, gpu, util = w.name, w.role, w.gpu, w.gpu_memory_utilization
                     port, mport = free_port(), free_port()
                     addr = f"127.0.0.1:{port}"
-                    p = self._spawn(name, self._worker_args(role, port, mport, util), gpu if gpu else None)
+                    p = self._spawn(name, self._worker_args(role, port, mport, util), gpu if gpu else None,
+                                    self.mps.client_env(share[role]) if share else None)
                     started.append((addr, p))
                     if role == "prefill":
                         self.prefill_addrs.append(addr)
@@ -244,6 +270,9 @@ class Layout:
     def stop(self) -> None:
         stop_all(self.procs, grace=20)
         self.procs.clear()
+        if self.mps is not None:   # after its clients: `quit` waits for them
+            print(self.mps.stop(), flush=True)
+            self.mps = None
 
     def __enter__(self) -> Layout:
         return self.start()

@@ -255,9 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             sharing_metrics.set_mode("none")
         if metrics_port:
-            from engine.metrics import start_metrics_server
-
-            metrics_server = start_metrics_server(sharing_metrics.registry, args.host, metrics_port)
+            metrics_server = _serve_metrics(sharing_metrics, args.host, metrics_port)
         plan = plan_workers(config, args, model, (decode_port, prefill_port), token_file, mps)
         print(f"device {config.device}, attention backend {config.attention_backend} "
               f"({config.attention_backend_reason}), CUDA graphs "
@@ -296,9 +294,24 @@ def run_serve(args: argparse.Namespace) -> int:
         if mps is not None:   # after its clients: `quit` waits for them
             print(mps.stop(), flush=True)
         if metrics_server is not None:
-            metrics_server.stop()
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if token_dir:
             shutil.rmtree(token_dir, ignore_errors=True)
+
+
+def _serve_metrics(metrics: SharingMetrics, host: str, port: int):
+    """serve's own /metrics from a daemon thread (the HTTP server, to shut down), or None when
+    the port cannot be bound: said on stderr, serving goes on without it."""
+    from prometheus_client import start_http_server
+
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        print(f"warning: cannot serve serve's /metrics on {host}:{port} ({exc}); going on without it",
+              file=sys.stderr, flush=True)
+        return None
+    return httpd
 
 
 def _cluster_token_file(args: argparse.Namespace) -> tuple[str, str]:

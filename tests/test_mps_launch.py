@@ -336,3 +336,30 @@ def test_the_plan_gives_each_worker_its_share_under_mps():
     # MPS wanted but not up: the fallback plan takes turns
     fallback = plan_workers(config, args, "M", (5001, 5002))
     assert all("--gpu-turn-file" in w.argv and not w.env for w in fallback)
+
+
+def test_the_benchmark_layout_runs_pd_under_mps_and_quits_the_daemon(fake_bin, tmp_path, monkeypatch):
+    """benchmarks/layouts.py's gpu_sharing="mps" (what benchmarks/goodput_1gpu.sh measures on
+    the GPU) on the CPU: the same daemon lifecycle, each worker with its share."""
+    from benchmarks.layouts import Layout, LayoutConfig, write_model_dir
+
+    for k, v in env_with(fake_bin).items():
+        monkeypatch.setenv(k, v)
+    before = our_mps_dirs()
+    cfg = LayoutConfig(layout="pd", model_dir=write_model_dir(tmp_path / "m", tiny=True), log_dir=tmp_path / "logs",
+                       max_model_len=256, max_num_seqs=4, prefill_pages=64, decode_pages=64,
+                       gpu_sharing="mps", prefill_sm_fraction=0.65)
+    with Layout(cfg) as lay:
+        (root,) = our_mps_dirs() - before
+        shares = {}
+        for p in lay.procs:
+            proc = psutil.Process(p.pid)
+            cmd = proc.cmdline()
+            role = cmd[cmd.index("tandem_cli.main") + 1]
+            shares[role] = proc.environ().get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+            if role != "router":
+                assert proc.environ()["CUDA_MPS_PIPE_DIRECTORY"] == str(root / "pipe")
+        assert shares == {"prefill": "65", "decode": "35", "router": None}
+    assert not root.exists()
+    with pytest.raises(ValueError):
+        LayoutConfig(layout="pd", model_dir=tmp_path, log_dir=tmp_path, gpu_sharing="mps", prefill_sm_fraction=1.0)
