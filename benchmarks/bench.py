@@ -2,6 +2,11 @@
 
     python -m benchmarks.bench --device cuda            # H100: Llama-3.1-8B shapes, bf16, dummy weights
     python -m benchmarks.bench --device cpu --tiny      # CI: tiny model, tiny workloads
+    python -m benchmarks.bench --device cuda --model-config qwen2.5-7b   # or mistral-7b-v0.3, or a config.json
+
+`--model-config` picks the model (benchmarks/workloads.py: MODEL_CONFIGS, or a config.json
+path; with --tiny a name gives its CPU-sized twin); prompt ids are drawn inside its
+vocabulary (workloads.token_id_range) and the JSON / RESULTS.md record which config ran.
 
 Order in one process: ceilings (bf16 matmul, device copy) -> HF generate on W1 ->
 colocated W1-W4 (the decode worker's DecodeEngine in this process, requests through its
@@ -26,7 +31,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.metrics import format_table, measure_ceilings
-from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA, workloads, write_model_dir
+from benchmarks.workloads import (DEFAULT_MODEL_CONFIG, MODEL_CONFIGS, describe_model_config, model_config_record,
+                                  resolve_model_config, token_id_range, workloads, write_model_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny model and workloads (CPU / CI)")
+    p.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG, metavar="NAME|PATH",
+                   help=f"{', '.join(MODEL_CONFIGS)} (with --tiny: its CPU-sized twin) or a config.json path")
     p.add_argument("--modes", default="hf,colocated,disagg")
     p.add_argument("--workloads", default="W1,W2,W3,W4")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch", "sdpa"],
@@ -134,10 +142,13 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     # more than the step at batch 30-210 on the H200), once per process, which would land in
     # the first workload's steps (W1's prefill steps, or its decode steps with mixed batches)
     pages = list(range(4))
-    runner.forward([ForwardSeq(list(range(1000, 1032)), 0, pages)] * 1)
-    runner.forward([ForwardSeq([1000], 32, pages), ForwardSeq([1001], 10, pages)])
+    vocab = runner.model_config.vocab_size
+    lo = token_id_range(vocab)[0]
+    warm = [lo + i % (vocab - lo) for i in range(32)]    # Llama-3.1: 1000..1031, as before issue 14
+    runner.forward([ForwardSeq(warm, 0, pages)] * 1)
+    runner.forward([ForwardSeq(warm[:1], 32, pages), ForwardSeq(warm[1:2], 10, pages)])
     for b in runner.graph_buckets:
-        runner.forward([ForwardSeq([1000], 32, pages)] * b)
+        runner.forward([ForwardSeq(warm[:1], 32, pages)] * b)
     _free(device)
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
             f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; mixed batches "
@@ -161,11 +172,11 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
 
 
 def probe_token_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
-    """n token ids drawn uniformly from the model's vocabulary (above the first 1000, where
-    special tokens tend to sit, when the vocabulary is large enough)."""
-    low = 1000 if vocab_size > 2000 else 0
+    """n token ids drawn uniformly from the workload range of the model's vocabulary
+    (workloads.token_id_range: above the low ids, where special tokens tend to sit)."""
+    low, high = token_id_range(vocab_size)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, vocab_size, (n,), generator=g).tolist()
+    return torch.randint(low, high, (n,), generator=g).tolist()
 
 
 def _compare_backends(runner, backend, ref) -> float:
@@ -228,6 +239,11 @@ def main(argv=None) -> int:
         return rc
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        model_name, model_cfg = resolve_model_config(args.model_config, args.tiny)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu --tiny", file=sys.stderr)
@@ -243,15 +259,16 @@ def main(argv=None) -> int:
     summ = measure_ceilings(device, args.tiny)
     print(f"device {dev_name}: matmul {summ['matmul_flops'] / 1e12:.1f} TFLOP/s "
           f"({summ['matmul_dtype']} {summ['matmul_n']}^3), copy {summ['copy_bw'] / 1e9:.0f} GB/s", flush=True)
+    print(f"model config: {describe_model_config(model_name, model_cfg)}", flush=True)
     rows: list[dict] = []
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tandem-bench-model-") as tmp:
-        model_dir = write_model_dir(Path(tmp), args.tiny)
+        model_dir = write_model_dir(Path(tmp), args.tiny, model_cfg)
         if "hf" in modes:
             from benchmarks.hf_baseline import run_hf
 
             w1 = next(w for w in workloads(args.tiny) if w.name == "W1")
-            res = run_hf(TINY_LLAMA if args.tiny else LLAMA_31_8B, w1, device,
+            res = run_hf(model_cfg, w1, device,
                          torch.float32 if device.type == "cpu" else torch.bfloat16,
                          args.hf_batch or (4 if args.tiny else 64), args.hf_batches)
             rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))
@@ -268,7 +285,8 @@ def main(argv=None) -> int:
     result = {
         "device": dev_name, "date": args.date or datetime.date.today().isoformat(),
         "commit": args.commit or git_commit(), "command": "python -m benchmarks.bench " + shlex.join(argv or sys.argv[1:]),
-        "torch": torch.__version__, "tiny": args.tiny, "ceilings": summ, "notes": notes,
+        "torch": torch.__version__, "tiny": args.tiny, "model_config": model_config_record(model_name, model_cfg),
+        "ceilings": summ, "notes": notes,
         "rows": rows, "acceptance": checks, "total_s": time.perf_counter() - t_all,
     }
     if args.json:
@@ -318,6 +336,7 @@ def results_md(r: dict) -> str:
         "# Benchmark results", "",
         f"- device: {r['device']}", f"- date: {r['date']}", f"- commit: {r['commit']} (plus uncommitted work)",
         f"- command: `{r['command']}`", f"- torch {r['torch']}; total run {r['total_s']:.0f} s",
+        f"- model config: {describe_model_config(r['model_config']['name'], r['model_config']['config'])}",
         f"- ceilings (same call): {c['matmul_dtype']} {c['matmul_n']}^3 matmul "
         f"{c['matmul_flops'] / 1e12:.1f} TFLOP/s; device copy {c['copy_bw'] / 1e9:.0f} GB/s (read+write)",
         "",

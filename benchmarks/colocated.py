@@ -8,8 +8,9 @@ Lifecycle:
   1. `ColocatedEngine(config)` builds the engine on a private asyncio loop; the caller
      may still adjust `engine.runner` (attention backend, warm-up passes), then `start()`.
   2. `run(workload)`: empty the prefix cache (`reset_prefix_cache`: no workload reuses
-     another's prompts), submit every request at t=0 through `DecodeEngine.submit`
-     with a sink that stamps each token as it reaches the loop, wait for the last.
+     another's prompts), draw its prompts inside the model's vocabulary, submit every
+     request at t=0 through `DecodeEngine.submit` with a sink that stamps each token as
+     it reaches the loop, wait for the last.
      Client-side: wall, TTFT, TPOT, cached tokens (`seq.cached_tokens`). Engine-side
      (deltas of `DecodeEngine.counters` over the run): time in prefill and in decode
      passes, decode steps and context tokens, which give MFU and MBU with
@@ -77,7 +78,7 @@ class ColocatedEngine:
 
     async def _run(self, wl: Workload, num_requests: int | None) -> RunResult:
         await self._reset_cache()
-        prompts = wl.prompts(num_requests)
+        prompts = wl.prompts(num_requests, self.runner.model_config.vocab_size)
         params = SamplingParams(temperature=0.0, max_tokens=wl.output_len, ignore_eos=True)
         traces = [RequestTrace(prompt_len=len(p)) for p in prompts]
         all_done = self.loop.create_future()

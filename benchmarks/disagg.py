@@ -5,7 +5,8 @@ The decode worker reserves pages, the prefill worker computes the prompt and str
 KV layer by layer through the chosen KV transport (`kv_backend`: "grpc", host-staged and
 serialised; "nixl", one-sided WRITEs into the decode pool), then the decode worker
 batches decodes. Only client-visible numbers are measured here
-(wall, tokens, TTFT, TPOT, cached tokens); MFU/MBU need worker-side timers.
+(wall, tokens, TTFT, TPOT, cached tokens); MFU/MBU need worker-side timers. Prompt ids
+come from the vocabulary of the model directory's config.json (workloads.token_id_range).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import grpc
 from benchmarks.metrics import RequestTrace, RunResult
 from benchmarks.workloads import Workload
 from engine import cluster_auth
+from engine.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
@@ -37,6 +39,7 @@ class DisaggCluster:
                  enable_prefix_caching: bool = True):
         self.procs: list[subprocess.Popen] = []
         self.kv_backend = kv_backend
+        self.vocab_size = ModelConfig.from_dir(model_dir).vocab_size
         self.cluster_token = cluster_auth.new_token()   # credentials on, as `tandem serve` runs
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ class DisaggCluster:
         return asyncio.run(self._run(wl, num_requests, timeout_s))
 
     async def _run(self, wl: Workload, num_requests: int, timeout_s: float) -> RunResult:
-        prompts = wl.prompts(num_requests)
+        prompts = wl.prompts(num_requests, self.vocab_size)
         sp = SamplingParams(temperature=0.0, max_tokens=wl.output_len, ignore_eos=True).to_proto()
         traces = [RequestTrace(prompt_len=len(p)) for p in prompts]
         opts = [("grpc.max_receive_message_length", 64 << 20)]

@@ -1,7 +1,7 @@
 """Side-by-side peer: HuggingFace transformers `generate`, static batch, on W1 prompts.
 
-Same config and dtype, random weights (the model is built from the config on the
-device), greedy, a fixed number of new tokens (min_new_tokens = max_new_tokens so
+Same config and dtype, random weights (the model is built on the device from the
+config, whatever its architecture: transformers' config class for its `model_type`), greedy, a fixed number of new tokens (min_new_tokens = max_new_tokens so
 EOS cannot end a row early). All W1 prompts have the same length, so the batch
 needs no padding; the tokenizer-free call passes a full attention mask (left
 padding would be used for ragged prompts).
@@ -21,12 +21,13 @@ def run_hf(config_dict: dict, wl: Workload, device: torch.device, dtype: torch.d
            batch_size: int, num_batches: int) -> RunResult:
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in config_dict.items() if k != "torch_dtype"})
+    fields = {k: v for k, v in config_dict.items() if k not in ("torch_dtype", "model_type", "architectures")}
+    cfg = transformers.AutoConfig.for_model(config_dict["model_type"], **fields)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
-    prompts = wl.prompts(batch_size * num_batches)
+    prompts = wl.prompts(batch_size * num_batches, config_dict["vocab_size"])
     traces: list[RequestTrace] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():   # warm-up (kernels, allocator)
