@@ -412,6 +412,31 @@ def test_gpu_rdma_hugepages_and_shm(rendered):
     assert "nvidia.com/gpu" not in json.dumps(spec)
 
 
+def test_single_gpu_mode_shares_one_gpu_under_the_device_plugins_mps(chart, rendered):
+    """examples/single-gpu.yaml: both workers ask for one MPS replica and get their SM share;
+    the device plugin provides /dev/shm; prefill pods go where a decode pod runs."""
+    specs = {role: pod_spec(rendered["single-gpu"], f"{RELEASE}-tandem-{role}-main") for role in ("prefill", "decode")}
+    for role, spec in specs.items():
+        c = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50", role
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert not any(v["name"] == "shm" for v in spec["volumes"])
+        assert not any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+    (term,) = specs["prefill"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "decode"
+    assert "affinity" not in specs["decode"]
+    # the plugin's renamed resource, and a split under a cap of 100 / 2 per replica
+    docs = render_docs(chart, {"singleGpu": {"enabled": True, "resourceName": "nvidia.com/gpu.shared",
+                                             "prefillSmFraction": 0.5}})
+    c = pod_spec(docs, f"{RELEASE}-tandem-decode-main")["containers"][0]
+    assert c["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu.shared": 1}
+    # off (the default): no MPS variable, the chart's own /dev/shm
+    spec = pod_spec(rendered["default"], f"{RELEASE}-tandem-prefill-main")
+    assert "CUDA_MPS" not in json.dumps(spec) and any(v["name"] == "shm" for v in spec["volumes"])
+
+
 def test_pods_run_unprivileged(rendered):
     user = dockerfile_user()
     for scenario, docs in rendered.items():
@@ -629,6 +654,12 @@ FAIL_RULES = {
     "router extra arg sets a managed flag": ({"router": {"extraArgs": ["--etcd", "x:1"]}},
                                              'router.extraArgs "--etcd" sets --etcd'),
     "metrics port is the grpc port": ({"decode": {"metricsPort": 50051}}, "need their own ports"),
+    "single gpu share above the mps cap": ({"singleGpu": {"enabled": True, "prefillSmFraction": 0.6}},
+                                           "gives prefill 60% of the SMs, above the 50%"),
+    "single gpu pods beyond the mps replicas": ({"singleGpu": {"enabled": True}, "decode": {"pools": [pool(replicas=2)]}},
+                                                "3 worker pods but singleGpu.mpsReplicas 2"),
+    "single gpu with a cpu pool": ({"singleGpu": {"enabled": True}, "prefill": {"gpus": 0, "tolerations": []}},
+                                   "needs gpus 1 on every pool"),
 }
 
 
@@ -671,6 +702,8 @@ SCHEMA_REJECTS = {
     "hugepage size": ({"decode": {"hugepages": {"enabled": True, "pageSize": "4Ki"}}}, "/decode/hugepages/pageSize"),
     "type": ({"router": {"replicas": "two"}}, "/router/replicas"),
     "unknown top-level key": ({"routers": {}}, "routers"),
+    "sm fraction": ({"singleGpu": {"prefillSmFraction": 1.0}}, "/singleGpu/prefillSmFraction"),
+    "mps replicas": ({"singleGpu": {"mpsReplicas": 1}}, "/singleGpu/mpsReplicas"),
     "resource quantity": ({"router": {"resources": {"limits": {"memory": "lots"}}}}, "/router/resources/limits/memory"),
 }
 

@@ -84,6 +84,29 @@ each one. Called once, from templates/validate.yaml.
 {{- end -}}
 {{- end -}}
 
+{{- /* 5. One GPU shared under the device plugin's MPS: every worker on it, each share under the plugin's cap. */ -}}
+{{- $single := $v.singleGpu -}}
+{{- if $single.enabled -}}
+{{- $pods := 0 -}}
+{{- range $p := $pools -}}
+{{- if ne (int $p.gpus) 1 -}}
+{{- fail (printf "tandem: singleGpu.enabled needs gpus 1 on every pool, but the %s pool %q has gpus %d; each worker takes one MPS replica of the shared GPU" $p.role $p.pool (int $p.gpus)) -}}
+{{- end -}}
+{{- $pods = add $pods (int $p.replicas) -}}
+{{- end -}}
+{{- $replicas := int $single.mpsReplicas -}}
+{{- if gt (int $pods) $replicas -}}
+{{- fail (printf "tandem: singleGpu.enabled with %d worker pods but singleGpu.mpsReplicas %d; each pod takes one replica of the device plugin's MPS-shared GPU (raise sharing.mps replicas there and singleGpu.mpsReplicas here, or run fewer pods)" (int $pods) $replicas) -}}
+{{- end -}}
+{{- $pp := int (round (mulf 100.0 (float64 $single.prefillSmFraction)) 0) -}}
+{{- $cap := div 100 $replicas -}}
+{{- range $share := list (list "prefill" $pp) (list "decode" (sub 100 $pp)) -}}
+{{- if gt (int (index $share 1)) (int $cap) -}}
+{{- fail (printf "tandem: singleGpu.prefillSmFraction %v gives %s %d%% of the SMs, above the %d%% the device plugin's MPS allows each of its %d replicas (a client can only lower its limit); use a fraction whose shares both fit under %d%%, or fewer replicas" $single.prefillSmFraction (index $share 0) (int (index $share 1)) (int $cap) $replicas (int $cap)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- /* 4. Router. */ -}}
 {{- $rflags := splitList " " (include "tandem.routerManagedFlags" .) -}}
 {{- range $arg := $v.router.extraArgs -}}
