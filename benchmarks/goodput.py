@@ -4,8 +4,9 @@
     python -m benchmarks.goodput --device cuda --layout pd --num-prefill 1 --num-decode 1 --gpus 0,1
 
 Lifecycle of one call:
-  1. write the model dir (config.json for dummy weights + a word-level tokenizer) and start
-     the layout behind the router (`benchmarks/layouts.py`);
+  1. write the model dir (`--model-config`, benchmarks/workloads.py: config.json for dummy
+     weights + a word-level tokenizer over its vocabulary) and start the layout behind the
+     router (`benchmarks/layouts.py`);
   2. warm up: `--warmup` requests of every mix shape at once, unmeasured (Triton JIT, graphs);
   3. per rate r (the `--rates` list, or the search below): seeded open-loop Poisson arrivals
      over `--duration` seconds (at least `--min-requests`), each request's shape drawn from
@@ -42,27 +43,30 @@ from benchmarks.layouts import KV_TRANSPORTS
 from benchmarks.metrics import RequestTrace
 from benchmarks.slo import (SLO, Arrival, SearchResult, Shape, format_rows, meets_slo, poisson_arrivals,
                             rate_row, search_goodput)
-from benchmarks.workloads import workloads
+from benchmarks.workloads import (DEFAULT_MODEL_CONFIG, MODEL_CONFIGS, describe_model_config, model_config_record,
+                                  resolve_model_config, token_id_range, workloads, write_model_dir)
 from engine.config import resolve_attention_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class PromptSource:
-    """Fresh prompts per shape (DESIGN.md recipe; generator seed 1 + the shape's mix index)."""
+    """Fresh prompts per shape (DESIGN.md recipe; generator seed 1 + the shape's mix index;
+    ids in workloads.token_id_range of the model's vocabulary)."""
 
-    def __init__(self, shapes: list[Shape]) -> None:
+    def __init__(self, shapes: list[Shape], vocab_size: int) -> None:
         import torch
 
         self._torch = torch
+        self._low, self._high = token_id_range(vocab_size)
         self._gens = [torch.Generator().manual_seed(1 + i) for i in range(len(shapes))]
-        self._shared = [torch.randint(1000, 120000, (s.prefix_len,), generator=g).tolist()
+        self._shared = [torch.randint(self._low, self._high, (s.prefix_len,), generator=g).tolist()
                         for s, g in zip(shapes, self._gens)]
         self._shapes = shapes
 
     def next(self, i: int) -> list[int]:
         s = self._shapes[i]
-        return self._shared[i] + self._torch.randint(1000, 120000, (s.input_len - s.prefix_len,),
+        return self._shared[i] + self._torch.randint(self._low, self._high, (s.input_len - s.prefix_len,),
                                                      generator=self._gens[i]).tolist()
 
 
@@ -157,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "as far as there are GPUs); workers beyond the list wrap around (share GPUs)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny model and shapes (CPU / CI)")
+    p.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG, metavar="NAME|PATH",
+                   help=f"{', '.join(MODEL_CONFIGS)} (with --tiny: its CPU-sized twin) or a config.json path")
     p.add_argument("--mix", default="W1,W3", help="workload shapes, NAME[:weight] (W1-W4 of workloads.py)")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
@@ -227,6 +233,7 @@ def results_md(r: dict) -> str:
     return "\n".join([
         f"## Goodput: {r['layout']}, {r['device']}, {r['date']}", "",
         f"- commit: {r['commit']}", f"- command: `{r['command']}`",
+        f"- model config: {describe_model_config(r['model_config']['name'], r['model_config']['config'])}",
         (f"- SLO: TTFT <= {s['ttft_s']} s and TPOT <= {1e3 * s['tpot_s']:g} ms for >= {s['target']:.0%} of "
          f"requests; mix {r['mix']}; {r['duration_s']:g} s of Poisson arrivals per rate, seed {r['seed']}"),
         f"- workers started in {r['startup_s']:.0f} s; KV transport "
@@ -236,9 +243,14 @@ def results_md(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.layouts import Layout, LayoutConfig, write_model_dir
+    from benchmarks.layouts import Layout, LayoutConfig
 
     args = parse_args(argv)
+    try:
+        model_name, model_cfg = resolve_model_config(args.model_config, args.tiny)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     t_all = time.perf_counter()
     if argv is None:   # the CLI: `timeout` / kill still stops the layout's processes
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -260,7 +272,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tandem-goodput-model-") as tmp:
         cfg = LayoutConfig(
-            layout=args.layout, model_dir=write_model_dir(Path(tmp), args.tiny), log_dir=log_dir,
+            layout=args.layout, model_dir=write_model_dir(Path(tmp), args.tiny, model_cfg, tokenizer=True),
+            log_dir=log_dir,
             num_prefill=args.num_prefill, num_decode=args.num_decode, replicas=args.replicas, gpus=gpus,
             device=args.device, dtype="bfloat16" if cuda else "float32", attention_backend=backend,
             max_model_len=max(s.input_len + s.output_len for s in shapes) + 16,
@@ -268,11 +281,12 @@ def main(argv=None) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, prefill_pages=args.prefill_pages,
             decode_pages=args.decode_pages, kv_transport=args.kv_transport, gpu_sharing=args.gpu_sharing,
             prefill_sm_fraction=args.prefill_sm_fraction)
-        print(f"starting {cfg.describe()}; logs in {log_dir}", flush=True)
+        print(f"starting {cfg.describe()}; model config {describe_model_config(model_name, model_cfg)}; "
+              f"logs in {log_dir}", flush=True)
         t = time.perf_counter()
         with Layout(cfg) as lay:
             startup = time.perf_counter() - t
-            url, prompts = f"{lay.base_url}/v1/completions", PromptSource(shapes)
+            url, prompts = f"{lay.base_url}/v1/completions", PromptSource(shapes, model_cfg["vocab_size"])
             print(f"ready in {startup:.0f}s at {lay.base_url}", flush=True)
             if args.warmup:
                 idx = [i for i in range(len(shapes)) for _ in range(args.warmup)]
@@ -310,7 +324,7 @@ def main(argv=None) -> int:
                                      args.search_steps)
     dev_name, commit = _provenance(args.device, gpus)
     result = {
-        "layout": cfg.describe(), "device": dev_name,
+        "layout": cfg.describe(), "device": dev_name, "model_config": model_config_record(model_name, model_cfg),
         "date": args.date or datetime.date.today().isoformat(), "commit": args.commit or commit,
         "command": "python -m benchmarks.goodput " + shlex.join(sys.argv[1:] if argv is None else argv),
         "slo": asdict(slo), "mix": args.mix, "shapes": [asdict(s) for s in shapes], "duration_s": duration,

@@ -6,9 +6,10 @@ beside the in-process engine figure of the same call.
     python -m benchmarks.bench --modes served ...                                   # the same
 
 Lifecycle of one call:
-  1. write the model dir (config.json for dummy weights + the word-level tokenizer);
+  1. write the model dir (`--model-config`, benchmarks/workloads.py: config.json for dummy
+     weights + the word-level tokenizer over its vocabulary);
   2. in-process engine: `python -m benchmarks.bench --modes colocated --workloads <same>
-     --json X` with the same engine flags, as a subprocess, first (so the GPU is free
+     --model-config <same> --json X` with the same engine flags, as a subprocess, first (so the GPU is free
      again before any server starts); its rows are read defensively (served_report);
   3. per layout in --layouts (colocated, pd): start `python -m tandem_cli.main serve
      --model DIR --load-format dummy --port P [--colocated | --kv-transfer-backend B]
@@ -41,6 +42,8 @@ from pathlib import Path
 from benchmarks import served_report as rep
 from benchmarks.bench import git_commit
 from benchmarks.pyspy import PySpy
+from benchmarks.workloads import (DEFAULT_MODEL_CONFIG, MODEL_CONFIGS, describe_model_config, model_config_record,
+                                  resolve_model_config, token_id_range, workloads, write_model_dir)
 from tandem_cli.procs import free_port, stop_all, wait_http_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.served")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny model and workloads (CPU / CI)")
+    p.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG, metavar="NAME|PATH",
+                   help=f"{', '.join(MODEL_CONFIGS)} (with --tiny: its CPU-sized twin) or a config.json path")
     p.add_argument("--layouts", default="colocated,pd", help="comma-separated: colocated, pd")
     p.add_argument("--workloads", default="W1,W2,W3,W4")
     p.add_argument("--kv-transfer-backend", default="grpc", choices=["grpc", "nixl"], help="P+D KV transport")
@@ -123,13 +128,13 @@ def engine_flags(args) -> list[tuple[str, str]]:
 
 # ---- in-process engine ------------------------------------------------------------------
 
-def run_inprocess(args, names: list[str], log_dir: Path) -> dict:
+def run_inprocess(args, names: list[str], log_dir: Path, model_config: str) -> dict:
     """bench.py's colocated rows as {"command", "rows": {wl: {...}}, ...}; "error" on failure."""
     help_text = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=300).stdout
     out_json = log_dir / "inprocess.json"
     cmd = [sys.executable, "-m", "benchmarks.bench", "--modes", "colocated", "--workloads", ",".join(names),
-           "--json", str(out_json), "--log-dir", str(log_dir / "inprocess-logs")] + (["--tiny"] if args.tiny else [])
+           "--model-config", model_config, "--json", str(out_json), "--log-dir", str(log_dir / "inprocess-logs")] + (["--tiny"] if args.tiny else [])
     dropped = []
     for flag, value in engine_flags(args):
         if flag in help_text:
@@ -224,12 +229,14 @@ class Server:
         self.proc = None
 
 
-def _warmup_requests(wls, n: int) -> list[tuple[list[int], int]]:
-    """n fresh prompts of every workload's shape (seed 2: nothing shared with the measured ones)."""
+def _warmup_requests(wls, n: int, vocab_size: int) -> list[tuple[list[int], int]]:
+    """n fresh prompts of every workload's shape (seed 2: nothing shared with the measured ones),
+    ids in the workloads' range of the model's vocabulary."""
     import torch
 
+    low, high = token_id_range(vocab_size)
     g = torch.Generator().manual_seed(2)
-    return [(torch.randint(1000, 120000, (w.input_len,), generator=g).tolist(), min(w.output_len, 32))
+    return [(torch.randint(low, high, (w.input_len,), generator=g).tolist(), min(w.output_len, 32))
             for w in wls for _ in range(n)]
 
 
@@ -244,7 +251,8 @@ def _progress(label: str):
     return show
 
 
-def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, result: dict, save) -> None:
+def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, result: dict, save,
+               vocab_size: int) -> None:
     srv = Server(args, layout, model_dir, log_dir)
     info = result["layouts"][layout] = {"command": srv.command, "log": str(srv.log_path)}
     print(f"[{layout}] {srv.command}", flush=True)
@@ -254,14 +262,14 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
         print(f"[{layout}] serving after {info['startup_s']:.0f}s", flush=True)
         if args.warmup > 0:
             t = time.monotonic()
-            warm = pool.run(f"{srv.url}/v1/completions", model, _warmup_requests(wls, args.warmup),
+            warm = pool.run(f"{srv.url}/v1/completions", model, _warmup_requests(wls, args.warmup, vocab_size),
                             args.request_timeout)
             bad = [r["error"] for r in warm["results"] if r["error"]]
             info["warmup_s"] = time.monotonic() - t
             print(f"[{layout}] warm-up: {len(warm['results'])} requests in {info['warmup_s']:.1f}s"
                   + (f", {len(bad)} failed: {bad[0]}" if bad else ""), flush=True)
         for wl in wls:
-            prompts = wl.prompts(args.num_requests and min(args.num_requests, wl.num_requests))
+            prompts = wl.prompts(args.num_requests and min(args.num_requests, wl.num_requests), vocab_size)
             srv.check_alive()
 
             def progress(done, total, _show=_progress(f"{layout} {wl.name}")):
@@ -288,17 +296,29 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
 
 # ---- CLI --------------------------------------------------------------------------------
 
+def _results_md(result: dict) -> str:
+    """served_report.results_md plus the model config line after the command."""
+    lines = rep.results_md(result).split("\n")
+    at = next((i + 1 for i, x in enumerate(lines) if x.startswith("- command:")), 2)
+    mc = result["model_config"]
+    lines.insert(at, f"- model config: {describe_model_config(mc['name'], mc['config'])}")
+    return "\n".join(lines)
+
+
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second one must not cut the clean-up short
     raise SystemExit(128 + signum)      # unwinds through every finally: servers and clients stop
 
 
 def main(argv=None) -> int:
-    from benchmarks.layouts import write_model_dir
     from benchmarks.served_client import ClientPool
-    from benchmarks.workloads import workloads
 
     args = parse_args(argv)
+    try:
+        model_name, model_cfg = resolve_model_config(args.model_config, args.tiny)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     wanted = [w for w in args.workloads.split(",") if w]
     by_name = {w.name: w for w in workloads(args.tiny)}
     wls = [by_name[w] for w in wanted if w in by_name]      # in the order asked (see served_1gpu.sh)
@@ -314,7 +334,8 @@ def main(argv=None) -> int:
     result = {"device": None, "date": args.date or datetime.date.today().isoformat(),
               "commit": args.commit or git_commit(),
               "command": "python -m benchmarks.served " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "tiny": args.tiny, "workloads": names, "client_procs": args.client_procs,
+              "tiny": args.tiny, "model_config": model_config_record(model_name, model_cfg),
+              "workloads": names, "client_procs": args.client_procs,
               "engine_flags": dict(engine_flags(args)), "inprocess": {}, "layouts": {}, "rows": [],
               "log_dir": str(log_dir)}
 
@@ -325,13 +346,14 @@ def main(argv=None) -> int:
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     t_all = time.monotonic()
     try:
-        model_dir = write_model_dir(log_dir / "model", args.tiny)
+        model_dir = write_model_dir(log_dir / "model", args.tiny, model_cfg, tokenizer=True)
+        print(f"model config: {describe_model_config(model_name, model_cfg)}", flush=True)
         if not args.no_inprocess:
-            result["inprocess"] = run_inprocess(args, names, log_dir)
+            result["inprocess"] = run_inprocess(args, names, log_dir, model_name)
             save()
         with ClientPool(args.client_procs) as pool:
             for layout in layouts:
-                run_layout(args, layout, wls, model_dir, log_dir, pool, result, save)
+                run_layout(args, layout, wls, model_dir, log_dir, pool, result, save, model_cfg["vocab_size"])
     except (KeyboardInterrupt, SystemExit) as exc:     # servers and clients are stopped: report what ran
         result["interrupted"] = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"signal (exit {exc.code})"
         print(f"\nINTERRUPTED ({result['interrupted']}): reporting the rows measured so far", flush=True)
@@ -343,7 +365,7 @@ def main(argv=None) -> int:
     save()
     if args.results_md:
         with open(args.results_md, "a") as f:
-            f.write("\n" + rep.results_md(result))
+            f.write("\n" + _results_md(result))
     failed = [f"{k}: {v['error']}" for k, v in result["layouts"].items() if v.get("error")]
     failed += [f"{r['layout']} {r['workload']}: {r['failed']} failed requests ({r['errors'][0]})"
                for r in result["rows"] if r["failed"]]
