@@ -99,3 +99,50 @@ def test_model_config_path_and_errors(tmp_path, capsys):
                                                    "model_type": "gpt2"}))
     assert bench.main(["--tiny", "--device", "cpu", "--model-config", str(tmp_path / "bad.json")]) == 2
     assert "unsupported model architecture" in capsys.readouterr().err
+
+
+def test_served_and_goodput_draws_stay_in_the_vocabulary():
+    from benchmarks.goodput import PromptSource, parse_mix
+    from benchmarks.served import _warmup_requests
+
+    shapes = parse_mix("W1,W2", tiny=True)
+    old = torch.Generator().manual_seed(2)   # the served warm-up's formula before issue 14
+    old_warm = [torch.randint(1000, 120000, (w.input_len,), generator=old).tolist() for w in TINY for _ in range(2)]
+    assert [p for p, _ in _warmup_requests(TINY, 2, 128256)] == old_warm
+    g = [torch.Generator().manual_seed(1 + i) for i in range(2)]   # goodput's, likewise
+    old_shared = [torch.randint(1000, 120000, (s.prefix_len,), generator=x).tolist() for s, x in zip(shapes, g)]
+    src = PromptSource(shapes, 128256)
+    for i, s in enumerate(shapes):
+        assert src.next(i) == old_shared[i] + torch.randint(1000, 120000, (s.input_len - s.prefix_len,),
+                                                           generator=g[i]).tolist()
+    src = PromptSource(shapes, 32768)
+    assert all(1000 <= t < 32768 for i in (0, 1, 0, 1) for t in src.next(i))
+    assert all(1000 <= t < 32768 for p, _ in _warmup_requests(TINY, 2, 32768) for t in p)
+
+
+@pytest.mark.timeout(300)
+def test_served_mistral_tiny_cpu(tmp_path, capsys):
+    """A 32k vocabulary through tandem serve: the router checks every prompt id against the
+    tokenizer written for that vocabulary, and the in-process run gets the same config."""
+    from benchmarks.served import main as served_main
+
+    out, md = tmp_path / "s.json", tmp_path / "R.md"
+    rc = served_main(["--device", "cpu", "--tiny", "--layouts", "colocated", "--workloads", "W1",
+                      "--model-config", "mistral-7b-v0.3", "--client-procs", "1", "--warmup", "1",
+                      "--json", str(out), "--results-md", str(md), "--log-dir", str(tmp_path / "logs")])
+    assert rc == 0, capsys.readouterr().out[-3000:]
+    r = json.loads(out.read_text())
+    assert r["model_config"]["name"] == "mistral-7b-v0.3" and r["model_config"]["vocab_size"] == 32768
+    assert "--model-config mistral-7b-v0.3" in r["inprocess"]["command"] and "error" not in r["inprocess"]
+    (row,) = r["rows"]
+    assert row["failed"] == 0 and row["completed"] == row["requests"] == TINY[0].num_requests
+    assert json.loads((tmp_path / "logs" / "model" / "config.json").read_text())["vocab_size"] == 32768
+    assert "model config: mistral-7b-v0.3 (MistralForCausalLM" in md.read_text()
+
+
+def test_goodput_rejects_an_unknown_config(capsys):
+    from benchmarks.goodput import main as goodput_main
+
+    assert goodput_main(["--device", "cpu", "--tiny", "--model-config", "no/such/config.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no/such/config.json" in err[0]
