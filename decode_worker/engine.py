@@ -492,6 +492,7 @@ class DecodeEngine(EngineThread):
             "free_list_pages": s.allocator.num_free,
             "prefix_cache_pages": cache.num_pages if cache else 0,
             "prefix_cache_evictable_pages": cache.evictable_pages if cache else 0,
+            "prefix_cache_adopted_pages": cache.adopted_shared_pages if cache else 0,
             "page_size": s.config.page_size,
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,

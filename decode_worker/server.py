@@ -78,6 +78,7 @@ class DecodeServicer(pbg.DecodeServicer):
             kv_pages_free=st["free_list_pages"],
             prefix_cache_pages=st["prefix_cache_pages"],
             prefix_cache_evictable_pages=st["prefix_cache_evictable_pages"],
+            prefix_cache_adopted_pages=st["prefix_cache_adopted_pages"],
             # local prefills only (colocated, recompute after preemption): a prefill worker
             # exports its own, so that a sum over workers counts each token once
             prompt_tokens_cached=c.prefill_cached_tokens,

@@ -56,6 +56,7 @@ class WorkerSnapshot:
     preemptions: int | None = None            # decode: sequences preempted (recomputed later)
     prefix_cache_pages: int | None = None     # pages held by the radix cache (part of used)
     prefix_cache_evictable_pages: int | None = None  # cache pages no request holds
+    prefix_cache_adopted_pages: int | None = None    # decode: landed remote KV pages freed for the cache's copy
     kv_transfers_active: int = 0              # KV transfers not yet finished
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved
@@ -82,6 +83,9 @@ _COUNTERS = {  # field -> (metric name without _total, help)
     "prompt_tokens_computed": ("tandem_prompt_tokens_computed", "Prompt tokens run through the model."),
     "generated_tokens": ("tandem_generation_tokens", "Tokens produced by decode steps."),
     "preemptions": ("tandem_preemptions", "Sequences preempted for lack of KV pages."),
+    "prefix_cache_adopted_pages": ("tandem_prefix_cache_adopted_pages",
+                                   "Pages of KV sent by a prefill worker that the decode worker freed because "
+                                   "its prefix cache already held the same prefix (shared from then on)."),
 }
 
 

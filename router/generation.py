@@ -1,9 +1,15 @@
 """Running one validated OpenAI request on the cluster: the JSON answer or the SSE stream.
 
 Lifecycle of a `Work` (built by router/server.py once the request is validated and tokenized):
-  1. It holds one `Job` per prompt: chat has one, a completions request one per prompt of its
-     batch. Each job is its own cluster request (request id `<id>-<index>` when there are
-     several), placed independently by `DecodeClient.generate`.
+  1. It holds one `Job` per sample of each prompt: chat has one prompt, a completions request
+     one per prompt of its batch, and each prompt has `n` samples (completions `best_of`: that
+     many, of which the n with the highest cumulative logprob are answered; their logprobs are
+     asked of the worker even when the client did not ask for them). A seeded request's sample
+     j > 0 draws from seed `sample_seed(seed, j)`, so the whole answer is reproducible. Each job
+     is its own cluster request (request id `<id>-<k>` when there are several), placed
+     independently by `DecodeClient.generate`; samples of one prompt share its KV pages through
+     the workers' prefix caches (the decode scheduler's in-batch reuse, PrefixCacheManager.adopt
+     for KV that a prefill worker sent). Usage counts each prompt once.
   2. Per job, `_pieces` turns the worker's GenerateResponse stream into text: tokens ->
      IncrementalDetokenizer -> StopStringMatcher -> `Piece(text, finish, logprobs)`; the last
      piece has a finish reason. With logprobs asked, tokens are detokenized one at a time so
@@ -30,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from fastapi import Request
@@ -67,19 +73,33 @@ class Usage:
         }
 
     @staticmethod
-    def total(parts: list["Usage"]) -> "Usage":
-        return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
-                     sum(u.cached_tokens for u in parts))
+    def total(runs: list["_Run"]) -> "Usage":
+        """A request's usage: each prompt once (its first sample's counts), every sample's output."""
+        firsts = [r.usage for r in runs if r.job.sample == 0]
+        return Usage(sum(u.prompt_tokens for u in firsts), sum(r.usage.completion_tokens for r in runs),
+                     sum(u.cached_tokens for u in firsts))
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int | None, sample: int) -> int | None:
+    """The seed of sample `sample` of a seeded request (sample 0 keeps the request's), in int64."""
+    if seed is None or sample == 0:
+        return seed
+    return (seed + sample * _GOLDEN + 2**63) % 2**64 - 2**63
 
 
 @dataclass(frozen=True)
 class Job:
-    """One prompt of a request: one cluster request."""
+    """One sample of one prompt of a request: one cluster request."""
     request_id: str
-    index: int                  # its choice's index
+    index: int                  # its choice's index (best_of: set once the samples are ranked)
     prompt_ids: list[int]
     params: SamplingParams
     prompt_text: str | None = None   # echo: the prompt as sent (None: decoded from prompt_ids)
+    group: int = 0              # its prompt's position in the batch
+    sample: int = 0             # its sample number within the prompt (0..best_of-1)
 
 
 @dataclass(frozen=True)
@@ -95,10 +115,13 @@ class Work:
     include_usage: bool
     return_token_ids: bool = False
     echo: bool = False          # completions: the prompt's text (and logprobs) before the completion
+    n: int = 1                  # choices per prompt
+    best_of: int = 1            # samples per prompt (>= n)
+    show_logprobs: bool = False # the client asked for logprobs (best_of asks the worker anyway)
 
     @property
     def logprobs(self) -> bool:
-        return self.jobs[0].params.logprobs >= 0
+        return self.show_logprobs
 
 
 class Piece(NamedTuple):
@@ -243,9 +266,10 @@ class Generation:
         if results is None:
             return Response(status_code=499)
         choices = []
-        for run, (text, finish, lps) in zip(runs, results):
+        for run, (text, finish, lps) in _answered(work, runs, results):
+            index = run.job.index
             if work.chat:
-                choice = {"index": run.job.index, "message": {"role": "assistant", "content": text},
+                choice = {"index": index, "message": {"role": "assistant", "content": text},
                           "logprobs": self.fmt.chat([e for e, _ in lps]) if work.logprobs else None,
                           "finish_reason": finish}
             else:
@@ -254,14 +278,14 @@ class Generation:
                 lp = None
                 if work.logprobs:
                     lp = self._completion_logprobs(lps, len(echo), len(full), echo_lp)
-                choice = {"index": run.job.index, "text": full, "logprobs": lp, "finish_reason": finish}
+                choice = {"index": index, "text": full, "logprobs": lp, "finish_reason": finish}
             if work.return_token_ids:
                 choice["token_ids"] = run.token_ids
                 choice["prompt_token_ids"] = run.job.prompt_ids
             choices.append(choice)
         return JSONResponse({"id": work.request_id, "object": "chat.completion" if work.chat else "text_completion",
                              "created": work.created, "model": work.model, "choices": choices,
-                             "usage": Usage.total([r.usage for r in runs]).to_dict()})
+                             "usage": Usage.total(runs).to_dict()})
 
     # ---- an SSE stream -------------------------------------------------------------------
 
@@ -329,7 +353,7 @@ class Generation:
                 if work.include_usage:
                     yield sse_event({"id": work.request_id, "object": obj, "created": work.created,
                                      "model": work.model, "choices": [],
-                                     "usage": Usage.total([r.usage for r in runs]).to_dict()})
+                                     "usage": Usage.total(runs).to_dict()})
             except OpenAIError as exc:
                 log.warning("request %s: stream ended with an error (HTTP %d, %s): %s", work.request_id,
                             exc.status, exc.code or exc.type, exc.message)
@@ -349,6 +373,22 @@ class Generation:
             await _close_all(runs)
 
         return SSEResponse(body(), on_close=on_close)
+
+
+def _answered(work: Work, runs: list[_Run], results: list[tuple[str, str, list]]) -> list[tuple[_Run, tuple]]:
+    """The (run, result) pairs answered, in choice order. With best_of > n, the n samples of each
+    prompt with the highest cumulative logprob (ties: lower sample number first), re-indexed."""
+    pairs = list(zip(runs, results))
+    if work.best_of <= work.n:
+        return sorted(pairs, key=lambda p: p[0].job.index)
+    out = []
+    for group in sorted({r.job.group for r in runs}):
+        mine = [p for p in pairs if p[0].job.group == group]
+        mine.sort(key=lambda p: (-sum(e.logprob for e, _ in p[1][2]), p[0].job.sample))
+        for rank, (run, result) in enumerate(mine[:work.n]):
+            job = replace(run.job, index=group * work.n + rank)
+            out.append((replace(run, job=job), result))
+    return out
 
 
 class _EchoLogprobs(NamedTuple):

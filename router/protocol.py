@@ -20,8 +20,10 @@ each as its own cluster request, one choice per prompt). Sampling features (engi
 engine/sampling_params.py): presence/frequency penalties in [-2, 2], repetition_penalty > 0
 (vLLM), logit_bias {"<token id>": bias in [-100, 100]} (ids checked against the vocabulary
 by the server), completions `logprobs` 0..20 and `echo`, chat `logprobs` + `top_logprobs`
-0..20. n must be 1; best_of>1, suffix, tools, response_format other than {"type": "text"}
-are rejected with 400. Accepted and ignored (OpenAI fields with
+0..20. `n` (1..MAX_N) samples per prompt, and completions `best_of` (n..MAX_N, the n with the
+highest cumulative logprob; not streamed unless equal to n): the server runs each sample as
+its own cluster request (`num_samples()`). suffix, tools, response_format other than
+{"type": "text"} are rejected with 400. Accepted and ignored (OpenAI fields with
 no effect here): metadata, store, service_tier, parallel_tool_calls, user.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from router.errors import bad_request, from_validation_error
 from router.json_body import decode_body
 
+MAX_N = 128          # n and best_of: samples per prompt, each its own cluster request
 _INT32_MAX = 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -115,7 +118,7 @@ class BaseSamplingRequest(BaseModel):
     return_token_ids: StrictBool = False                # vLLM extension: choices[0].token_ids (non-streaming)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: Annotated[StrictInt | None, Field(json_schema_extra={"minimum": 1, "maximum": 1})] = 1   # n > 1: issue 13
+    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_N)] = 1        # samples (choices) per prompt
     user: StrictStr | None = None
     response_format: ResponseFormat | None = None
     frequency_penalty: Annotated[StrictFloat | None, Field(ge=-2.0, le=2.0)] = None
@@ -123,13 +126,6 @@ class BaseSamplingRequest(BaseModel):
     repetition_penalty: Annotated[StrictFloat | None, Field(gt=0.0)] = None     # vLLM extension; 1 = off
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
                      Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _n_is_one(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError(f"only n=1 is supported, got n={v}")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -175,6 +171,15 @@ class BaseSamplingRequest(BaseModel):
         """SamplingParams.prompt_logprobs (completions' echo with logprobs)."""
         return -1
 
+    @property
+    def num_choices(self) -> int:
+        """Choices returned per prompt (n)."""
+        return self.n or 1
+
+    def num_samples(self) -> int:
+        """Samples generated per prompt: n, or best_of (completions) when larger."""
+        return self.num_choices
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
             presence_penalty=float(self.presence_penalty or 0.0),
@@ -201,7 +206,7 @@ class CompletionRequest(BaseSamplingRequest):
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = 16   # None = fill the context
     echo: StrictBool | None = False
     logprobs: Annotated[StrictInt | None, Field(ge=0, le=MAX_LOGPROBS)] = None
-    best_of: StrictInt | None = None
+    best_of: Annotated[StrictInt | None, Field(ge=1, le=MAX_N)] = None   # >= n; the n best of these
     suffix: StrictStr | None = None
 
     @field_validator("prompt", mode="before")
@@ -242,12 +247,19 @@ class CompletionRequest(BaseSamplingRequest):
             return [p]
         return list(p)
 
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError(f"only best_of=1 is supported, got best_of={v}")
-        return v
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> "CompletionRequest":
+        if self.best_of is not None:
+            if self.best_of < self.num_choices:
+                raise bad_request(f"best_of ({self.best_of}) must be at least n ({self.num_choices})",
+                                  param="best_of")
+            if self.best_of > self.num_choices and self.stream:
+                raise bad_request("best_of larger than n cannot be streamed (the best samples are known "
+                                  "only at the end)", param="best_of")
+        return self
+
+    def num_samples(self) -> int:
+        return max(self.best_of or 1, self.num_choices)
 
     @field_validator("suffix")
     @classmethod

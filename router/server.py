@@ -27,6 +27,7 @@ import logging
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,7 +40,7 @@ from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.dashboard import install as install_dashboard
 from router.errors import OpenAIError, bad_request, install_error_handlers
-from router.generation import Generation, Job, Work
+from router.generation import Generation, Job, Work, sample_seed
 from router.ignored import IgnoredFields
 from router.metrics import MetricsMiddleware, RouterMetrics
 from router.protocol import (ChatCompletionRequest, CompletionRequest, BaseSamplingRequest, parse_request,
@@ -113,12 +114,22 @@ class _Gateway:
             self.check_token_ids(req.logit_bias_ids(), "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex}"
         texts = texts or [None] * len(prompts)
-        jobs = tuple(Job(request_id=rid if len(prompts) == 1 else f"{rid}-{i}", index=i, prompt_ids=ids,
-                         params=self.sampling_params(req, len(ids)), prompt_text=text)
-                     for i, (ids, text) in enumerate(zip(prompts, texts)))
-        return Work(request_id=rid, model=model, created=int(time.time()), chat=chat, jobs=jobs,
+        n, k = req.num_choices, req.num_samples()
+        single = len(prompts) == 1 and k == 1
+        jobs, show_lp = [], False
+        for i, (ids, text) in enumerate(zip(prompts, texts)):
+            params = self.sampling_params(req, len(ids))
+            show_lp = params.logprobs >= 0
+            for j in range(k):
+                p = params if j == 0 else replace(params, seed=sample_seed(params.seed, j))
+                if k > n and p.logprobs < 0:
+                    p = replace(p, logprobs=0)      # best_of ranks samples by cumulative logprob
+                jobs.append(Job(request_id=rid if single else f"{rid}-{len(jobs)}", index=i * n + j,
+                                prompt_ids=ids, params=p, prompt_text=text, group=i, sample=j))
+        return Work(request_id=rid, model=model, created=int(time.time()), chat=chat, jobs=tuple(jobs),
                     stop=req.stop_strings(), stream=req.is_stream, include_usage=req.include_usage,
-                    return_token_ids=req.return_token_ids, echo=bool(getattr(req, "echo", False)))
+                    return_token_ids=req.return_token_ids, echo=bool(getattr(req, "echo", False)),
+                    n=n, best_of=k, show_logprobs=show_lp)
 
     def check_text_fits(self, req: BaseSamplingRequest, num_chars: int, param: str) -> None:
         """Before tokenizing: a text of num_chars characters has at least min_tokens(num_chars)

@@ -181,7 +181,6 @@ def test_malformed_json_is_400_not_422(dead_client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"),
     ({"suffix": "x"}, "suffix"), ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"stream_options": {"include_usage": True}}, None), ({"min_tokens": 3}, "min_tokens"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -193,7 +192,7 @@ def test_unsupported_completion_fields(dead_client, extra, param):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"n": 3}, "n"), ({"echo": True}, "echo"),
+    ({"echo": True}, "echo"),
     ({"tools": []}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"functions": []}, "functions"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
@@ -201,6 +200,20 @@ def test_unsupported_completion_fields(dead_client, extra, param):
 def test_unsupported_chat_fields(dead_client, extra, param):
     err = assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
     assert "support" in err["message"]
+
+
+@pytest.mark.parametrize("path,extra,param,words", [
+    ("/v1/completions", {"n": 0}, "n", "greater than or equal"),
+    ("/v1/completions", {"n": 129}, "n", "less than or equal"),
+    ("/v1/chat/completions", {"n": 200}, "n", "less than or equal"),
+    ("/v1/completions", {"n": 3, "best_of": 2}, "best_of", "at least n"),
+    ("/v1/completions", {"best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+    ("/v1/completions", {"best_of": 129}, "best_of", "less than or equal"),
+])
+def test_bad_n_and_best_of(dead_client, path, extra, param, words):
+    body = cmpl(**extra) if path == "/v1/completions" else chat(**extra)
+    err = assert_openai_error(dead_client.post(path, json=body), 400, param)
+    assert words in err["message"]
 
 
 @pytest.mark.parametrize("path,body", [
