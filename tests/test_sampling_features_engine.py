@@ -54,18 +54,22 @@ def _check(entry, ref, token, k):
     assert all(abs(a - b) < 1e-4 for (_, a), b in zip(entry.top, top.values.tolist()))
 
 
-CASES = [("cpu", True)] + ([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else [])
+# (device, eager, pages of 4 tokens: None = plenty, else few enough that running seqs are
+# preempted and recomputed, their penalty counts and prompt logprobs kept)
+CASES = [("cpu", True, None), ("cpu", True, 14)] + (
+    [("cuda", False, None), ("cuda", True, None)] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device,eager", CASES, ids=[f"{d}-{'eager' if e else 'graphs'}" for d, e in CASES])
-def test_features_in_the_decode_engine(tmp_path, device, eager):
+@pytest.mark.parametrize("device,eager,tight", CASES,
+                         ids=[f"{d}-{'eager' if e else 'graphs'}{'-preempting' if t else ''}" for d, e, t in CASES])
+def test_features_in_the_decode_engine(tmp_path, device, eager, tight):
     model_dir = make_tiny_model(tmp_path / "m", "llama", seed=2)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     gpu = dict(attention_backend="triton", enforce_eager=eager) if device == "cuda" else {}
-    cfg = EngineConfig(model=str(model_dir), dtype="float32", device=device, page_size=16, num_pages=64,
-                       max_num_seqs=16, **gpu)
+    pages = dict(page_size=4, num_pages=tight) if tight else dict(page_size=16, num_pages=64)
+    cfg = EngineConfig(model=str(model_dir), dtype="float32", device=device, max_num_seqs=16, **pages, **gpu)
     engine = make_decode_engine(cfg, _DirectLoop())
     assert (engine.runner.graphs is None) == eager and engine.async_scheduling
     prompts = distinct_prompts(hf.config.vocab_size, [7, 12, 5, 9, 20, 3], seed=4)
@@ -88,7 +92,8 @@ def test_features_in_the_decode_engine(tmp_path, device, eager):
     while engine.has_work():
         engine.step()
         engine.flush()
-    assert engine.counters.mixed_steps >= 1
+    assert engine.counters.mixed_steps >= 1 or tight
+    assert (engine.counters.preemptions > 0) == bool(tight)
     for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
         assert len(sink.tokens) == MAX_NEW, i
         ref = hf_logprobs(hf, p + sink.tokens)
