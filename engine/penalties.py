@@ -63,8 +63,10 @@ def add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams], uploa
     if max(toks) >= vocab:
         raise ValueError(f"logit_bias token id {max(toks)} outside the vocabulary [0, {vocab})")
     upload = upload or _plain_upload(logits.device)
-    idx, val = upload(torch.tensor([rows, toks], dtype=torch.int64), torch.tensor(vals, dtype=torch.float64))
-    logits.index_put_((idx[0], idx[1]), val.to(torch.float32), accumulate=True)
+    # flat index_add_: one kernel (a CUDA index_put_ with accumulate costs ~0.6 ms of host time)
+    flat, val = upload(torch.tensor(rows, dtype=torch.int64) * vocab + torch.tensor(toks, dtype=torch.int64),
+                       torch.tensor(vals, dtype=torch.float64))
+    logits.view(-1).index_add_(0, flat, val.to(torch.float32))
 
 
 class PenaltyTable:
@@ -131,13 +133,14 @@ class PenaltyTable:
         if max(toks_p + toks_o, default=0) >= self.vocab or min(toks_p + toks_o, default=0) < 0:
             raise ValueError(f"token id outside the vocabulary [0, {self.vocab})")
         n_p = len(toks_p)
-        slots, ids = self.upload(torch.tensor([s for s, _ in fill], dtype=torch.int64),
-                                 torch.tensor([rows_p + rows_o, toks_p + toks_o], dtype=torch.int64))
+        flat = torch.tensor(rows_p + rows_o, dtype=torch.int64) * self.vocab + torch.tensor(toks_p + toks_o,
+                                                                                             dtype=torch.int64)
+        slots, flat = self.upload(torch.tensor([s for s, _ in fill], dtype=torch.int64), flat)
         self.counts.index_fill_(0, slots, 0)
         self.in_prompt.index_fill_(0, slots, False)
-        self.in_prompt[ids[0, :n_p], ids[1, :n_p]] = True
-        out = ids[:, n_p:]
-        self.counts.index_put_((out[0], out[1]), torch.ones_like(out[0], dtype=torch.int32), accumulate=True)
+        self.in_prompt.view(-1).index_fill_(0, flat[:n_p], True)
+        out = flat[n_p:]
+        self.counts.view(-1).index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
 
     def release(self, request_id: str) -> None:
         s = self._slots.pop(request_id, None)
@@ -164,4 +167,4 @@ class PenaltyTable:
 
     def count(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Add one sampled token per slot (device tensors, same length) to the counts."""
-        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        self.counts.view(-1).index_add_(0, slots * self.vocab + tokens, torch.ones_like(tokens, dtype=torch.int32))
