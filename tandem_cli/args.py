@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how the prefill and decode workers share one GPU: mps = side by side under CUDA "
                             "MPS, each with its share of the SMs (--prefill-sm-fraction; serve runs the MPS "
                             "daemon, tandem_cli/mps.py); turns = one at a time (engine/gpu_turn.py); none = "
-                            "the driver's time-slicing. auto: mps on a CUDA device, else none. When MPS is not "
+                            "the driver's time-slicing. auto: turns on a CUDA device (the measured default; mps is "
+                            "opt-in until measured better), else none. When MPS is not "
                             "available serve says so and the workers take turns")
     serve.add_argument("--prefill-sm-fraction", type=open_fraction, default=0.6,
                        help="with MPS: the prefill worker's share of the GPU's SMs "

@@ -306,7 +306,7 @@ def test_contradicting_sharing_flags_are_a_usage_error(tiny_model):
         args = build_parser().parse_args(["serve", *argv])
         return gpu_sharing(args, engine_config_from_args(args).device)
 
-    assert sharing("--device", "cuda") == "mps" and sharing("--device", "cpu") == "none"
+    assert sharing("--device", "cuda") == "turns" and sharing("--device", "cpu") == "none"
     assert sharing("--device", "cuda", "--gpu-turns", "off") == "none"
     assert sharing("--device", "cpu", "--gpu-turns", "on") == "turns" == sharing("--gpu-sharing", "turns")
     assert sharing("--device", "cuda", "--colocated", "--gpu-sharing", "mps") == "none"
@@ -322,7 +322,8 @@ def test_contradicting_sharing_flags_are_a_usage_error(tiny_model):
 
 
 def test_the_plan_gives_each_worker_its_share_under_mps():
-    args = build_parser().parse_args(["serve", "--device", "cuda", "--prefill-sm-fraction", "0.55"])
+    args = build_parser().parse_args(["serve", "--device", "cuda", "--gpu-sharing", "mps",
+                                      "--prefill-sm-fraction", "0.55"])
     config = engine_config_from_args(args)
     daemon = MpsDaemon("nvidia-cuda-mps-control", "/run/p", "/run/l", owned=True)
     plan = {w.role: w for w in plan_workers(config, args, "M", (5001, 5002), mps=daemon)}
