@@ -56,19 +56,26 @@ def _mix_seed(seed: int, output_index: int) -> int:
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+                  top_p: torch.Tensor, min_p: torch.Tensor, any_k_or_p: bool | None = None,
+                  any_min_p: bool | None = None) -> torch.Tensor:
     """Temperature-scale float32 `logits` [N, V] and set filtered-out entries to -inf.
 
     temperature/top_p/min_p are float32 [N], top_k is int64 [N] (<= 0 disabled),
-    all on the logits' device. Returns a new tensor.
+    all on the logits' device. Returns a new tensor. any_k_or_p / any_min_p: whether
+    some row uses top_k or top_p / min_p, when the caller knows (else read from the
+    device, a sync).
     """
     n, vocab = logits.shape
     scaled = logits / temperature.unsqueeze(1)
-    neg_inf = torch.tensor(float("-inf"), device=scaled.device)
+    neg_inf = float("-inf")
 
     use_k = top_k > 0
     use_p = top_p < 1.0
-    if bool(use_k.any()) or bool(use_p.any()):
+    if any_k_or_p is None:
+        any_k_or_p = bool(use_k.any()) or bool(use_p.any())
+    if any_min_p is None:
+        any_min_p = bool((min_p > 0).any())
+    if any_k_or_p:
         sorted_vals = torch.sort(scaled, dim=-1, descending=True).values
         ranks = torch.arange(vocab, device=scaled.device).unsqueeze(0)
         k = torch.where(use_k, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
@@ -85,7 +92,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         cutoff = sorted_vals.gather(1, last_kept)
         scaled = torch.where(scaled >= cutoff, scaled, neg_inf)
 
-    if bool((min_p > 0).any()):
+    if any_min_p:
         # prob >= min_p * max_prob  <=>  logit - max_logit >= log(min_p)
         row_max = scaled.max(dim=-1, keepdim=True).values
         thresh = row_max + torch.log(min_p.clamp(min=1e-30)).unsqueeze(1)
@@ -198,21 +205,24 @@ class Sampler:
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
-            sub = logits[torch.tensor(rows, device=device)] if len(rows) < batch else logits
             sp = [params[i] for i in rows]
-            f32 = dict(dtype=torch.float32, device=device)
+            unseeded = [j for j, p in enumerate(sp) if p.seed is None]
+            # one host->device copy (pinned on CUDA) for every per-row input: no sync
+            idx, top_k, knobs, unseeded_idx = self._upload(device)(
+                torch.tensor(rows, dtype=torch.int64), torch.tensor([p.top_k for p in sp], dtype=torch.int64),
+                torch.tensor([[p.temperature, p.top_p, p.min_p] for p in sp], dtype=torch.float64),
+                torch.tensor(unseeded, dtype=torch.int64))
+            knobs = knobs.to(torch.float32)
+            sub = logits.index_select(0, idx) if len(rows) < batch else logits
             filtered = filter_logits(
-                sub,
-                temperature=torch.tensor([p.temperature for p in sp], **f32),
-                top_k=torch.tensor([p.top_k for p in sp], dtype=torch.int64, device=device),
-                top_p=torch.tensor([p.top_p for p in sp], **f32),
-                min_p=torch.tensor([p.min_p for p in sp], **f32),
-            )
+                sub, temperature=knobs[:, 0], top_k=top_k, top_p=knobs[:, 1], min_p=knobs[:, 2],
+                any_k_or_p=any(p.top_k > 0 or p.top_p < 1.0 for p in sp), any_min_p=any(p.min_p > 0 for p in sp))
             probs = torch.softmax(filtered, dim=-1)
-            noise = self._exponential_noise(sp, [output_index[i] for i in rows], vocab, device)
+            noise = self._exponential_noise(sp, [output_index[i] for i in rows], vocab, device,
+                                            unseeded, unseeded_idx)
             drawn = torch.argmax(probs / noise, dim=-1)
             if len(rows) < batch:
-                out[torch.tensor(rows, device=device)] = drawn
+                out.index_copy_(0, idx, drawn)
             else:
                 out = drawn
         if not special:
@@ -257,14 +267,17 @@ class Sampler:
         return logits.index_copy(0, idx, sub), slots, (pen_rows if pen else None)
 
     def _exponential_noise(self, params: list[SamplingParams], output_index: list[int],
-                           vocab: int, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise [N, V]: per-row generators for seeded rows, the shared one otherwise."""
+                           vocab: int, device: torch.device, unseeded: list[int],
+                           unseeded_idx: torch.Tensor) -> torch.Tensor:
+        """Exp(1) noise [N, V]: per-row generators for seeded rows, the shared one otherwise
+        (rows `unseeded`, the same on the device as `unseeded_idx`)."""
         noise = torch.empty(len(params), vocab, dtype=torch.float32, device=device)
-        unseeded = [j for j, p in enumerate(params) if p.seed is None]
-        if unseeded:
+        if len(unseeded) == len(params):
+            noise.exponential_(generator=self._generator(device))
+        elif unseeded:
             draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
             draw.exponential_(generator=self._generator(device))
-            noise[torch.tensor(unseeded, device=device)] = draw
+            noise.index_copy_(0, unseeded_idx, draw)
         for j, p in enumerate(params):  # one generator per seeded row, never per token
             if p.seed is not None:
                 gen = torch.Generator(device=device)
