@@ -50,7 +50,16 @@ output carries one packed float32 tensor for the rows that asked, copied back wi
 tokens (same pinned copy path, same event); `_read` hands each token its `TokenLogprob`.
 Prompt logprobs are computed in the request's first local prefill (its whole prompt: such
 requests never take a prefix-cache match), from that pass's hidden states, and leave with
-its first token. In P+D they come from the prefill worker (`kv_ready`). Penalty state
+its first token. In P+D they come from the prefill worker (`kv_ready`).
+
+Structured output (SamplingParams.grammar, engine/grammar.py): `submit` compiles the grammar
+against the vocabulary (INVALID_ARGUMENT if it does not); the sampler, called right after a
+pass is queued, replays each grammar row's outputs into its matcher (the prefill worker's
+first token, outputs recomputed after preemption, a migrated request's earlier outputs) and
+masks its logits, so the host's mask work overlaps the device's forward. A grammar row needs
+its previous token on the host, so a step with grammar rows is not pipelined (async
+scheduling waits for it: `counters.grammar_sync_steps`, logged once); steps without grammar
+rows are unchanged. Penalty state
 (Sampler's PenaltyTable) is released when a request ends, whichever way.
 """
 from __future__ import annotations
@@ -157,6 +166,7 @@ class DecodeCounters:
     decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
     mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
     #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
+    grammar_sync_steps: int = 0      # decode steps not pipelined because a row has a grammar
 
 
 class DecodeEngine(EngineThread):
@@ -165,6 +175,10 @@ class DecodeEngine(EngineThread):
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
+        if getattr(sampler, "grammar", False) is None:
+            from engine.grammar import lazy_grammar_for
+            sampler.grammar = lazy_grammar_for(runner)
+        self._grammar_sync_logged = False
         self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a prefill worker shares the GPU
         # async scheduling: queue the next pass before reading the last one (with gpu_turn, the
         # turn is kept across steps and given up, drained, when the prefill worker waits)
@@ -211,6 +225,8 @@ class DecodeEngine(EngineThread):
         try:
             if seq.request_id in self._sinks:
                 raise ValueError(f"duplicate request id {seq.request_id!r}")
+            if seq.params.grammar is not None:   # GrammarError is a ValueError
+                self.sampler.grammar_runtime().compile(seq.params.grammar)
             self.scheduler.add(seq)
         except ValueError as exc:   # a bad request must not kill the engine thread
             self._outbox.append((sink, EngineOutput(seq.request_id, [], FinishReason.ERROR, str(exc),
@@ -287,6 +303,13 @@ class DecodeEngine(EngineThread):
         # as the device has them, and beside a prefill pass the host's share of the step is
         # small anyway. Decode-only steps stay queued one step ahead.
         pipelined = self.async_scheduling and not out.prefill
+        if pipelined and any(s.params.grammar is not None for s in out.decode):
+            pipelined = False     # the next step's masks need this step's tokens on the host
+            self.counters.grammar_sync_steps += 1
+            if not self._grammar_sync_logged:
+                self._grammar_sync_logged = True
+                log.info("decode steps with grammar rows run without async scheduling "
+                         "(counted in grammar_sync_steps; logged once)")
         turn = self.gpu_turn
         if turn is not None and not turn.held:
             turn.acquire()        # held from the first launch until nothing of ours is queued

@@ -27,7 +27,14 @@ Logprobs (engine/logprobs.py) come from the same logits in the same call: by def
 raw ones (before bias and penalties), as vLLM v1; `run` returns them packed in one small
 device tensor beside the tokens.
 
-Fast path: a batch in which no row uses bias, penalties or logprobs costs one pass over
+Structured output (engine/grammar.py): rows with `params.grammar` get their grammar's
+bitmask applied after bias and penalties, before greedy/sampled selection, so both obey it;
+logprobs stay raw (the model's distribution, unmasked). The mask is filled on the host from
+each row's matcher (`Sampler.grammar`, a LazyGrammar / GrammarRuntime the worker sets), after
+replaying the row's outputs: callers queue the forward first, so on a GPU this overlaps it.
+A grammar row's last token must be on the host (not PENDING on the device).
+
+Fast path: a batch in which no row uses bias, penalties, logprobs or a grammar costs one pass over
 the params more than before (`SamplingParams.plain`), nothing on the device.
 Lifecycle of per-request state: `release(request_id)` once a request that used a
 penalty ends (the engines call it for every request that ends; unknown ids are no-ops).
@@ -136,6 +143,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._tables: dict[torch.device, PenaltyTable] = {}
         self._staging = None     # PinnedStaging for the feature paths' host->device copies (CUDA)
+        self.grammar = None      # engine.grammar.LazyGrammar | GrammarRuntime: set by the worker
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -173,6 +181,21 @@ class Sampler:
         """The request ended: free its penalty state (no-op if it had none)."""
         for t in self._tables.values():
             t.release(request_id)
+        rt = self.grammar_runtime(load=False)
+        if rt is not None:
+            rt.release(request_id)
+
+    def grammar_runtime(self, load: bool = True):
+        """The GrammarRuntime (built now if `load`), or None. GrammarError if none can be made."""
+        g = self.grammar
+        if g is None:
+            if load:
+                from engine.grammar import GrammarError
+                raise GrammarError("structured output is not available on this worker (no tokenizer set)")
+            return None
+        if hasattr(g, "get"):
+            return g.get() if load else g.loaded
+        return g
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                output_index: list[int], sources: Sequence[TokenSource] | None = None) -> list[int]:
@@ -201,6 +224,9 @@ class Sampler:
         pen_slots = pen_idx = None
         if special:
             logits, pen_slots, pen_idx = self._process(logits, params, special, sources)
+        g_rows = [i for i, p in enumerate(params) if p.grammar is not None]
+        if g_rows:
+            logits = self._grammar_mask(logits, params, g_rows, sources)
         out = torch.argmax(logits, dim=-1)
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -265,6 +291,18 @@ class Sampler:
             if psub is not sub:
                 sub.index_copy_(0, pen_local, psub)
         return logits.index_copy(0, idx, sub), slots, (pen_rows if pen else None)
+
+    def _grammar_mask(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int],
+                      sources: Sequence[TokenSource] | None) -> torch.Tensor:
+        """The logits with each grammar row's disallowed tokens at -inf (a new tensor)."""
+        from engine.grammar import apply_bitmask
+        if sources is None:
+            raise ValueError("grammar rows need each row's token source (Sampler.run's sources)")
+        rt = self.grammar_runtime()
+        cuda = logits.device.type == "cuda"
+        bitmask = torch.empty(len(rows), rt.words, dtype=torch.int32, pin_memory=cuda)
+        rt.fill([params[i].grammar for i in rows], [sources[i] for i in rows], bitmask)
+        return apply_bitmask(logits, rows, bitmask)
 
     def _exponential_noise(self, params: list[SamplingParams], output_index: list[int],
                            vocab: int, device: torch.device, unseeded: list[int],

@@ -4,6 +4,9 @@ The router validates user input and builds a `SamplingParams`; the workers
 receive it through protobuf (`to_proto` / `from_proto`). Stop *strings* are a
 router concern (they need detokenised text) and are not sent to workers.
 
+`grammar` (engine/grammar.GrammarSpec) constrains the output to a JSON schema, a regex or a
+choice list; it is checked to compile here (GrammarError, a ValueError).
+
 Every field's default is neutral: a request that sets none of the penalty, bias or
 logprob fields samples exactly as before they existed (and takes the sampler's fast path).
 """
@@ -34,6 +37,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), sorted by id
     logprobs: int = -1                # -1 = none, 0 = the sampled token's, k = and the top k
     prompt_logprobs: int = -1         # likewise for each prompt token after the first (echo)
+    # structured output (engine/grammar.py): the output follows this grammar; None = free
+    grammar: "GrammarSpec | None" = None
     # no bias, penalty or logprobs: the sampler's fast path (set by __post_init__)
     plain: bool = field(init=False, repr=False, compare=False, default=True)
 
@@ -69,6 +74,12 @@ class SamplingParams:
             v = getattr(self, name)
             if not (-1 <= v <= MAX_LOGPROBS):
                 bad.append(f"{name} {v} (-1 = none, or 0..{MAX_LOGPROBS})")
+        if self.grammar is not None:
+            from engine.grammar import GrammarSpec, check_grammar
+            if not isinstance(self.grammar, GrammarSpec):
+                bad.append(f"grammar {type(self.grammar).__name__} (a GrammarSpec)")
+            else:
+                check_grammar(self.grammar)      # GrammarError (a ValueError) with its reason
         if bad:
             raise ValueError("invalid sampling parameters: " + ", ".join(bad))
         object.__setattr__(self, "plain", not self.changes_logits and self.logprobs < 0)
@@ -108,6 +119,7 @@ class SamplingParams:
             logprobs=max(self.logprobs, 0),
             has_prompt_logprobs=self.prompt_logprobs >= 0,
             prompt_logprobs=max(self.prompt_logprobs, 0),
+            grammar=self.grammar.to_proto() if self.grammar is not None else None,
         )
 
     @classmethod
@@ -127,4 +139,12 @@ class SamplingParams:
             logit_bias=tuple(msg.logit_bias.items()),
             logprobs=msg.logprobs if msg.has_logprobs else -1,
             prompt_logprobs=msg.prompt_logprobs if msg.has_prompt_logprobs else -1,
+            grammar=_grammar_from_proto(msg),
         )
+
+
+def _grammar_from_proto(msg):
+    if not msg.HasField("grammar") or not msg.grammar.kind:
+        return None
+    from engine.grammar import GrammarSpec
+    return GrammarSpec.from_proto(msg.grammar)

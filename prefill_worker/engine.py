@@ -21,6 +21,10 @@ Logprobs: with params.logprobs >= 0 the first token's TokenLogprob is left in
 `job.first_logprob`, with params.prompt_logprobs >= 0 the prompt's in `job.prompt_logprobs`
 (computed from the pass's hidden states; such a job never takes a cache match, so every
 position is computed), both set before `on_done` is called.
+Structured output (params.grammar): the first token is sampled under the grammar (the
+server compiled it against the vocabulary before queueing; INVALID_ARGUMENT otherwise); a
+migrated request's earlier outputs (the end of its prompt) are replayed first. The matcher
+lives for that one token (released with the penalty state).
 Sending straight from the pool (`pool_send`, when the KV sender registered this pool): no
 per-layer copies; after the pass each job's sender gets one `send_pool(page_table)` with an
 event marking the end of the pass, and the job keeps its pages until the server says the
@@ -128,6 +132,9 @@ class PrefillEngine(EngineThread):
         self.enable_prefix_caching = enable_prefix_caching  # False: nothing is matched or inserted
         self.runner = runner
         self.sampler = sampler
+        if getattr(sampler, "grammar", False) is None:   # structured output: the first token obeys it
+            from engine.grammar import lazy_grammar_for
+            sampler.grammar = lazy_grammar_for(runner)
         self.allocator = PageAllocator(runner.num_pages)
         self.cache = RadixCache(self.allocator, runner.page_size)
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -104,6 +104,8 @@ class PrefillServicer(pbg.PrefillServicer):
             return f"duplicate request id {request.request_id!r}"
         try:
             params = SamplingParams.from_proto(request.sampling)
+            if params.grammar is not None:   # against this vocabulary (cached per grammar)
+                self.engine.sampler.grammar_runtime().compile(params.grammar)
         except ValueError as exc:
             return str(exc)
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:

@@ -1,0 +1,153 @@
+"""Grammar-constrained sampling on the CPU (engine/grammar.py + engine/sampler.py), against a
+plain-Python reference: the allowed set comes from trying each token on a fresh matcher
+(accept + rollback), not from the bitmask, and the masked draw is recomputed from it."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.grammar import (GrammarError, GrammarRuntime, GrammarSpec, apply_bitmask, check_grammar,
+                            grammar_for_choice, grammar_for_json_object, grammar_for_json_schema,
+                            grammar_for_regex)
+from engine.sampler import Sampler, _mix_seed
+from engine.sampling_params import SamplingParams
+from engine.tiny_models import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(0)
+
+
+@pytest.fixture(scope="module")
+def rt(tok):
+    return GrammarRuntime(tok, len(tok) + 5, [tok.eos_token_id])   # 5 padding ids past the tokenizer
+
+
+class Src:
+    def __init__(self, rid, prompt=(1, 7), offset=0):
+        self.request_id, self.prompt_token_ids, self.output_token_ids = rid, list(prompt), []
+        self.output_offset = offset
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 500},
+                                           "tag": {"enum": ["red", "green"]},
+                                           "xs": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}},
+          "required": ["n", "tag", "xs"], "additionalProperties": False}
+
+
+def _reference_token(logits, allowed, p: SamplingParams, index: int):
+    """Greedy: the allowed argmax; sampled (temperature only): the exponential race over the
+    allowed softmax with the row's seeded noise, computed without the bitmask."""
+    row = logits.clone().double()
+    keep = torch.zeros_like(row, dtype=torch.bool)
+    keep[sorted(allowed)] = True
+    row[~keep] = -math.inf
+    if p.greedy:
+        return int(torch.argmax(row))
+    gen = torch.Generator().manual_seed(_mix_seed(p.seed, index))
+    noise = torch.empty(row.shape[0], dtype=torch.float32).exponential_(generator=gen)
+    noise = noise.clamp_(min=torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits.float() / p.temperature).masked_fill(~keep, -math.inf), dim=-1)
+    return int(torch.argmax(probs / noise))
+
+
+@pytest.mark.parametrize("spec", [grammar_for_json_schema(SCHEMA), grammar_for_json_object(),
+                                  grammar_for_regex(r"[a-c]{2,4}-[0-9]+"), grammar_for_choice(["yes", "no way"])],
+                         ids=["schema", "object", "regex", "choice"])
+def test_masked_sampling_matches_reference(tok, rt, spec):
+    sampler = Sampler(0)
+    sampler.grammar = rt
+    vocab = rt.vocab_size
+    params = [SamplingParams(temperature=0.0, grammar=spec),
+              SamplingParams(temperature=0.8, seed=11, grammar=spec),
+              SamplingParams(temperature=0.0),                 # a free row keeps its argmax
+              SamplingParams(temperature=1.0, seed=5, presence_penalty=0.5, logprobs=2, grammar=spec)]
+    srcs = [Src(f"r{i}") for i in range(len(params))]
+    torch.manual_seed(0)
+    done = [False] * len(params)
+    for step in range(80):
+        logits = torch.randn(len(params), vocab) * 3
+        idx = [len(s.output_token_ids) for s in srcs]
+        ref_allowed = [rt.allowed(p.grammar, s.output_token_ids) if p.grammar else None
+                       for p, s in zip(params, srcs)]
+        out = sampler.run(logits, params, idx, srcs)
+        toks = out.tokens.tolist()
+        for i, p in enumerate(params):
+            if done[i]:
+                continue
+            if p.grammar is None:
+                assert toks[i] == int(torch.argmax(logits[i]))
+            elif not p.has_penalties:
+                assert toks[i] == _reference_token(logits[i], ref_allowed[i], p, idx[i]), (step, i)
+            assert p.grammar is None or toks[i] in ref_allowed[i]
+            srcs[i].output_token_ids.append(toks[i])
+            done[i] = toks[i] == tok.eos_token_id
+        if out.lp_rows:     # logprobs stay raw (the model's, unmasked)
+            e = out.entries(toks, out.logprobs.tolist())[3]
+            raw = torch.log_softmax(logits[3].float(), -1)
+            assert abs(e.logprob - float(raw[toks[3]])) < 1e-5
+        if all(done[i] for i, p in enumerate(params) if p.grammar):
+            break
+    for s in srcs:
+        sampler.release(s.request_id)
+        assert s.request_id not in rt._rows
+    for i, p in enumerate(params):
+        if p.grammar is None:
+            continue
+        if spec.kind == "json_object":    # free keys and values: random logits need not close it
+            continue
+        assert done[i], f"row {i} did not end in 80 steps"
+        text = tok.decode(srcs[i].output_token_ids[:-1])
+        if spec.kind == "json_schema":
+            import jsonschema
+            jsonschema.validate(json.loads(text), SCHEMA)
+        elif spec.kind == "json_object":
+            assert isinstance(json.loads(text), dict)
+        elif spec.kind == "regex":
+            import re
+            assert re.fullmatch(r"[a-c]{2,4}-[0-9]+", text), text
+        else:
+            assert text in ("yes", "no way")
+
+
+def test_replay_of_migrated_outputs(tok, rt):
+    """A migrated request's earlier outputs end its prompt (output_offset): the matcher replays them."""
+    spec = grammar_for_choice(["abc", "xyz"])
+    first = tok.encode("ab")
+    src = Src("m", prompt=[1, 9] + first, offset=len(first))
+    bm = torch.empty(1, rt.words, dtype=torch.int32)
+    rt.fill([spec], [src], bm)
+    allowed = apply_bitmask(torch.zeros(1, rt.vocab_size), [0], bm)[0] > -math.inf
+    assert set(torch.nonzero(allowed).flatten().tolist()) == rt.allowed(spec, first)
+    assert tok.encode("c")[0] in rt.allowed(spec, first) and tok.encode("x")[0] not in rt.allowed(spec, first)
+    rt.release("m")
+
+
+def test_eos_only_when_complete(tok, rt):
+    spec = grammar_for_choice(["ab"])
+    assert tok.eos_token_id not in rt.allowed(spec, [])
+    assert rt.allowed(spec, tok.encode("ab")) == {tok.eos_token_id}
+
+
+def test_bad_grammars_fail_with_a_reason():
+    with pytest.raises(GrammarError, match="regex does not compile"):
+        check_grammar(grammar_for_regex("(a"))
+    with pytest.raises(GrammarError, match="does not compile"):
+        check_grammar(grammar_for_json_schema({"type": "bogus"}))
+    with pytest.raises(ValueError):
+        SamplingParams(grammar=grammar_for_json_schema({"type": "bogus"}))
+    with pytest.raises(GrammarError):
+        grammar_for_choice([])
+    with pytest.raises(GrammarError):
+        GrammarSpec("ebnf", "x")
+
+
+def test_proto_round_trip():
+    p = SamplingParams(temperature=0.0, grammar=grammar_for_json_schema(SCHEMA))
+    back = SamplingParams.from_proto(p.to_proto())
+    assert back.grammar == p.grammar and back == p
+    assert SamplingParams.from_proto(SamplingParams().to_proto()).grammar is None
