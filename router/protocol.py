@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from router.errors import bad_request, from_validation_error
@@ -59,23 +60,32 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """text (free), json_object or json_schema (router/structured.py reads json_schema)."""
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[StrictStr, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _text_only(cls, v: Any) -> Any:
-        if isinstance(v, dict) and isinstance(v.get("type"), str) and v["type"] != "text":
-            raise ValueError(f"response_format of type {v['type']!r} is not supported (only 'text')")
+    def _known_type(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("type"), str) and v["type"] not in (
+                "text", "json_object", "json_schema"):
+            raise ValueError(f"response_format of type {v['type']!r} is not supported "
+                             "(text, json_object, json_schema)")
         return v
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("response_format.json_schema goes with type 'json_schema' (and it needs it)")
+        return self
 
 
 # Fields that change the output and that this server does not do: present with anything but
 # their neutral values, they are a 400 naming the field instead of being ignored as unknown.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None,), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None, "none"),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,), "guided_decoding_backend": (None,), "use_beam_search": (None, False),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,), "use_beam_search": (None, False),
     "min_tokens": (None, 0), "bad_words": (None, []), "allowed_token_ids": (None,), "prompt_logprobs": (None,),
     "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]), "length_penalty": (None, 1, 1.0),
     "truncate_prompt_tokens": (None,), "include_stop_str_in_output": (None, False),
@@ -126,6 +136,12 @@ class BaseSamplingRequest(BaseModel):
     repetition_penalty: Annotated[StrictFloat | None, Field(gt=0.0)] = None     # vLLM extension; 1 = off
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
                      Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]] | None = None
+    # structured output (router/structured.py): vLLM's guided_* and structured_outputs
+    guided_json: dict[StrictStr, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    structured_outputs: dict[StrictStr, Any] | None = None
+    _grammar: Any = PrivateAttr(default=None)     # its GrammarSpec, set by _output_grammar
 
     @field_validator("stop")
     @classmethod
@@ -140,6 +156,17 @@ class BaseSamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream=true")
         return self
+
+    @model_validator(mode="after")
+    def _output_grammar(self):
+        """The output constraint, compiled once here: a bad one is a 400 before any work."""
+        from router.structured import grammar_of
+        self._grammar = grammar_of(self)
+        return self
+
+    def grammar_spec(self):
+        """engine.grammar.GrammarSpec of the request's output constraint, or None."""
+        return self._grammar
 
     # ---- derived values -------------------------------------------------
 
@@ -196,6 +223,7 @@ class BaseSamplingRequest(BaseModel):
             max_tokens=max_tokens,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            grammar=self.grammar_spec(),
         )
 
 

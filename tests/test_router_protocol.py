@@ -181,9 +181,10 @@ def test_malformed_json_is_400_not_422(dead_client):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"suffix": "x"}, "suffix"), ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"suffix": "x"}, "suffix"), ({"guided_grammar": "root ::= \"a\""}, "guided_grammar"),
     ({"stream_options": {"include_usage": True}}, None), ({"min_tokens": 3}, "min_tokens"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "regex", "regex": "a"}}, "response_format"),
+    ({"structured_outputs": {"grammar": "root ::= \"a\""}}, "structured_outputs.grammar"),
 ])
 def test_unsupported_completion_fields(dead_client, extra, param):
     err = assert_openai_error(dead_client.post("/v1/completions", json=cmpl(**extra)), 400)
@@ -193,13 +194,25 @@ def test_unsupported_completion_fields(dead_client, extra, param):
 
 @pytest.mark.parametrize("extra,param", [
     ({"echo": True}, "echo"),
-    ({"tools": []}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"functions": []}, "functions"),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
+    ({"functions": []}, "functions"),      # tools / tool_choice / tool_calls: tests/test_tools.py
+    ({"response_format": {"type": "grammar", "grammar": "x"}}, "response_format"),
 ])
 def test_unsupported_chat_fields(dead_client, extra, param):
     err = assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
     assert "support" in err["message"]
+
+
+@pytest.mark.parametrize("extra,param,words", [     # structured output: 400 before anything is queued
+    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.json_schema", "name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema", "does not compile"),
+    ({"guided_regex": "(ab"}, "guided_regex", "does not compile"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "only one"),
+])
+def test_bad_output_constraints(dead_client, extra, param, words):
+    err = assert_openai_error(dead_client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
+    assert words in err["message"]
 
 
 @pytest.mark.parametrize("path,extra,param,words", [
