@@ -32,6 +32,8 @@ class RouterConfig:
                                                 # its own died mid-stream (0 = never)
     cluster_token: str = field(default="", repr=False)  # sent on every gRPC call to a worker
                                                 # (engine/cluster_auth.py); "" = none (workers run open)
+    tool_call_parser: str | None = None         # tool_choice "auto": "hermes" | "llama3_json"; None = from
+                                                # the chat template (router/tools.py)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses and not self.etcd_endpoints:
@@ -44,6 +46,8 @@ class RouterConfig:
             raise ValueError(f"max_queued_per_worker must be >= 0, got {self.max_queued_per_worker}")
         if self.queue_timeout_s <= 0:
             raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")
+        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+            raise ValueError(f"unknown tool call parser {self.tool_call_parser!r} (hermes or llama3_json)")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         # Normalise sequences handed in as lists so the dataclass stays hashable.

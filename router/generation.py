@@ -30,6 +30,12 @@ Lifecycle of a `Work` (built by router/server.py once the request is validated a
      aborts the other jobs. `data: [DONE]` always ends it.
   A client that disconnects cancels whatever runs; every job's stream is closed at the end
   whatever happened.
+  Tools (`Work.tools`, router/tools.py): a chat answer's text goes through the plan's tool-call
+  parser; calls become `message.tool_calls` (content null when there is nothing else) and a
+  "stop" finish becomes "tool_calls". Streamed, each parser event is its own delta as OpenAI
+  sends them: {"tool_calls": [{index, id, type, function: {name, arguments: ""}}]} first, then
+  {"tool_calls": [{index, function: {arguments: <fragment>}}]}; the finish comes in a last
+  chunk with an empty delta.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ from router.logprobs import LogprobFormatter
 from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
 from router.fanout import all_or_none, merge
 from router.sse import SSEResponse, _unless_disconnected, sse_event
+from router.tools import ToolPlan, ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class Work:
     n: int = 1                  # choices per prompt
     best_of: int = 1            # samples per prompt (>= n)
     show_logprobs: bool = False # the client asked for logprobs (best_of asks the worker anyway)
+    tools: ToolPlan | None = None   # chat with tools: how the answer's tool calls are read
 
     @property
     def logprobs(self) -> bool:
@@ -269,7 +277,14 @@ class Generation:
         for run, (text, finish, lps) in _answered(work, runs, results):
             index = run.job.index
             if work.chat:
-                choice = {"index": index, "message": {"role": "assistant", "content": text},
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                parser = work.tools.parser() if work.tools is not None else None
+                if parser is not None:
+                    message["content"], calls = parser.parse(text)
+                    if calls:
+                        message["tool_calls"] = calls
+                        finish = "tool_calls" if finish == "stop" else finish
+                choice = {"index": index, "message": message,
                           "logprobs": self.fmt.chat([e for e, _ in lps]) if work.logprobs else None,
                           "finish_reason": finish}
             else:
@@ -307,9 +322,10 @@ class Generation:
         usage_field = {"usage": None} if work.include_usage else {}
 
         def chunk(index: int, delta: str | None, finish: str | None, role: bool = False,
-                  logprobs: dict[str, Any] | None = None) -> str:
+                  logprobs: dict[str, Any] | None = None, d: dict[str, Any] | None = None) -> str:
             if work.chat:
-                d: dict[str, Any] = {"role": "assistant"} if role else ({"content": delta} if delta else {})
+                if d is None:
+                    d = {"role": "assistant"} if role else ({"content": delta} if delta else {})
                 choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
@@ -323,6 +339,24 @@ class Generation:
                     yield resp
 
         streams = [self._pieces(work, run, replay(run, head), keep_ids=False) for run, head in zip(runs, heads)]
+        tool_streams = [None] * len(runs)
+        if work.chat and work.tools is not None and work.tools.parser_name is not None:
+            tool_streams = [ToolStream(work.tools.parser()) for _ in runs]
+
+        def tool_chunks(i: int, piece: Piece, lp: dict[str, Any] | None) -> list[str]:
+            """A piece of a chat answer with tools: one chunk per parser event, the logprobs on
+            the last (or on an empty delta when the parser holds the text back), then the finish."""
+            ts = tool_streams[i]
+            events = ts.parser.feed(piece.text) + (ts.parser.finish() if piece.finish else [])
+            deltas = ts.deltas_for(events)
+            if lp is not None and not deltas:
+                deltas = [{}]
+            out = [chunk(runs[i].job.index, None, None, logprobs=lp if k == len(deltas) - 1 else None, d=d)
+                   for k, d in enumerate(deltas)]
+            if piece.finish:
+                finish = "tool_calls" if ts.calls and piece.finish == "stop" else piece.finish
+                out.append(chunk(runs[i].job.index, None, finish, d={}))
+            return out
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -349,6 +383,10 @@ class Generation:
                                 lp = self._completion_logprobs(piece.logprobs or [], base[i],
                                                                sent[i] + len(piece.text), None)
                             sent[i] += len(piece.text)
+                            if tool_streams[i] is not None:
+                                for c in tool_chunks(i, piece, lp):
+                                    yield c
+                                continue
                             yield chunk(run.job.index, piece.text, piece.finish, logprobs=lp)
                 if work.include_usage:
                     yield sse_event({"id": work.request_id, "object": obj, "created": work.created,

@@ -6,7 +6,7 @@ Lifecycle of a request body:
      (never a 422). Unknown top-level (and stream_options) fields are accepted and
      ignored, as vLLM does: `unknown_fields(req)` names them and the server warns once
      per name and counts them (router/ignored.py). Fields that would change the output
-     and that Tandem does not do (tools, guided decoding, ...) are not "unknown": they
+     and that Tandem does not do (guided decoding, ...) are not "unknown": they
      are 400s naming the parameter (`_UNSUPPORTED`).
   2. The server resolves `model`, tokenizes (`prompt` / chat template) and
      checks lengths and token ids against the tokenizer and max_model_len,
@@ -22,13 +22,14 @@ engine/sampling_params.py): presence/frequency penalties in [-2, 2], repetition_
 by the server), completions `logprobs` 0..20 and `echo`, chat `logprobs` + `top_logprobs`
 0..20. `n` (1..MAX_N) samples per prompt, and completions `best_of` (n..MAX_N, the n with the
 highest cumulative logprob; not streamed unless equal to n): the server runs each sample as
-its own cluster request (`num_samples()`). suffix, tools, response_format other than
-{"type": "text"} are rejected with 400. Accepted and ignored (OpenAI fields with
+its own cluster request (`num_samples()`). Chat `tools` / `tool_choice` (function tools;
+router/tools.py plans them), assistant `tool_calls` and tool-role `tool_call_id` in the history.
+suffix and completions tools are rejected with 400. Accepted and ignored (OpenAI fields with
 no effect here): metadata, store, service_tier, parallel_tool_calls, user.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
@@ -36,6 +37,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from router.errors import bad_request, from_validation_error
 from router.json_body import decode_body
+from router.tools import ToolCall, ToolChoice, ToolDef
 
 MAX_N = 128          # n and best_of: samples per prompt, each its own cluster request
 _INT32_MAX = 2**31 - 1
@@ -95,8 +97,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _reject_unsupported(data: dict[str, Any]) -> None:
-    for name in _UNSUPPORTED.keys() & data.keys():
+def _reject_unsupported(data: dict[str, Any], handled: frozenset[str] = frozenset()) -> None:
+    for name in (_UNSUPPORTED.keys() - handled) & data.keys():
         if not any(data[name] == v and type(data[name]) is type(v) for v in _UNSUPPORTED[name]):
             raise bad_request(f"unsupported parameter: {name!r} is not supported by this server", param=name)
 
@@ -329,14 +331,14 @@ class ChatMessage(BaseModel):
     annotations: Annotated[list[None] | None, Field(max_length=0)] = None
     audio: None = None
     function_call: None = None
-    tool_calls: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
+    tool_calls: list[ToolCall] | None = None            # assistant: the calls it made (router/tools.py)
+    tool_call_id: StrictStr | None = None               # tool: the call this message answers
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, v: list | None) -> list | None:
-        if v:
-            raise ValueError("tool calls are not supported")
-        return v
+    @model_validator(mode="after")
+    def _tool_calls_from_assistant(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages can have tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -345,18 +347,27 @@ class ChatMessage(BaseModel):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def to_template(self) -> dict[str, str]:
-        """The dict handed to `tokenizer.apply_chat_template` (content flattened to a string)."""
-        out = {"role": self.role, "content": self.text()}
+    def to_template(self) -> dict[str, Any]:
+        """The dict handed to `tokenizer.apply_chat_template` (content flattened to a string;
+        tool calls' arguments as dicts, as HF templates take them)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
 class ChatCompletionRequest(BaseSamplingRequest):
     """POST /v1/chat/completions."""
 
+    HANDLED_FIELDS: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})   # not _UNSUPPORTED here
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ToolDef] | None, Field(min_length=1)] = None      # router/tools.py
+    tool_choice: ToolChoice | None = None                                  # None = auto with tools
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     logprobs: StrictBool | None = None
@@ -396,7 +407,7 @@ def parse_request(model: type[M], body: bytes) -> M:
     """Decode and validate a request body; every failure is a 400 OpenAIError."""
     data = decode_body(body)
     if issubclass(model, BaseSamplingRequest):
-        _reject_unsupported(data)
+        _reject_unsupported(data, getattr(model, "HANDLED_FIELDS", frozenset()))
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -48,6 +48,7 @@ from router.protocol import (ChatCompletionRequest, CompletionRequest, BaseSampl
 from router.openapi import install as install_openapi
 from router.tokenize import Tokenization
 from router.tokens_api import make_router as tokens_router
+from router.tools import plan_tools, with_tools
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,12 @@ class _Gateway:
         self.resolve_model(req.model)
         messages = [m.to_template() for m in req.messages]
         self.check_text_fits(req, sum(len(m["content"]) for m in messages), "messages")
+        plan = plan_tools(req.tools, req.tool_choice, self.tokenizer, self.config.tool_call_parser)
         try:
-            out = await self.tokenization.chat(messages)
+            out = await self.tokenization.chat(messages, tools=plan.template_tools if plan else None)
         except Exception as exc:  # noqa: BLE001 - template errors (bad roles, no template) are the caller's
             raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
-        return self.make_work(req, [_input_ids(out)], "chatcmpl", chat=True)
+        return with_tools(self.make_work(req, [_input_ids(out)], "chatcmpl", chat=True), plan)
 
 
 def _input_ids(out: Any) -> list[int]:

@@ -56,8 +56,8 @@ class Tokenization:
         return list(self._own().encode(text, add_special_tokens=add_special_tokens))
 
     def _chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-              add_special_tokens: bool = False) -> list[int]:
-        return _chat_ids(self._own(), messages, add_generation_prompt, add_special_tokens)
+              add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+        return _chat_ids(self._own(), messages, add_generation_prompt, add_special_tokens, tools)
 
     async def _off_loop(self, fn, *args):
         if self._pool is None:
@@ -70,12 +70,13 @@ class Tokenization:
         return await self._off_loop(self._encode, text, add_special_tokens)
 
     async def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                   add_special_tokens: bool = False) -> list[int]:
+                   add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
         """The prompt of a chat: engine.tokenizer.encode_chat (template + generation prompt);
-        add_special_tokens adds the tokenizer's own (BOS, say) on top of the template's."""
-        if sum(len(m.get("content") or "") for m in messages) <= self.inline_chars:
-            return _chat_ids(self.tokenizer, messages, add_generation_prompt, add_special_tokens)
-        return await self._off_loop(self._chat, messages, add_generation_prompt, add_special_tokens)
+        add_special_tokens adds the tokenizer's own (BOS, say) on top of the template's;
+        tools (OpenAI tool dicts) go to the template as `tools` (router/tools.py)."""
+        if sum(len(m.get("content") or "") for m in messages) <= self.inline_chars and not tools:
+            return _chat_ids(self.tokenizer, messages, add_generation_prompt, add_special_tokens, tools)
+        return await self._off_loop(self._chat, messages, add_generation_prompt, add_special_tokens, tools)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -84,7 +85,13 @@ class Tokenization:
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
-              add_special_tokens: bool) -> list[int]:
+              add_special_tokens: bool, tools: list[dict] | None = None) -> list[int]:
+    if tools:
+        if not getattr(tokenizer, "chat_template", None):
+            return encode_chat(tokenizer, messages)      # raises its "no chat template" error
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     if not add_special_tokens:
         return encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     if not getattr(tokenizer, "chat_template", None):

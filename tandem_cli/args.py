@@ -142,6 +142,7 @@ def router_config_from_args(args: argparse.Namespace, model_path: str, cluster_t
             max_queued_per_worker=None if args.max_queued_requests < 0 else args.max_queued_requests,
             queue_timeout_s=args.queue_timeout, migration_limit=max(0, args.migration_limit),
             max_request_bytes=args.max_request_bytes, cluster_token=cluster_token,
+            tool_call_parser=getattr(args, "tool_call_parser", None),
         ).resolved()
     except ValueError as exc:   # e.g. neither --decode nor --etcd
         raise UsageError(str(exc)) from None
@@ -185,6 +186,9 @@ def add_kv_transfer_arg(p: argparse.ArgumentParser) -> None:
 def add_admission_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=8 << 20,
                    help="largest request body the router reads; larger ones get 413 at once")
+    p.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
+                   help="how tool_choice 'auto' reads tool calls in the model's output (default: from the "
+                        "chat template: <tool_call> = hermes, <|python_tag|> / ipython = llama3_json)")
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait on each decode worker beyond its running batch; when every "
                         "worker is that full the router answers 503 with Retry-After at once (-1: no limit)")

@@ -170,6 +170,8 @@ def router_argv(args: argparse.Namespace, model: str, decode_addr: str, prefill_
         argv += ["--api-key", args.api_key]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if getattr(args, "tool_call_parser", None):
+        argv += ["--tool-call-parser", args.tool_call_parser]
     argv += ["--max-request-bytes", str(args.max_request_bytes),
              "--max-queued-requests", str(args.max_queued_requests), "--queue-timeout", str(args.queue_timeout),
              "--placement", args.placement, "--migration-limit", str(args.migration_limit)]

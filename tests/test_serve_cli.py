@@ -200,6 +200,7 @@ def test_serve_passes_every_flag_its_children_share():
             "--log-level", "debug", "--served-model-name", "a", "--served-model-name", "b", "--api-key", "k",
             "--kv-transfer-backend", "nixl", "--etcd", "etcd-0:2379", "--etcd-prefix", "/p", "--member-ttl", "3",
             "--placement", "least_load", "--max-request-bytes", "123", "--max-queued-requests", "5",
+            "--tool-call-parser", "hermes",
             "--queue-timeout", "4", "--migration-limit", "1", "--request-trace-file", "rt",
             "--step-trace-file", "st", "--gpu-turns", "on"]
     parser = build_parser()
