@@ -77,16 +77,23 @@ def make_router(gw: Any, ignored: IgnoredFields, dependencies: list[Any],
     check_token_ids, max_model_len)."""
     api = APIRouter(dependencies=dependencies)
 
-    @api.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
+    async def parse(request: Request, model: type, route: str):
+        """The validated body (its model resolved), or None when the client went away."""
         try:
             raw = await read_body(request)
         except ClientDisconnect:
-            return Response(status_code=499)
-        req = parse_request(TokenizeRequest, raw)
+            return None
+        req = parse_request(model, raw)
         if req.model_extra:
-            ignored.note("/tokenize", unknown_fields(req))
+            ignored.note(route, unknown_fields(req))
         gw.resolve_model(req.model)
+        return req
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await parse(request, TokenizeRequest, "/tokenize")
+        if req is None:
+            return Response(status_code=499)
         if req.prompt is not None:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await gw.tokenization.encode(req.prompt, add_special_tokens=special)
@@ -103,14 +110,9 @@ def make_router(gw: Any, ignored: IgnoredFields, dependencies: list[Any],
 
     @api.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        try:
-            raw = await read_body(request)
-        except ClientDisconnect:
+        req = await parse(request, DetokenizeRequest, "/detokenize")
+        if req is None:
             return Response(status_code=499)
-        req = parse_request(DetokenizeRequest, raw)
-        if req.model_extra:
-            ignored.note("/detokenize", unknown_fields(req))
-        gw.resolve_model(req.model)
         gw.check_token_ids(req.tokens, "tokens")
         return _json(DetokenizeResponse(prompt=gw.tokenizer.decode(req.tokens)))
 

@@ -196,7 +196,8 @@ def check_serve(args) -> str | None:
         raise UsageError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported yet")
     check_port_free("--port", args.host, args.port)
     if args.worker_base_port:
-        for i, what in ((0, "decode"), (1, "prefill")):
+        roles = ((0, "decode"),) if args.colocated else ((0, "decode"), (1, "prefill"))
+        for i, what in roles:
             port = args.worker_base_port + i
             flag = f"--worker-base-port ({what} worker)"
             check_port_free(flag, "127.0.0.1", port)

@@ -342,7 +342,10 @@ def test_worker_without_a_token_runs_open_and_says_so(model_dir, tmp_path):
 
 
 def test_serve_makes_a_private_token_per_run(model_dir, tmp_path):
-    port, base = free_port(), free_port()
+    port = free_port()
+    base = free_port()
+    while base in (port, port - 1):      # two free_port() calls can hand out neighbours (or the same)
+        base = free_port()
     env = {k: v for k, v in os.environ.items() if k != cluster_auth.TOKEN_ENV}
     proc = subprocess.Popen([sys.executable, "-m", "tandem_cli.main", "serve", "--model", str(model_dir),
                              "--colocated", "--device", "cpu", "--dtype", "float32", "--num-pages", "64",

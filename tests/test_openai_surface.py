@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
@@ -15,6 +14,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from cluster import Cluster
+from test_e2e_openai import wait_idle
 from engine.tiny_models import make_tiny_model
 
 NUM_PAGES = 256
@@ -36,16 +36,6 @@ def client(cluster):
 @pytest.fixture
 def aclient(cluster):
     return AsyncOpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
-
-
-def wait_idle(cluster: Cluster, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d, p = cluster.decode_stats(), cluster.prefill_stats()
-        if d.free_pages == NUM_PAGES and p.free_pages == NUM_PAGES and d.running == 0 and d.waiting == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"workers not idle: decode {cluster.decode_stats()} prefill {cluster.prefill_stats()}")
 
 
 def sse(text: str) -> list[dict]:
@@ -85,8 +75,8 @@ def test_unknown_fields_are_ignored_counted_and_do_not_change_the_output(client,
     assert exc.value.body["param"] == "top_k"
     with pytest.raises(openai.BadRequestError) as exc:        # output-changing, not done: not ignored
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
-    assert exc.value.body["param"] == "response_format"
+                                       extra_body={"guided_grammar": "root ::= \"a\""})
+    assert exc.value.body["param"] == "guided_grammar"
 
 
 # ---------------------------------------------------------------- 2. usage: null

@@ -18,18 +18,9 @@ from engine.sequence import Sequence  # noqa: E402
 from engine.tiny_models import make_tiny_model  # noqa: E402
 from hf_reference import distinct_prompts  # noqa: E402
 from logprob_reference import hf_logprobs, hf_penalised_greedy  # noqa: E402
+from test_colocated_prefix_cache import _DirectLoop  # noqa: E402 - the hand-stepped engine's loop
 
 MAX_NEW = 10
-
-
-class _DirectLoop:
-    """Stands in for the event loop: replies run at once on the calling thread."""
-
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
 
 
 class _Sink:
