@@ -6,9 +6,11 @@ Lifecycle of a chat request with `tools` (router/protocol.py validates the shape
      - tool_choice "none": the tools still go to the chat template (when it takes them), the
        output is plain content (no parsing).
      - "required": the output is constrained to one call of one of the tools: the JSON schema
-       `call_schema(tools)` (an anyOf of {"name": <that tool's name>, "arguments": <its
-       parameters schema>}, one per tool); parsed with the bare-JSON parser. One call per
-       answer (parallel_tool_calls is accepted and ignored).
+       `call_schema(tools)` (an anyOf of {"name": <that tool's name>, "parameters": <its
+       parameters schema>}, one per tool; Llama 3's key, and "name" sorts first, so the grammar,
+       which orders properties by name, writes the name before the arguments and they can
+       stream); parsed with the bare-JSON parser. One call per answer (parallel_tool_calls is
+       accepted and ignored).
      - a named function {"type": "function", "function": {"name": N}}: the same with tool N only.
      - "auto" (the default when tools are given): the output is free and parsed with the model
        family's parser. Needs a chat template that takes tools (its source mentions `tools`),
@@ -109,13 +111,13 @@ class ToolCall(BaseModel):
 # ---- the plan -------------------------------------------------------------------------------
 
 def call_schema(tools: list[ToolDef]) -> dict[str, Any]:
-    """The JSON schema of one call of one of `tools`: {"name": ..., "arguments": {...}}."""
+    """The JSON schema of one call of one of `tools`: {"name": ..., "parameters": {...}}."""
     branches = []
     for t in tools:
         params = t.function.parameters or {"type": "object", "properties": {}}
         branches.append({"type": "object", "properties": {"name": {"const": t.function.name},
-                                                           "arguments": params},
-                         "required": ["name", "arguments"], "additionalProperties": False})
+                                                           "parameters": params},
+                         "required": ["name", "parameters"], "additionalProperties": False})
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 

@@ -121,10 +121,10 @@ def test_tool_stream_deltas_are_openai_shaped():
 def test_call_schema_accepts_only_calls_of_the_tools():
     tools = [ToolDef.model_validate(WEATHER), ToolDef.model_validate(TIME)]
     schema = call_schema(tools)
-    jsonschema.validate({"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}, schema)
-    jsonschema.validate({"name": "get_time", "arguments": {}}, schema)
-    for bad in ({"name": "get_weather", "arguments": {"days": 2}}, {"name": "other", "arguments": {}},
-                {"name": "get_time"}, {"name": "get_time", "arguments": {}, "extra": 1}):
+    jsonschema.validate({"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}, schema)
+    jsonschema.validate({"name": "get_time", "parameters": {}}, schema)
+    for bad in ({"name": "get_weather", "parameters": {"days": 2}}, {"name": "other", "parameters": {}},
+                {"name": "get_time"}, {"name": "get_time", "parameters": {}, "extra": 1}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     one = call_schema(tools[:1])
