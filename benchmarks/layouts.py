@@ -31,7 +31,6 @@ Worker and router logs go to `log_dir/<name>.log`.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.workloads import LLAMA_31_8B, TINY_LLAMA
+from benchmarks import workloads
 from engine import cluster_auth
 from engine.sm_split import thread_percentages
 from tandem_cli.gpu_share import plan_starts, waves
@@ -113,20 +112,9 @@ class LayoutConfig:
 
 
 def write_model_dir(out_dir: Path, tiny: bool) -> Path:
-    """config.json for dummy weights + a word-level tokenizer covering the whole vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = TINY_LLAMA if tiny else LLAMA_31_8B
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    vocab = {f"<t{i}>": i for i in range(cfg["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<t0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # No special tokens: skip_special_tokens must not hide any generated id (EOS is ignored).
-    PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(out)
-    return out
+    """config.json for dummy weights + a word-level tokenizer covering the whole vocabulary
+    (benchmarks.workloads.write_model_dir; Llama-3.1-8B or its tiny twin)."""
+    return workloads.write_model_dir(out_dir, tiny, tokenizer=True)
 
 
 class Layout:
