@@ -100,6 +100,27 @@ def _choice_regex(value: str) -> str:
     return "(" + "|".join(alts) + ")"
 
 
+def _string_lengths_as_patterns(node):
+    """The schema with each string's minLength/maxLength (and no pattern/format) rewritten as
+    an equal-length pattern over the characters JSON allows unescaped: xgrammar 0.2.9 turns
+    length bounds into a class that lets raw control characters (invalid JSON) through."""
+    if isinstance(node, list):
+        return [_string_lengths_as_patterns(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _string_lengths_as_patterns(v) for k, v in node.items()}
+    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
+            and "pattern" not in out and "format" not in out
+            and isinstance(out.get("minLength", 0), int) and isinstance(out.get("maxLength", 0), int)):
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
+        out["pattern"] = "^[ -!#-\\[\\]-\\U0010FFFF]{%d,%s}$" % (lo, "" if hi is None else hi)
+    return out
+
+
+def _backend_schema(value: str) -> str:
+    return json.dumps(_string_lengths_as_patterns(json.loads(value)))
+
+
 def _backend():
     import xgrammar
     return xgrammar
@@ -111,7 +132,7 @@ def check_grammar(spec: GrammarSpec) -> None:
     xgr = _backend()
     try:
         if spec.kind == "json_schema":
-            xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+            xgr.Grammar.from_json_schema(_backend_schema(spec.value), any_whitespace=False, strict_mode=True)
         elif spec.kind == "regex":
             xgr.Grammar.from_regex(spec.value)
         elif spec.kind == "choice":
@@ -166,7 +187,8 @@ class GrammarRuntime:
         t = time.perf_counter()
         try:
             if spec.kind == "json_schema":
-                cg = self.compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+                cg = self.compiler.compile_json_schema(_backend_schema(spec.value), any_whitespace=False,
+                                                       strict_mode=True)
             elif spec.kind == "json_object":
                 cg = self.compiler.compile_json_schema('{"type":"object"}', any_whitespace=False)
             elif spec.kind == "regex":

@@ -151,3 +151,15 @@ def test_proto_round_trip():
     back = SamplingParams.from_proto(p.to_proto())
     assert back.grammar == p.grammar and back == p
     assert SamplingParams.from_proto(SamplingParams().to_proto()).grammar is None
+
+
+def test_bounded_strings_stay_valid_json(tok, rt):
+    """xgrammar 0.2.9 lets raw control characters into strings with maxLength: the schema given
+    to it spells the bound as a pattern instead, so they stay out (and the bound holds)."""
+    spec = grammar_for_json_schema({"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}},
+                                    "required": ["s"]})
+    head = tok.encode('{"s": "', add_special_tokens=False)
+    allowed = rt.allowed(spec, head)
+    assert allowed and not any(any(ord(ch) < 0x20 for ch in tok.decode([t])) for t in allowed)
+    three = tok.encode('{"s": "abc', add_special_tokens=False)
+    assert all(tok.decode([t]).startswith('"') for t in rt.allowed(spec, three))   # 3 chars: close it
