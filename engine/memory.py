@@ -17,6 +17,7 @@ one budget without racing.
                                 (cuBLAS workspaces, kernel images)
          - graph_reserve        decode CUDA graphs: one private pool, see below
          - staging_reserve      KV-transfer buffers on the device, see below
+         - sampling_reserve     sampling features (penalties, logprobs), see below
 
 ModelRunner (engine/runner.py) measures the terms on CUDA and calls `kv_budget`.
 """
@@ -42,12 +43,13 @@ class MemoryProfile:
     non_torch: int = 0
     graph_reserve: int = 0
     staging_reserve: int = 0
+    sampling_reserve: int = 0
 
     @property
     def non_kv(self) -> int:
         """This worker's own bytes besides the KV pool."""
         return (self.weights + self.activation_peak + self.non_torch + self.graph_reserve
-                + self.staging_reserve)
+                + self.staging_reserve + self.sampling_reserve)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class KVBudget:
         return (f"GPU memory: {g(p.total)} GiB x util {self.utilization:.3f} = {g(self.target)} GiB; "
                 f"in use at start {g(p.in_use_at_start)}, weights {g(p.weights)}, "
                 f"activations peak {g(p.activation_peak)}, non-torch {g(p.non_torch)}, "
-                f"CUDA graphs reserve {g(p.graph_reserve)}, transfer staging {g(p.staging_reserve)} "
+                f"CUDA graphs reserve {g(p.graph_reserve)}, transfer staging {g(p.staging_reserve)}, "
+                f"sampling features {g(p.sampling_reserve)} "
                 f"-> KV {g(self.kv_bytes)} GiB ({self.num_pages} pages of {self.bytes_per_page / (1 << 20):.2f} MiB)")
 
 
@@ -115,6 +118,18 @@ def graph_reserve_bytes(buckets: Sequence[int], vocab_size: int, decode_forward_
     outputs = sum(buckets) * vocab_size * 4
     static = b * (3 * 8 + 3 * 4) + b * max_pages_per_seq * 4
     return decode_forward_peak + outputs + static
+
+
+def sampling_reserve_bytes(vocab_size: int, max_rows: int) -> int:
+    """What the sampling features (engine/penalties.py, engine/logprobs.py) can hold beyond the
+    profiled plain sampling: the penalty table at the capacity `max_rows` requests make it grow
+    to (it doubles from 8: int32 counts + a bool prompt mask per row and vocabulary entry), plus
+    two float32 [max_rows, vocab] temporaries of the feature path (the processed logits and
+    their log-softmax for logprobs)."""
+    cap = 8
+    while cap < max_rows:
+        cap *= 2
+    return cap * vocab_size * (4 + 1) + 2 * max_rows * vocab_size * 4
 
 
 def staging_reserve_bytes(role: str, kv_transfer_backend: str, batch_kv_bytes: int) -> int:

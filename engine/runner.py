@@ -29,7 +29,7 @@ from engine.errors import EngineStartupError, ResourceExhaustedError, classify_s
 from engine.kv_cache import KVCache
 from engine.layer_ops import get_layer_ops
 from engine.memory import (GiB, InsufficientMemoryError, KVBudget, MemoryProfile, graph_reserve_bytes, kv_budget,
-                           staging_reserve_bytes)
+                           sampling_reserve_bytes, staging_reserve_bytes)
 from engine.memory_profile import profile_shapes
 from engine.model import TORCH_OPS
 from engine.weights import load_model, resolve_dtype, resolve_model_path
@@ -116,7 +116,8 @@ class ModelRunner:
         profile = MemoryProfile(
             total=total, in_use_at_start=in_use_at_start, weights=weights, activation_peak=peaks.activations,
             non_torch=non_torch, graph_reserve=graphs,
-            staging_reserve=staging_reserve_bytes(cfg.role, cfg.kv_transfer_backend, batch_pages * per_page))
+            staging_reserve=staging_reserve_bytes(cfg.role, cfg.kv_transfer_backend, batch_pages * per_page),
+            sampling_reserve=sampling_reserve_bytes(mc.vocab_size, cfg.max_num_seqs))
         try:
             return kv_budget(profile, cfg.gpu_memory_utilization, per_page)
         except InsufficientMemoryError as exc:

@@ -5,7 +5,7 @@ import pytest
 
 from engine.cuda_graphs import graph_buckets
 from engine.memory import (GiB, InsufficientMemoryError, MemoryProfile, graph_reserve_bytes, kv_budget,
-                           staging_reserve_bytes)
+                           sampling_reserve_bytes, staging_reserve_bytes)
 from engine.memory_profile import profile_shapes
 from tandem_cli.gpu_share import plan_starts
 
@@ -64,6 +64,18 @@ def test_kv_budget_arithmetic_exactly():
                       graph_reserve=20, staging_reserve=20)
     b = kv_budget(p, 0.9, 7)       # 900 - 100 - 300 = 500 -> 71 pages of 7
     assert (b.num_pages, b.kv_bytes, b.footprint, b.target) == (71, 497, 797, 900)
+
+
+def test_sampling_features_reserve():
+    """The penalty table grows by doubling from 8 rows: at 256 requests it holds 256 rows (int32 +
+    bool per token), at 300 it has grown to 512; plus two float32 [rows, vocab] temporaries."""
+    V = 128256
+    assert sampling_reserve_bytes(V, 256) == 256 * V * 5 + 2 * 256 * V * 4       # ~420 MB on Llama-3
+    assert sampling_reserve_bytes(V, 300) == 512 * V * 5 + 2 * 300 * V * 4
+    assert sampling_reserve_bytes(V, 1) == 8 * V * 5 + 2 * V * 4
+    p = MemoryProfile(total=1000, in_use_at_start=100, weights=200, activation_peak=50, sampling_reserve=70)
+    assert p.non_kv == 320 and kv_budget(p, 0.9, 7).num_pages == (900 - 100 - 320) // 7
+    assert "sampling features" in kv_budget(p, 0.9, 7).describe()
 
 
 def test_staging_and_graph_reserves():
