@@ -8,7 +8,9 @@ Lifecycle of one request:
   4. a text prompt that cannot fit max_model_len even at its fewest possible tokens -> 400
      before any tokenizer work; tokenize (prompt text or chat template; long texts on a
      worker thread, `router/tokenize.py`) and check token ids against the vocabulary and
-     prompt + max_tokens against max_model_len (the smallest the workers report) -> 400
+     prompt + max_tokens against max_model_len (the smallest the workers report) -> 400.
+     Chat `tools`: router/tools.py plans them first (tool_choice; 400s), the template gets
+     them, and "required" / named constrain every job to the call schema
   5. a `generation.Work` of one `Job` per prompt (a completions batch has several, each its
      own cluster request) run by router/generation.py: the JSON answer, or the SSE stream
      (the first worker message of every job is awaited before the 200, so an unreachable

@@ -9,7 +9,8 @@ against the tool's parameters; content null; finish_reason "tool_calls"), sync, 
 streamed (the first delta of a call carries id/type/name and arguments "", later ones only
 argument fragments; they add up to the non-streamed answer of the same greedy request).
 "auto": the tools reach the template (prompt tokens = the template rendered with them) and
-the free answer comes back as content. History with assistant tool_calls and tool messages is
+the free answer comes back as content; an answer in the Hermes format (forced with
+guided_regex) comes back as content + tool_calls. Colocated and P+D. History with assistant tool_calls and tool messages is
 rendered as the template does it. LangChain: bind_tools gets an AIMessage with tool_calls;
 with_structured_output(PydanticModel) returns a parsed object, through tools
 (method="function_calling") and through response_format json_schema (its default).
@@ -58,14 +59,14 @@ PARAMS = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris for the next three days?"}]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["colocated", "pd"])
+def setup(request, tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("tools") / "model", arch="qwen2", seed=5,
                                 max_position_embeddings=2048)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.chat_template = TOOLS_TEMPLATE
     tok.save_pretrained(str(model_dir))
-    with Cluster(model_dir, colocated=True, num_pages=512, page_size=16) as cluster:
+    with Cluster(model_dir, colocated=request.param == "colocated", num_pages=512, page_size=16) as cluster:
         yield cluster, OpenAI(base_url=cluster.base_url, api_key="x", max_retries=0), tok
 
 
@@ -156,6 +157,43 @@ def test_auto_renders_tools_and_history(setup):
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0.0)
     assert none.usage.prompt_tokens > plain.usage.prompt_tokens      # the tools are in the prompt
     assert none.choices[0].message.tool_calls is None
+
+
+AUTO_ANSWER = ('Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+               '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>')
+
+
+def _regex(text: str) -> str:
+    return "".join("\\" + c if c in r"\.^$*+?()[]{}|" else c for c in text)
+
+
+def test_auto_parses_hermes_calls_from_free_output(setup):
+    """A Hermes answer with text and two calls (forced with guided_regex: a random model would
+    not write one) comes back as content + two tool_calls, streamed and not."""
+    _, client, _ = setup
+    kw = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=200, temperature=0.0,
+              extra_body={"guided_regex": _regex(AUTO_ANSWER)})
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check.\n"
+    calls = choice.message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time", "get_weather"]
+    assert [_check_call(c) for c in calls] == [{"zone": "CET"}, {"city": "Oslo", "days": 2}]
+    assert len({c.id for c in calls}) == 2
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "Let me check.\n"
+    got: dict[int, dict] = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if tc.index not in got:
+                assert tc.id.startswith("call_") and tc.function.name and tc.function.arguments == ""
+                got[tc.index] = {"name": tc.function.name, "arguments": ""}
+            else:
+                assert tc.id is None and tc.function.name is None
+                got[tc.index]["arguments"] += tc.function.arguments
+    assert [got[i] for i in sorted(got)] == [{"name": c.function.name, "arguments": c.function.arguments}
+                                             for c in calls]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 
 def test_tool_errors_are_openai_400s(setup):
