@@ -179,7 +179,11 @@ def test_auto_parses_hermes_calls_from_free_output(setup):
     assert [c.function.name for c in calls] == ["get_time", "get_weather"]
     assert [_check_call(c) for c in calls] == [{"zone": "CET"}, {"city": "Oslo", "days": 2}]
     assert len({c.id for c in calls}) == 2
-    chunks = list(client.chat.completions.create(**kw, stream=True))
+    chunks = list(client.chat.completions.create(**kw, stream=True, logprobs=True,
+                                                 stream_options={"include_usage": True}))
+    # every token's logprob arrives once, also those of text the parser held back
+    entries = sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs)
+    assert entries == chunks[-1].usage.completion_tokens
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == "Let me check.\n"
     got: dict[int, dict] = {}
