@@ -36,8 +36,9 @@ Formats:
                a call are dropped).
   llama3_json  an answer that starts (after whitespace and an optional <|python_tag|>) with
                `{` is one or more calls {"name": N, "parameters"|"arguments": {...}} joined
-               by `;` (text after the calls is dropped); any other answer is content. The constrained output of "required" /
-               named tool_choice is read with this parser whatever the model family.
+               by `;` (text after the calls is dropped); any other answer is content. The
+               constrained output of "required" / named tool_choice is read with this parser
+               whatever the model family.
 """
 from __future__ import annotations
 

@@ -195,7 +195,8 @@ def test_request_shapes():
     history = [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     req = parse_request(ChatCompletionRequest, _chat(messages=history, tools=[WEATHER]))
@@ -211,7 +212,8 @@ def test_request_shapes():
     (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
     (dict(messages=[{"role": "user", "content": "x", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), "messages.0"),
-    (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]), "messages.0.tool_calls.0.function"),
+    (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]),
+     "messages.0.tool_calls.0.function"),
     (dict(functions=[{"name": "f"}]), "functions"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_parameter(body, param):

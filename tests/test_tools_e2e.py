@@ -1,17 +1,17 @@
-"""Tool calling end to end with the official openai client and LangChain's ChatOpenAI, on a
-real CPU cluster (tests/cluster.py) whose tiny model has a Hermes-style chat template that
-takes `tools` (the template `TOOLS_TEMPLATE` below, Qwen's layout in small).
+"""Tool calling end to end with the official openai client and LangChain's ChatOpenAI, on a real
+CPU cluster (tests/cluster.py) whose tiny model has a Hermes-style chat template that takes
+`tools` (the template `TOOLS_TEMPLATE` below, Qwen's layout in small).
 
 tool_choice "required" / named constrain the output to a call (router/tools.py ->
 engine/grammar.py), so even a random model answers with a valid call: checked field by field
-against OpenAI's shapes (id, type, function.name, arguments a JSON string that validates
-against the tool's parameters; content null; finish_reason "tool_calls"), sync, async and
-streamed (the first delta of a call carries id/type/name and arguments "", later ones only
-argument fragments; they add up to the non-streamed answer of the same greedy request).
-"auto": the tools reach the template (prompt tokens = the template rendered with them) and
-the free answer comes back as content; an answer in the Hermes format (forced with
-guided_regex) comes back as content + tool_calls. Colocated and P+D. History with assistant tool_calls and tool messages is
-rendered as the template does it. LangChain: bind_tools gets an AIMessage with tool_calls;
+against OpenAI's shapes (id, type, function.name, arguments a JSON string that validates against
+the tool's parameters; content null; finish_reason "tool_calls"), sync, async and streamed (the
+first delta of a call carries id/type/name and arguments "", later ones only argument fragments;
+they add up to the non-streamed answer of the same greedy request). "auto": the tools reach the
+template (prompt tokens = the template rendered with them) and the free answer comes back as
+content; an answer in the Hermes format (forced with guided_regex) comes back as content +
+tool_calls. Colocated and P+D. History with assistant tool_calls and tool messages is rendered
+as the template does it. LangChain: bind_tools gets an AIMessage with tool_calls;
 with_structured_output(PydanticModel) returns a parsed object, through tools
 (method="function_calling") and through response_format json_schema (its default).
 """
