@@ -57,7 +57,8 @@ from router.logprobs import LogprobFormatter
 from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
 from router.fanout import all_or_none, merge
 from router.sse import SSEResponse, _unless_disconnected, sse_event
-from router.tools import ToolPlan, ToolStream
+from router.tool_parsers import ToolStream
+from router.tools import ToolPlan
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import pytest
 
 from router.errors import OpenAIError
 from router.protocol import ChatCompletionRequest, parse_request
-from router.tools import (HermesParser, Llama3JsonParser, ToolDef, ToolStream, call_schema, collect,
-                          parser_for_template, plan_tools)
+from router.tool_parsers import HermesParser, Llama3JsonParser, ToolStream, collect
+from router.tools import ToolDef, call_schema, parser_for_template, plan_tools
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
