@@ -24,7 +24,7 @@ Lifecycle of a chat request with `tools` (router/protocol.py validates the shape
      take them); assistant tool calls and tool-role messages of the history go to the
      template too (arguments as a dict, as vLLM hands them).
   3. router/generation.py feeds the answer's text, as it comes, to `plan.parser()`, a
-     `ToolCallParser`: `feed(text)` / `finish()` return `Event`s: content text, the start of a
+     `ToolCallParser` (router/tool_parsers.py): `feed(text)` / `finish()` return `Event`s: content text, the start of a
      call (id "call_<random>", function name), fragments of its arguments (the model's own
      JSON text, so the fragments of a stream concatenate to the non-streamed arguments).
      A JSON answer collects the events with `collect`; a stream sends each as an OpenAI
