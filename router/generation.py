@@ -158,6 +158,7 @@ class Generation:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.fmt = LogprobFormatter(tokenizer)
+        self._warned_malformed = False
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -253,6 +254,16 @@ class Generation:
             entries, ids, offsets = echo.entries + entries, echo.token_ids + ids, echo.offsets + offsets
         return self.fmt.completion(entries, ids, offsets, text_len)
 
+    def _note_malformed(self, work: Work, parser: Any) -> None:
+        """A tool call that broke off mid-way: counted, and logged the first time."""
+        if getattr(parser, "malformed", False):
+            self.metrics.tool_calls_malformed.inc()
+            if not self._warned_malformed:
+                self._warned_malformed = True
+                log.warning("request %s: a tool call in the model's answer broke off after its name; the rest "
+                            "was dropped (counted in tandem_router_tool_calls_malformed_total; logged once)",
+                            work.request_id)
+
     # ---- one JSON answer ---------------------------------------------------------------
 
     async def complete(self, request: Request, work: Work) -> Response:
@@ -282,6 +293,7 @@ class Generation:
                 parser = work.tools.parser() if work.tools is not None else None
                 if parser is not None:
                     message["content"], calls = parser.parse(text)
+                    self._note_malformed(work, parser)
                     if calls:
                         message["tool_calls"] = calls
                         finish = "tool_calls" if finish == "stop" else finish
@@ -355,6 +367,7 @@ class Generation:
             out = [chunk(runs[i].job.index, None, None, logprobs=lp if k == len(deltas) - 1 else None, d=d)
                    for k, d in enumerate(deltas)]
             if piece.finish:
+                self._note_malformed(work, ts.parser)
                 finish = "tool_calls" if ts.calls and piece.finish == "stop" else piece.finish
                 out.append(chunk(runs[i].job.index, None, finish, d={}))
             return out

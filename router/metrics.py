@@ -83,6 +83,10 @@ class RouterMetrics:
         self.stream_errors = Counter("tandem_router_stream_errors",
                                      "Streams that ended with an error event after their 200, by code.",
                                      ["code"], registry=r)
+        self.tool_calls_malformed = Counter("tandem_router_tool_calls_malformed",
+                                            "Tool calls in a model's answer that broke off after their "
+                                            "function name was read (the rest of the call was dropped).",
+                                            registry=r)
         self.ignored_fields = Counter("tandem_router_ignored_fields",
                                       "Request fields the router did not know and ignored, by field name "
                                       "(names past the first 64 seen count as \"other\").",

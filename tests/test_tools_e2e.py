@@ -200,6 +200,33 @@ def test_auto_parses_hermes_calls_from_free_output(setup):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 
+def _router_metric(cluster, name: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(httpx.get(cluster.metrics_urls["router"], timeout=10).text):
+        for smp in fam.samples:
+            if smp.name == name:
+                return smp.value
+    raise AssertionError(f"{name} not on the router's /metrics")
+
+
+def test_a_call_that_breaks_off_is_counted(setup):
+    """An answer whose call stops inside its arguments (forced with guided_regex) comes back as the
+    call as far as it got (a stream has sent its name already; the JSON answer says the same), and
+    counts in tandem_router_tool_calls_malformed_total, streamed and not."""
+    cluster, client, _ = setup
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": '
+    kw = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=100, temperature=0.0,
+              extra_body={"guided_regex": _regex(broken)})
+    name = "tandem_router_tool_calls_malformed_total"
+    before = _router_metric(cluster, name)
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]   # as far as it got
+    list(client.chat.completions.create(**kw, stream=True))
+    assert _router_metric(cluster, name) - before == 2
+
+
 def test_tool_errors_are_openai_400s(setup):
     _, client, _ = setup
     import openai
