@@ -74,7 +74,8 @@ def grammar_for_json_schema(schema: dict | str | bool, *, strict: bool = True) -
             raise GrammarError(f"the schema is not JSON: {exc}") from None
     if not isinstance(schema, (dict, bool)):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return GrammarSpec("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    # compact, key order kept: the output's properties come in the schema's order
+    return GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")))
 
 
 def grammar_for_json_object() -> GrammarSpec:

@@ -227,3 +227,19 @@ def test_200_random_schemas(cluster):
         except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
             bad.append((json.dumps(schema), text, str(exc)[:200]))
     assert not bad, f"{len(bad)} of 200 failed, e.g. {bad[:3]}"
+
+
+def test_worker_refuses_an_uncompilable_grammar(cluster):
+    """Called directly (past the router), the decode worker fails the request INVALID_ARGUMENT."""
+    import grpc
+    from engine.sampling_params import SamplingParams
+    from proto import tandem_pb2 as pb
+    from proto import tandem_pb2_grpc as pbg
+    sp = SamplingParams(max_tokens=4).to_proto()
+    sp.grammar.CopyFrom(pb.Grammar(kind="regex", value="a(b"))
+    req = pb.GenerateRequest(request_id="bad-grammar", prompt_token_ids=[5, 6, 7], sampling=sp,
+                             prefill_address="" if cluster.colocated else cluster.prefill_addr)
+    with cluster.channel(cluster.decode_addr) as ch:
+        with pytest.raises(grpc.RpcError) as exc:
+            list(pbg.DecodeStub(ch).Generate(req, timeout=60))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "compile" in exc.value.details()

@@ -163,3 +163,69 @@ def test_bounded_strings_stay_valid_json(tok, rt):
     assert allowed and not any(any(ord(ch) < 0x20 for ch in tok.decode([t])) for t in allowed)
     three = tok.encode('{"s": "abc', add_special_tokens=False)
     assert all(tok.decode([t]).startswith('"') for t in rt.allowed(spec, three))   # 3 chars: close it
+
+
+class _Sink:
+    def __init__(self):
+        self.tokens, self.finish = [], None
+
+    def on_reserved(self, pages):
+        raise AssertionError("local seqs reserve nothing")
+
+    def on_output(self, out):
+        self.tokens += out.tokens
+        self.finish = out.finish
+
+
+@pytest.mark.parametrize("tight", [None, 14], ids=["roomy", "preempting"])
+def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
+    """Hand-stepped decode engine (CPU): grammar rows beside free rows, mixed batches, and with
+    a pool small enough that running seqs are preempted and recomputed (their outputs replayed
+    into the matcher); every grammar output is complete and valid, finished by EOS ("stop")."""
+    import jsonschema
+
+    from decode_worker.main import make_decode_engine
+    from engine.config import EngineConfig
+    from engine.sequence import FinishReason, Sequence
+    from engine.tiny_models import make_tiny_model
+    from test_colocated_prefix_cache import _DirectLoop
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", seed=2)
+    pages = dict(page_size=4, num_pages=tight) if tight else dict(page_size=16, num_pages=64)
+    engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", max_num_seqs=8,
+                                             **pages), _DirectLoop())
+    small = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"enum": ["x", "y"]}}, "required": ["a", "b"]}
+    specs = [grammar_for_json_schema(small), grammar_for_regex(r"[a-c]{3}"), None,
+             grammar_for_choice(["left", "right"]), grammar_for_json_schema(small), None]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=40, grammar=g,
+                             ignore_eos=g is None) for i, g in enumerate(specs)]
+    prompts = [[5 + i, 9, 12, 40 + i, 7, 8][: 3 + i] for i in range(len(specs))]
+    sinks = [_Sink() for _ in specs]
+    for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
+        engine.submit(Sequence(f"g{i}", list(p), sp), sink)
+        if i == 2:      # later ones join running seqs: mixed passes
+            engine._drain(block=False)
+            engine.step()
+    engine._drain(block=False)
+    while engine.has_work():
+        engine.step()
+        engine.flush()
+    assert (engine.counters.preemptions > 0) == bool(tight)
+    assert engine.counters.grammar_sync_steps > 0
+    tok = engine.sampler.grammar_runtime().info
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    for g, sink in zip(specs, sinks):
+        if g is None:
+            assert len(sink.tokens) == 40
+            continue
+        assert sink.finish == FinishReason.STOP and sink.tokens[-1] == hf_tok.eos_token_id, sink.tokens
+        text = hf_tok.decode(sink.tokens[:-1])
+        if g.kind == "json_schema":
+            jsonschema.validate(json.loads(text), small)
+        elif g.kind == "regex":
+            assert len(text) == 3 and set(text) <= set("abc"), text
+        else:
+            assert text in ("left", "right")
+    assert not engine.sampler.grammar_runtime()._rows and tok is not None    # every matcher released
