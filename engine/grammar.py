@@ -21,7 +21,9 @@ Lifecycle:
      work overlaps the pass. EOS is in the mask only where the grammar may end.
   4. `release(request_id)` when the request ends (Sampler.release does it).
 
-JSON grammars are compact (no free whitespace), so a random model reaches the end.
+JSON grammars are compact (no free whitespace), so a random model reaches the end; their
+masks also drop every token holding a raw control byte (never valid in compact JSON; xgrammar
+0.2.9 lets them into strings with min/maxLength).
 """
 from __future__ import annotations
 
@@ -101,27 +103,6 @@ def _choice_regex(value: str) -> str:
     return "(" + "|".join(alts) + ")"
 
 
-def _string_lengths_as_patterns(node):
-    """The schema with each string's minLength/maxLength (and no pattern/format) rewritten as
-    an equal-length pattern over the characters JSON allows unescaped: xgrammar 0.2.9 turns
-    length bounds into a class that lets raw control characters (invalid JSON) through."""
-    if isinstance(node, list):
-        return [_string_lengths_as_patterns(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _string_lengths_as_patterns(v) for k, v in node.items()}
-    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
-            and "pattern" not in out and "format" not in out
-            and isinstance(out.get("minLength", 0), int) and isinstance(out.get("maxLength", 0), int)):
-        lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
-        out["pattern"] = "^[ -!#-\\[\\]-\\U0010FFFF]{%d,%s}$" % (lo, "" if hi is None else hi)
-    return out
-
-
-def _backend_schema(value: str) -> str:
-    return json.dumps(_string_lengths_as_patterns(json.loads(value)))
-
-
 def _backend():
     import xgrammar
     return xgrammar
@@ -133,7 +114,7 @@ def check_grammar(spec: GrammarSpec) -> None:
     xgr = _backend()
     try:
         if spec.kind == "json_schema":
-            xgr.Grammar.from_json_schema(_backend_schema(spec.value), any_whitespace=False, strict_mode=True)
+            xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
         elif spec.kind == "regex":
             xgr.Grammar.from_regex(spec.value)
         elif spec.kind == "choice":
@@ -179,6 +160,15 @@ class GrammarRuntime:
         self._rows: dict[str, _Row] = {}
         self.counters = GrammarCounters()
         self._warned = False
+        # Compact JSON never holds a raw byte below 0x20 (escaped inside strings, no whitespace
+        # outside), but xgrammar 0.2.9's strings with min/maxLength let them through: JSON rows'
+        # masks are ANDed with this row of every token free of such bytes (stop tokens kept).
+        ok = [not any(b < 0x20 for b in tok_bytes) for tok_bytes in self.info.decoded_vocab[:vocab_size]]
+        ok += [False] * (vocab_size - len(ok))
+        for t in self.stop_token_ids:
+            ok[t] = True
+        self.json_ok = _pack_bits(ok, self.words)
+        self._json_ok_set = {t for t, v in enumerate(ok) if v}
 
     def compile(self, spec: GrammarSpec):
         cg = self._compiled.get(spec)
@@ -188,8 +178,7 @@ class GrammarRuntime:
         t = time.perf_counter()
         try:
             if spec.kind == "json_schema":
-                cg = self.compiler.compile_json_schema(_backend_schema(spec.value), any_whitespace=False,
-                                                       strict_mode=True)
+                cg = self.compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
             elif spec.kind == "json_object":
                 cg = self.compiler.compile_json_schema('{"type":"object"}', any_whitespace=False)
             elif spec.kind == "regex":
@@ -246,6 +235,8 @@ class GrammarRuntime:
                     bitmask[j, s // 32] |= _bit(s % 32)
             else:
                 row.matcher.fill_next_token_bitmask(bitmask, j)
+                if spec.kind in _JSON_KINDS:
+                    bitmask[j] &= self.json_ok
         self.counters.mask_rows += len(specs)
         self.counters.mask_seconds += time.perf_counter() - t
 
@@ -258,7 +249,20 @@ class GrammarRuntime:
         if m.is_terminated():
             return set(self.stop_token_ids)
         never = set(self.info.special_token_ids) - set(self.stop_token_ids)   # ids no grammar emits
-        return {t for t in range(self.vocab_size) if t not in never and _reference_allows(m, t)}
+        out = {t for t in range(self.vocab_size) if t not in never and _reference_allows(m, t)}
+        return out & self._json_ok_set if spec.kind in _JSON_KINDS else out
+
+
+_JSON_KINDS = ("json_schema", "json_object")
+
+
+def _pack_bits(flags: Sequence[bool], words: int) -> torch.Tensor:
+    """int32 [words] with bit t%32 of word t//32 set where flags[t] (xgrammar's bitmask layout)."""
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[: len(flags)] = torch.tensor(flags, dtype=torch.int64)
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    packed = (bits.view(words, 32) * weights).sum(dim=1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def _bit(i: int) -> int:

@@ -154,15 +154,24 @@ def test_proto_round_trip():
 
 
 def test_bounded_strings_stay_valid_json(tok, rt):
-    """xgrammar 0.2.9 lets raw control characters into strings with maxLength: the schema given
-    to it spells the bound as a pattern instead, so they stay out (and the bound holds)."""
+    """xgrammar 0.2.9 lets raw control characters into strings with maxLength (invalid JSON):
+    the filled mask of a JSON row drops every token holding one, and the bound still holds."""
     spec = grammar_for_json_schema({"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}},
                                     "required": ["s"]})
-    head = tok.encode('{"s": "', add_special_tokens=False)
-    allowed = rt.allowed(spec, head)
-    assert allowed and not any(any(ord(ch) < 0x20 for ch in tok.decode([t])) for t in allowed)
-    three = tok.encode('{"s": "abc', add_special_tokens=False)
-    assert all(tok.decode([t]).startswith('"') for t in rt.allowed(spec, three))   # 3 chars: close it
+
+    def mask_after(text):
+        src = Src("b", prompt=[1]) 
+        src.output_token_ids = tok.encode(text, add_special_tokens=False)
+        bm = torch.empty(1, rt.words, dtype=torch.int32)
+        rt.fill([spec], [src], bm)
+        rt.release("b")
+        allowed = apply_bitmask(torch.zeros(1, rt.vocab_size), [0], bm)[0] > -math.inf
+        return set(torch.nonzero(allowed).flatten().tolist())
+
+    inside = mask_after('{"s": "')
+    assert inside and not any(any(ord(ch) < 0x20 for ch in tok.decode([t])) for t in inside)
+    assert any(tok.decode([t]) == "\x01" for t in range(len(tok)))      # the vocab has such tokens
+    assert all(tok.decode([t]).startswith('"') for t in mask_after('{"s": "abc'))   # 3 chars: close it
 
 
 class _Sink:
