@@ -6,7 +6,7 @@ Lifecycle of a request body:
      (never a 422). Unknown top-level (and stream_options) fields are accepted and
      ignored, as vLLM does: `unknown_fields(req)` names them and the server warns once
      per name and counts them (router/ignored.py). Fields that would change the output
-     and that Tandem does not do (guided decoding, ...) are not "unknown": they
+     and that Tandem does not do (guided_grammar, min_tokens, ...) are not "unknown": they
      are 400s naming the parameter (`_UNSUPPORTED`).
   2. The server resolves `model`, tokenizes (`prompt` / chat template) and
      checks lengths and token ids against the tokenizer and max_model_len,
@@ -24,7 +24,10 @@ by the server), completions `logprobs` 0..20 and `echo`, chat `logprobs` + `top_
 highest cumulative logprob; not streamed unless equal to n): the server runs each sample as
 its own cluster request (`num_samples()`). Chat `tools` / `tool_choice` (function tools;
 router/tools.py plans them), assistant `tool_calls` and tool-role `tool_call_id` in the history.
-suffix and completions tools are rejected with 400. Accepted and ignored (OpenAI fields with
+Structured output (router/structured.py; one constraint per request, compiled at validation so
+a bad one is a 400 naming its parameter): response_format json_object / json_schema, vLLM's
+guided_json / guided_regex / guided_choice and structured_outputs {json, regex, choice,
+json_object}. suffix and completions tools are rejected with 400. Accepted and ignored (OpenAI fields with
 no effect here): metadata, store, service_tier, parallel_tool_calls, user.
 """
 from __future__ import annotations
