@@ -246,3 +246,20 @@ def test_worker_refuses_an_uncompilable_grammar(cluster):
         with pytest.raises(grpc.RpcError) as exc:
             list(pbg.DecodeStub(ch).Generate(req, timeout=60))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "compile" in exc.value.details()
+
+
+def test_langchain_with_structured_output(cluster):
+    """LangChain's ChatOpenAI.with_structured_output(PydanticModel) (json_schema by default) gets
+    a parsed object back."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=99)
+        likes: list[bool] = Field(max_length=2)
+
+    llm = ChatOpenAI(model="tiny", base_url=cluster.base_url, api_key="unused", max_tokens=MAX_TOKENS,
+                     temperature=0.7, seed=3, max_retries=0)
+    got = llm.with_structured_output(Person).invoke("describe a person")
+    assert isinstance(got, Person) and 0 <= got.age <= 99 and len(got.name) <= 8
