@@ -219,16 +219,21 @@ class GrammarRuntime:
                 raise RuntimeError(f"request {src.request_id!r}: a grammar row's last token is still on "
                                    "the device (the engine must read it first)")
             row = self._row(src.request_id, spec)
-            hist = self.history(src)
-            for tok in hist[row.seen:]:
-                if not row.broken and not row.matcher.accept_token(tok):
+            off, outs = getattr(src, "output_offset", 0), src.output_token_ids
+            total = off + len(outs)
+            # only what this matcher has not seen (no copy of the whole output each step)
+            new = outs[row.seen - off:] if row.seen >= off else self.history(src)[row.seen:]
+            for tok in new:
+                if row.broken or row.matcher.is_terminated():
+                    break       # ended (e.g. ignore_eos keeps going past EOS): stop tokens only
+                if not row.matcher.accept_token(tok):
                     row.broken = True
                     self.counters.rejected_tokens += 1
                     if not self._warned:
                         self._warned = True
                         log.error("request %s: its grammar refused replayed token %d; it may only end now "
                                   "(logged once; GrammarCounters.rejected_tokens)", src.request_id, tok)
-            row.seen = len(hist)
+            row.seen = total
             if row.broken or row.matcher.is_terminated():
                 bitmask[j].zero_()
                 for s in self.stop_token_ids:

@@ -238,3 +238,20 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
         else:
             assert text in ("left", "right")
     assert not engine.sampler.grammar_runtime()._rows and tok is not None    # every matcher released
+
+
+def test_a_finished_grammar_allows_only_stop_tokens(tok, rt):
+    """ignore_eos keeps a row going after its grammar ended: stop tokens only, nothing refused."""
+    spec = grammar_for_choice(["ab"])
+    src = Src("t")
+    src.output_token_ids = tok.encode("ab", add_special_tokens=False) + [tok.eos_token_id] * 3
+    before = rt.counters.rejected_tokens
+    bm = torch.empty(1, rt.words, dtype=torch.int32)
+    for n in range(len(src.output_token_ids) - 2, len(src.output_token_ids) + 1):   # step by step
+        src_n = Src("t")
+        src_n.output_token_ids = src.output_token_ids[:n]
+        rt.fill([spec], [src_n], bm)
+    allowed = apply_bitmask(torch.zeros(1, rt.vocab_size), [0], bm)[0] > -math.inf
+    assert set(torch.nonzero(allowed).flatten().tolist()) == {tok.eos_token_id}
+    assert rt.counters.rejected_tokens == before
+    rt.release("t")
