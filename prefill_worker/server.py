@@ -104,12 +104,18 @@ class PrefillServicer(pbg.PrefillServicer):
             return f"duplicate request id {request.request_id!r}"
         try:
             params = SamplingParams.from_proto(request.sampling)
-            if params.grammar is not None:   # against this vocabulary (cached per grammar)
-                self.engine.sampler.grammar_runtime().compile(params.grammar)
         except ValueError as exc:
             return str(exc)
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             return f"logit_bias token id outside [0, {vocab})"
+        return ""
+
+    def _grammar_problem(self, request: pb.PrefillRequest) -> str:
+        from engine.grammar import GrammarError, GrammarSpec
+        try:
+            self.engine.sampler.grammar_runtime().compile(GrammarSpec.from_proto(request.sampling.grammar))
+        except GrammarError as exc:
+            return str(exc)
         return ""
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -120,6 +126,10 @@ class PrefillServicer(pbg.PrefillServicer):
         prompt = list(request.prompt_token_ids)
         runner = self.engine.runner
         problem = self._invalid(request)
+        if not problem and request.sampling.grammar.kind:
+            # compiled against this vocabulary (cached per grammar) off the event loop: the
+            # first one also loads the tokenizer
+            problem = await asyncio.get_running_loop().run_in_executor(None, self._grammar_problem, request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.dst.page_size != runner.page_size:

@@ -246,6 +246,22 @@ def test_worker_refuses_an_uncompilable_grammar(cluster):
         with pytest.raises(grpc.RpcError) as exc:
             list(pbg.DecodeStub(ch).Generate(req, timeout=60))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "compile" in exc.value.details()
+    if cluster.colocated:
+        return
+    good = SamplingParams(max_tokens=4).to_proto()
+    good.grammar.CopyFrom(pb.Grammar(kind="regex", value="[ab]+"))
+    for sampling, code in ((sp, grpc.StatusCode.INVALID_ARGUMENT), (good, None)):
+        with cluster.channel(cluster.prefill_addr) as ch:     # the prefill worker checks it too
+            try:
+                pbg.PrefillStub(ch).Prefill(pb.PrefillRequest(request_id="p-grammar", prompt_token_ids=[5, 6, 7],
+                                                              sampling=sampling), timeout=60)
+                got = None
+            except grpc.RpcError as e:
+                got = e
+        if code is not None:
+            assert got is not None and got.code() == code and "compile" in got.details()
+        else:   # compiles: refused (if at all) for its missing destination, not for the grammar
+            assert got is None or "compile" not in got.details()
 
 
 def test_langchain_with_structured_output(cluster):
