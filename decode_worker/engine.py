@@ -53,13 +53,15 @@ requests never take a prefix-cache match), from that pass's hidden states, and l
 its first token. In P+D they come from the prefill worker (`kv_ready`).
 
 Structured output (SamplingParams.grammar, engine/grammar.py): `submit` compiles the grammar
-against the vocabulary (INVALID_ARGUMENT if it does not); the sampler, called right after a
-pass is queued, replays each grammar row's outputs into its matcher (the prefill worker's
-first token, outputs recomputed after preemption, a migrated request's earlier outputs) and
-masks its logits, so the host's mask work overlaps the device's forward. A grammar row needs
-its previous token on the host, so a step with grammar rows is not pipelined (async
-scheduling waits for it: `counters.grammar_sync_steps`, logged once); steps without grammar
-rows are unchanged. Penalty state
+against the vocabulary (INVALID_ARGUMENT if it does not; on this thread: a new grammar
+stalls the step by its compile time, once). The sampler, called after a pass's forward is
+queued, replays each grammar row's outputs into its matcher (the prefill worker's first
+token, outputs recomputed after preemption, a migrated request's earlier outputs) and masks
+its logits. A mask needs the row's previous token on the host: under async scheduling a
+decode pass with grammar rows queues its forward, marks its seqs launched, reads the passes
+still in flight (their tokens), and only then masks and samples (`counters.
+grammar_late_samples`), so the device computes the forward while the host reads and fills
+the masks, and the step stays pipelined. Passes without grammar rows are unchanged. Penalty state
 (Sampler's PenaltyTable) is released when a request ends, whichever way.
 """
 from __future__ import annotations
@@ -67,7 +69,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -166,7 +168,7 @@ class DecodeCounters:
     decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
     mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
     #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
-    grammar_sync_steps: int = 0      # decode steps not pipelined because a row has a grammar
+    grammar_late_samples: int = 0    # decode passes sampled after reading the previous ones (grammar rows)
 
 
 class DecodeEngine(EngineThread):
@@ -178,7 +180,6 @@ class DecodeEngine(EngineThread):
         if getattr(sampler, "grammar", False) is None:
             from engine.grammar import lazy_grammar_for
             sampler.grammar = lazy_grammar_for(runner)
-        self._grammar_sync_logged = False
         self.gpu_turn = None            # engine/gpu_turn.GpuTurn when a prefill worker shares the GPU
         # async scheduling: queue the next pass before reading the last one (with gpu_turn, the
         # turn is kept across steps and given up, drained, when the prefill worker waits)
@@ -303,18 +304,15 @@ class DecodeEngine(EngineThread):
         # as the device has them, and beside a prefill pass the host's share of the step is
         # small anyway. Decode-only steps stay queued one step ahead.
         pipelined = self.async_scheduling and not out.prefill
-        if pipelined and any(s.params.grammar is not None for s in out.decode):
-            pipelined = False     # the next step's masks need this step's tokens on the host
-            self.counters.grammar_sync_steps += 1
-            if not self._grammar_sync_logged:
-                self._grammar_sync_logged = True
-                log.info("decode steps with grammar rows run without async scheduling "
-                         "(counted in grammar_sync_steps; logged once)")
+        # grammar rows' masks need the previous pass's tokens: queue the forward, read the
+        # previous passes while it runs, then mask and sample (`_launch_decode(read_first)`)
+        # (also in a step with prompts: its decode rows then run in their own pass, not mixed)
+        late_sample = bool(self._inflight and out.decode and any(s.params.grammar is not None for s in out.decode))
         turn = self.gpu_turn
         if turn is not None and not turn.held:
             turn.acquire()        # held from the first launch until nothing of ours is queued
         split, self._split_next = self._split_next, False
-        mixed = bool(self.mixed_batches and out.prefill and out.decode and not split
+        mixed = bool(self.mixed_batches and out.prefill and out.decode and not split and not late_sample
                      and out.num_batched_tokens <= self.scheduler.config.max_num_batched_tokens)
         if mixed:
             launched.append(self._launch_prefill(out.prefill, out.page_copies, out.decode))
@@ -323,7 +321,7 @@ class DecodeEngine(EngineThread):
             if out.prefill:
                 launched.append(self._launch_prefill(out.prefill, out.page_copies))
             if out.decode:
-                launched.append(self._launch_decode(out.decode))
+                launched.append(self._launch_decode(out.decode, read_first=late_sample))
         n_forwards = len(launched)
         t_queued = time.perf_counter()
         self.flush()  # the device runs the passes: let the event loop send earlier results now
@@ -421,18 +419,35 @@ class DecodeEngine(EngineThread):
         self.counters.prefill_seconds += time.perf_counter() - t
         return p
 
-    def _launch_decode(self, seqs: list[Sequence]) -> _Pass:
+    def _launch_decode(self, seqs: list[Sequence], read_first: bool = False) -> _Pass:
+        """Queue the decode pass of seqs. read_first (grammar rows, async scheduling): between
+        the forward and the sampling, read the passes still in flight (their tokens advance the
+        grammar matchers), so the host does that and the masks while the device computes."""
         self._in_pass = list(seqs)
         t = time.perf_counter()
         batch = [self._decode_row(s) for s in seqs]
+        index = [s.output_offset + len(s.output_token_ids) for s in seqs]
         logits = self.runner.forward(batch, feed=self._feed(seqs) or None)
-        sampled = self.sampler.run(
-            logits, [s.params for s in seqs], [s.output_offset + len(s.output_token_ids) for s in seqs], seqs)
+        params = [s.params for s in seqs]
+        if read_first:
+            for seq in seqs:          # this pass writes their pages: they stay theirs until it is read
+                self.scheduler.launched(seq)
+            self.counters.decode_seconds += time.perf_counter() - t
+            while self._inflight:
+                self._read(self._inflight.pop(0))
+            t = time.perf_counter()
+            self._in_pass = list(seqs)
+            self.counters.grammar_late_samples += 1
+            # a seq that just ended gets a throwaway token: no matcher for it again
+            params = [replace(p, grammar=None) if p.grammar is not None and s.is_finished else p
+                      for p, s in zip(params, seqs)]
+        sampled = self.sampler.run(logits, params, index, seqs)
         p = _Pass(seqs, sampled.tokens, num_prefill=0, sampled=sampled)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for i, seq in enumerate(seqs):
-            self.scheduler.launched(seq)
+            if not read_first:
+                self.scheduler.launched(seq)
             self._pending_src[seq.request_id] = (p, i)
         self.counters.decode_seconds += time.perf_counter() - t
         return p

@@ -84,8 +84,6 @@ class DecodeServicer(pbg.DecodeServicer):
             prompt_tokens_cached=c.prefill_cached_tokens,
             prompt_tokens_computed=c.prefilled_tokens,
             generated_tokens=c.decoded_tokens, preemptions=c.preemptions,
-            # decode steps run synchronously because a row has a grammar (decode_worker/engine.py)
-            fallbacks=(("grammar_sync_step", c.grammar_sync_steps),) if c.grammar_sync_steps else (),
             kv_transfers_active=self.receiver.active_transfers,
             kv_transfer_bytes=getattr(self.receiver, "bytes_received", 0),
             kv_transfer_chunks=getattr(self.receiver, "chunks_received", 0),

@@ -205,7 +205,8 @@ class GrammarRuntime:
 
     @staticmethod
     def history(source) -> list[int]:
-        """The outputs a request has produced so far (a migrated one's earlier outputs end its prompt)."""
+        """The outputs a request has produced so far (a migrated one's earlier outputs end its
+        prompt), PENDING ones included."""
         off = getattr(source, "output_offset", 0)
         prompt = source.prompt_token_ids
         earlier = list(prompt[len(prompt) - off:]) if off else []
@@ -215,14 +216,13 @@ class GrammarRuntime:
         """Row j of int32 `bitmask` [n, words] (host) = allowed next tokens of sources[j]."""
         t = time.perf_counter()
         for j, (spec, src) in enumerate(zip(specs, sources)):
-            if getattr(src, "num_pending", 0):
-                raise RuntimeError(f"request {src.request_id!r}: a grammar row's last token is still on "
-                                   "the device (the engine must read it first)")
             row = self._row(src.request_id, spec)
             off, outs = getattr(src, "output_offset", 0), src.output_token_ids
-            total = off + len(outs)
+            # trailing PENDING outputs: the pass being sampled (the engine read the earlier ones)
+            known = len(outs) - getattr(src, "num_pending", 0)
+            total = off + known
             # only what this matcher has not seen (no copy of the whole output each step)
-            new = outs[row.seen - off:] if row.seen >= off else self.history(src)[row.seen:]
+            new = outs[row.seen - off:known] if row.seen >= off else self.history(src)[row.seen:total]
             for tok in new:
                 if row.broken or row.matcher.is_terminated():
                     break       # ended (e.g. ignore_eos keeps going past EOS): stop tokens only

@@ -32,7 +32,8 @@ bitmask applied after bias and penalties, before greedy/sampled selection, so bo
 logprobs stay raw (the model's distribution, unmasked). The mask is filled on the host from
 each row's matcher (`Sampler.grammar`, a LazyGrammar / GrammarRuntime the worker sets), after
 replaying the row's outputs: callers queue the forward first, so on a GPU this overlaps it.
-A grammar row's last token must be on the host (not PENDING on the device).
+A grammar row's outputs must be on the host except the trailing PENDING ones
+(`num_pending`) of the pass being sampled (decode_worker/engine.py reads earlier passes first).
 
 Fast path: a batch in which no row uses bias, penalties, logprobs or a grammar costs one pass over
 the params more than before (`SamplingParams.plain`), nothing on the device.

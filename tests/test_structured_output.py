@@ -227,9 +227,6 @@ def test_200_random_schemas(cluster):
         except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
             bad.append((json.dumps(schema), text, str(exc)[:200]))
     assert not bad, f"{len(bad)} of 200 failed, e.g. {bad[:3]}"
-    import httpx      # grammar rows' steps ran synchronously, counted (decode worker's /metrics)
-    text = httpx.get(cluster.metrics_urls["decode"], timeout=10).text
-    assert 'tandem_worker_fallbacks_total{what="grammar_sync_step"}' in text
 
 
 def test_worker_refuses_an_uncompilable_grammar(cluster):
