@@ -7,9 +7,9 @@ Lifecycle of a chat request with `tools` (router/protocol.py validates the shape
        output is plain content (no parsing).
      - "required": the output is constrained to one call of one of the tools: the JSON schema
        `call_schema(tools)` (an anyOf of {"name": <that tool's name>, "parameters": <its
-       parameters schema>}, one per tool; Llama 3's key, and "name" sorts first, so the grammar,
-       which orders properties by name, writes the name before the arguments and they can
-       stream); parsed with the bare-JSON parser. One call per answer (parallel_tool_calls is
+       parameters schema>}, one per tool; Llama 3's key, and "name" is listed first, so the grammar,
+       which keeps the schema's property order, writes the name before the arguments and they
+       can stream); parsed with the bare-JSON parser. One call per answer (parallel_tool_calls is
        accepted and ignored).
      - a named function {"type": "function", "function": {"name": N}}: the same with tool N only.
      - "auto" (the default when tools are given): the output is free and parsed with the model
