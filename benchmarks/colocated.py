@@ -35,7 +35,7 @@ from engine.sequence import Sequence
 
 
 class _TraceSink:
-    """One request's tokens, stamped on the event loop (decode_worker.engine.RequestSink)."""
+    """One request's tokens, stamped on the event loop (decode_worker.passes.RequestSink)."""
 
     def __init__(self, trace: RequestTrace, on_finish) -> None:
         self.trace = trace

@@ -14,7 +14,8 @@ Per request (driven by decode_worker/server.py on the asyncio side):
      then computes only `all_token_ids[num_computed:]`.
   3. Running: each `step()` decodes one token for every running sequence.
      Every request's news of one engine iteration (tokens, finish, error)
-     goes back to the event loop in ONE reply (`flush`), as a list of
+     goes back to the event loop in ONE reply (`flush`; the output types and the queued
+     passes live in decode_worker/passes.py), as a list of
      `EngineOutput`s handed to each request's `sink.on_output` in order; the
      gRPC frontend then sends one message per router connection per step.
   4. Finish (stop/length), `abort(...)` or an engine error releases its pages:
@@ -69,106 +70,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
-import torch
-
-from engine.prefix_cache_manager import PageCopy
+from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver
 from engine.errors import ResourceExhaustedError
-from engine.logprobs import TokenLogprob, prompt_logprobs, unpack
+from engine.logprobs import TokenLogprob, prompt_logprobs
+from engine.prefix_cache_manager import PageCopy
 from engine.runner import ForwardSeq, ModelRunner
-from engine.sampler import SampleOutput, Sampler
+from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
 from engine.sequence import ErrorKind, FinishReason, Sequence, SequenceStatus
 from engine.worker_thread import EngineThread
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOutput:
-    """What one request got in one engine iteration."""
-    request_id: str
-    tokens: list[int]                      # new tokens (usually one; none with an error)
-    finish: FinishReason | None            # set on the request's last output
-    error: str = ""                        # with FinishReason.ERROR
-    error_kind: ErrorKind = ErrorKind.INTERNAL
-    cached_tokens: int = 0                 # prompt tokens whose KV was reused (prefix cache / prefill side)
-    logprobs: tuple[TokenLogprob, ...] | None = None        # one per token (params.logprobs >= 0)
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1..n-1, with the first token
-
-
-class RequestSink(Protocol):
-    """Asyncio-side receiver of one request's events (called on the loop)."""
-
-    def on_reserved(self, pages: list[int]) -> None: ...
-    def on_output(self, out: EngineOutput) -> None: ...
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
-
-
-@dataclass(eq=False)
-class _Pass:
-    """A forward pass queued on the device whose sampled tokens are not read yet."""
-    seqs: list[Sequence]
-    tokens: object          # int64 [len(seqs)] on the device
-    num_prefill: int        # seqs[:num_prefill] were prefilled, the rest decoded
-    sampled: SampleOutput | None = None   # the sampler's output (logprobs of the rows that asked)
-    prompt_lp: dict = None  # row -> (packed prompt logprobs on the device, k): first prefills with echo
-    host: object = None     # pinned copies (tokens, logprobs, prompt logprobs), queued right behind the pass (CUDA)
-    copied: object = None   # CUDA event: host holds them
-
-    def __post_init__(self) -> None:
-        # Queue the copies back now, right behind this pass: a plain .tolist() at read time would
-        # be queued behind the passes launched since and wait for them too.
-        if self.tokens.is_cuda:
-            lp = self.sampled.logprobs if self.sampled is not None else None
-            self.host = (_pinned_copy(self.tokens), None if lp is None else _pinned_copy(lp),
-                         {r: (_pinned_copy(t), k) for r, (t, k) in (self.prompt_lp or {}).items()})
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-
-    @property
-    def prefill(self) -> bool:
-        return self.num_prefill > 0
-
-    def read(self) -> tuple[list[int], list, dict]:
-        """(tokens, per-row TokenLogprob or None, {row: prompt TokenLogprobs})."""
-        if self.copied is None:
-            lp = self.sampled.logprobs if self.sampled is not None else None
-            tokens, lp, prompt = self.tokens, lp, self.prompt_lp or {}
-        else:
-            self.copied.synchronize()
-            tokens, lp, prompt = self.host
-        tokens = tokens.tolist()
-        entries = (self.sampled.entries(tokens, None if lp is None else lp.tolist())
-                   if self.sampled is not None and self.sampled.lp_rows else [None] * len(tokens))
-        prompt_entries = {}
-        for r, (t, k) in prompt.items():
-            ids = self.seqs[r].prompt_token_ids[1:]
-            prompt_entries[r] = tuple(unpack(t.tolist(), ids, [k] * len(ids)))
-        return tokens, entries, prompt_entries
-
-
-@dataclass
-class DecodeCounters:
-    steps: int = 0
-    decoded_tokens: int = 0
-    prefilled_tokens: int = 0        # tokens computed by local prefills (incl. recomputes)
-    prefill_cached_tokens: int = 0   # tokens local prefills took from the prefix cache
-    preemptions: int = 0
-    prefill_seconds: float = 0.0     # in local prefill passes (forward + sample, synchronised)
-    decode_seconds: float = 0.0      # in decode passes
-    decode_steps: int = 0
-    decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
-    mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
-    #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
-    grammar_late_samples: int = 0    # decode passes sampled after reading the previous ones (grammar rows)
 
 
 class DecodeEngine(EngineThread):
@@ -186,9 +100,9 @@ class DecodeEngine(EngineThread):
         self.async_scheduling = True
         self.mixed_batches = runner.config.mixed_batches
         self._split_next = False               # a mixed pass raised: run the next step's two passes apart
-        self._inflight: list[_Pass] = []       # the previous iteration's passes, not read yet
-        self._launching: list[_Pass] = []      # this iteration's, queued so far
-        self._pending_src: dict[str, tuple[_Pass, int]] = {}   # seq -> pass and row sampling its PENDING token
+        self._inflight: list[QueuedPass] = []       # the previous iteration's passes, not read yet
+        self._launching: list[QueuedPass] = []      # this iteration's, queued so far
+        self._pending_src: dict[str, tuple[QueuedPass, int]] = {}   # seq -> pass and row sampling its PENDING token
         self.counters = DecodeCounters()
         self._sinks: dict[str, RequestSink] = {}
         self._outbox: list[tuple[RequestSink, EngineOutput]] = []   # this iteration's outputs (engine thread)
@@ -269,7 +183,7 @@ class DecodeEngine(EngineThread):
     def flush(self) -> None:
         if self._outbox:
             batch, self._outbox = self._outbox, []
-            self.reply(_deliver, batch)
+            self.reply(deliver, batch)
 
     @property
     def mixed_batches(self) -> bool:
@@ -382,7 +296,7 @@ class DecodeEngine(EngineThread):
                 kv.v[layer][c.dst_page, :c.num_slots] = kv.v[layer][c.src_page, :c.num_slots]
 
     def _launch_prefill(self, seqs: list[Sequence], copies: tuple[PageCopy, ...] = (),
-                        decode: tuple[Sequence, ...] = ()) -> _Pass:
+                        decode: tuple[Sequence, ...] = ()) -> QueuedPass:
         """The prompts' pass; with `decode` (mixed batches) those RUNNING seqs' next tokens
         are its last rows. Should it raise, on_step_error fails the prompts only (`_in_pass`)."""
         self._in_pass = list(seqs)
@@ -408,7 +322,7 @@ class DecodeEngine(EngineThread):
                      for i, h in (hidden or {}).items()}
         self._split_next = False
         self._in_pass = every                # queued: from here on a failure is every row's
-        p = _Pass(every, sampled.tokens, num_prefill=len(seqs), sampled=sampled, prompt_lp=prompt_lp)
+        p = QueuedPass(every, sampled.tokens, num_prefill=len(seqs), sampled=sampled, prompt_lp=prompt_lp)
         self._step_tokens += prompt_rows
         self.counters.prefilled_tokens += prompt_rows
         for i, (seq, fs) in enumerate(zip(every, batch)):
@@ -419,7 +333,7 @@ class DecodeEngine(EngineThread):
         self.counters.prefill_seconds += time.perf_counter() - t
         return p
 
-    def _launch_decode(self, seqs: list[Sequence], read_first: bool = False) -> _Pass:
+    def _launch_decode(self, seqs: list[Sequence], read_first: bool = False) -> QueuedPass:
         """Queue the decode pass of seqs. read_first (grammar rows, async scheduling): between
         the forward and the sampling, read the passes still in flight (their tokens advance the
         grammar matchers), so the host does that and the masks while the device computes."""
@@ -442,7 +356,7 @@ class DecodeEngine(EngineThread):
             params = [replace(p, grammar=None) if p.grammar is not None and s.is_finished else p
                       for p, s in zip(params, seqs)]
         sampled = self.sampler.run(logits, params, index, seqs)
-        p = _Pass(seqs, sampled.tokens, num_prefill=0, sampled=sampled)
+        p = QueuedPass(seqs, sampled.tokens, num_prefill=0, sampled=sampled)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for i, seq in enumerate(seqs):
@@ -452,7 +366,7 @@ class DecodeEngine(EngineThread):
         self.counters.decode_seconds += time.perf_counter() - t
         return p
 
-    def _read(self, p: _Pass) -> None:
+    def _read(self, p: QueuedPass) -> None:
         """Wait for a queued pass's tokens; hand each to its seq (finishes, outputs)."""
         self._in_pass = list(p.seqs)
         t = time.perf_counter()
@@ -535,12 +449,3 @@ class DecodeEngine(EngineThread):
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,
         }
-
-
-def _deliver(batch: list[tuple[RequestSink, EngineOutput]]) -> None:
-    """On the event loop: hand one engine iteration's outputs to their sinks, in order."""
-    for sink, out in batch:
-        try:
-            sink.on_output(out)
-        except Exception:  # noqa: BLE001 - one broken consumer must not starve the others
-            log.exception("request sink failed for %s", out.request_id)
