@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--inprocess-timeout", type=float, default=1200.0)
+    p.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                   help='more fields for every request body, e.g. \'{"guided_json": {...}}\' (structured '
+                        'output on every request; warm-up requests get them too, so grammars compile there)')
     p.add_argument("--py-spy", default=None, metavar="DIR",
                    help="sample the served processes with py-spy (GIL holder) during --py-spy-workloads; "
                         "summaries land in DIR")
@@ -263,7 +266,7 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
         if args.warmup > 0:
             t = time.monotonic()
             warm = pool.run(f"{srv.url}/v1/completions", model, _warmup_requests(wls, args.warmup, vocab_size),
-                            args.request_timeout)
+                            args.request_timeout, extra=args.extra_body)
             bad = [r["error"] for r in warm["results"] if r["error"]]
             info["warmup_s"] = time.monotonic() - t
             print(f"[{layout}] warm-up: {len(warm['results'])} requests in {info['warmup_s']:.1f}s"
@@ -279,7 +282,7 @@ def run_layout(args, layout: str, wls, model_dir: Path, log_dir: Path, pool, res
                    if args.py_spy and wl.name in args.py_spy_workloads.split(",") else contextlib.nullcontext())
             with spy:
                 run = pool.run(f"{srv.url}/v1/completions", model, [(p, wl.output_len) for p in prompts],
-                               args.request_timeout, progress)
+                               args.request_timeout, progress, extra=args.extra_body)
             row = rep.row_metrics(layout, wl, run)
             result["rows"].append(row)
             save()
@@ -310,6 +313,16 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)      # unwinds through every finally: servers and clients stop
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def main(argv=None) -> int:
     from benchmarks.served_client import ClientPool
 
@@ -335,7 +348,7 @@ def main(argv=None) -> int:
               "commit": args.commit or git_commit(),
               "command": "python -m benchmarks.served " + shlex.join(sys.argv[1:] if argv is None else argv),
               "tiny": args.tiny, "model_config": model_config_record(model_name, model_cfg),
-              "workloads": names, "client_procs": args.client_procs,
+              "workloads": names, "client_procs": args.client_procs, "extra_body": args.extra_body,
               "engine_flags": dict(engine_flags(args)), "inprocess": {}, "layouts": {}, "rows": [],
               "log_dir": str(log_dir)}
 

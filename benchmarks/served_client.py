@@ -84,9 +84,9 @@ async def _one(session, url: str, body: bytes, timeout, rec: dict, clock: Callab
 async def _run_job(job: dict, jobs: mp.Queue, results: mp.Queue, idx: int, parent: int) -> None:
     import aiohttp
 
-    url, model, reqs = job["url"], job["model"], job["requests"]
+    url, model, reqs, extra = job["url"], job["model"], job["requests"], job.get("extra") or {}
     bodies = [json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
+                          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **extra},
                          separators=(",", ":")).encode() for _, prompt, max_tokens in reqs]
     recs = [{"i": i, "ttft_s": None, "t_last_s": None, "t_end_s": None, "output_tokens": None,
              "prompt_tokens": len(prompt), "cached_tokens": 0, "chunks": 0, "error": ""}
@@ -164,23 +164,24 @@ class ClientPool:
                     raise RuntimeError("a client process died")
 
     def run(self, url: str, model: str, requests: list[tuple[list[int], int]], timeout: float,
-            progress: Callable[[int, int], None] | None = None) -> dict:
-        """requests: (prompt ids, max_tokens). Returns {"results": one dict per request, in
-        order, "procs": [{"cpu_s", "wall_s", "chunks", "requests"}]}."""
+            progress: Callable[[int, int], None] | None = None, extra: dict | None = None) -> dict:
+        """requests: (prompt ids, max_tokens); extra: more fields for every request body (e.g. a
+        guided_json). Returns {"results": one dict per request, in order, "procs": [{"cpu_s",
+        "wall_s", "chunks", "requests"}]}."""
         if not self._procs:
             self._start()
         try:
-            return self._run(url, model, requests, timeout, progress)
+            return self._run(url, model, requests, timeout, progress, extra)
         except BaseException:      # a deadline, a dead server (from progress), Ctrl-C: no stragglers
             self._kill()
             raise
 
-    def _run(self, url, model, requests, timeout, progress) -> dict:
+    def _run(self, url, model, requests, timeout, progress, extra=None) -> dict:
         parts = [[(i, p, m) for i, (p, m) in enumerate(requests) if i % self.n == k] for k in range(self.n)]
         active = [k for k in range(self.n) if parts[k]]
         for k in active:
             self._jobs[k].put(json.dumps({"op": "run", "url": url, "model": model, "requests": parts[k],
-                                          "timeout": timeout}))
+                                          "timeout": timeout, "extra": extra or {}}))
         deadline = time.monotonic() + 120 + len(requests) / 100   # bodies encoded, sessions open
         ready: set[int] = set()
         while len(ready) < len(active):

@@ -11,6 +11,7 @@ plain dicts, no processes.
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -145,5 +146,7 @@ def results_md(r: dict) -> str:
         lines.append(f"  - engine flags bench.py does not take (in-process ran its defaults): {ip['flags_not_passed']}")
     lines.append(f"- client: {r['client_procs']} processes (aiohttp); the client CPU column is the busiest "
                  "process's CPU time / its wall time")
+    if r.get("extra_body"):
+        lines.append(f"- every request body also had: `{json.dumps(r['extra_body'], separators=(',', ':'))}`")
     lines += ["", format_table(r["rows"]), ""]
     return "\n".join(lines)

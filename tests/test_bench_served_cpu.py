@@ -90,3 +90,27 @@ def test_forward_from_bench_only_for_served():
     assert forward_from_bench(["--modes", "colocated", "--tiny"]) is None
     assert forward_from_bench(["--tiny"]) is None
     assert forward_from_bench(["--modes=served,hf"]) == 2
+
+
+@pytest.mark.timeout(300)
+def test_extra_body_reaches_every_request(tmp_path, capsys):
+    """--extra-body goes into every request: with a valid guided_regex every request completes
+    (constrained; ignore_eos keeps it going to max_tokens), and with an invalid one every request
+    gets the router's 400 (the row counts them, the benchmark does not crash)."""
+    from benchmarks import served
+
+    out = tmp_path / "ok.json"
+    rc = served.main(["--device", "cpu", "--tiny", "--layouts", "colocated", "--workloads", "W3", "--no-inprocess",
+                      "--client-procs", "1", "--warmup", "0", "--extra-body", '{"guided_regex": "(ab)+"}',
+                      "--json", str(out), "--log-dir", str(tmp_path / "logs")])
+    assert rc == 0, capsys.readouterr().out[-2000:]
+    r = json.loads(out.read_text())
+    assert r["extra_body"] == {"guided_regex": "(ab)+"}
+    row = r["rows"][0]
+    assert row["failed"] == 0 and row["completed"] == row["requests"]
+    bad = tmp_path / "bad.json"
+    served.main(["--device", "cpu", "--tiny", "--layouts", "colocated", "--workloads", "W3", "--no-inprocess",
+                 "--client-procs", "1", "--warmup", "0", "--extra-body", '{"guided_regex": "("}',
+                 "--json", str(bad), "--log-dir", str(tmp_path / "logs2")])
+    row = json.loads(bad.read_text())["rows"][0]
+    assert row["completed"] == 0 and row["failed"] == row["requests"] > 0, row
