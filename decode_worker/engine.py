@@ -111,6 +111,7 @@ class DecodeEngine(EngineThread):
         # host took to queue them and the whole step): `--step-trace-file`, benchmarks.bench
         self.step_trace = None
         self._step_tokens = 0                  # this step's prefill tokens (computed, not cached)
+        self._traced_mask = (0, 0.0)           # grammar mask rows and seconds at the last traced step
 
     # -- commands (posted from the asyncio side) ----------------------------
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -260,6 +261,12 @@ class DecodeEngine(EngineThread):
                "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode), "forwards": n_forwards,
                "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
                "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight)}
+        rt = self.sampler.grammar_runtime(load=False)
+        if rt is not None:   # structured output: host time of this step's masks (replay + bitmask fill)
+            c = rt.counters
+            rec["grammar_rows"], rec["grammar_ms"] = c.mask_rows - self._traced_mask[0], \
+                round(1e3 * (c.mask_seconds - self._traced_mask[1]), 3)
+            self._traced_mask = (c.mask_rows, c.mask_seconds)
         self.step_trace.write(json.dumps(rec) + "\n")
 
     def _drain_and_release(self) -> None:
@@ -436,6 +443,14 @@ class DecodeEngine(EngineThread):
         if self.gpu_turn is not None:
             self.gpu_turn.release()
 
+    def _grammar_stats(self) -> dict:
+        rt = self.sampler.grammar_runtime(load=False)
+        if rt is None:
+            return {}
+        c = rt.counters
+        return {"grammar_mask_rows": c.mask_rows, "grammar_mask_seconds": c.mask_seconds,
+                "grammar_compiles": c.compiles, "grammar_compile_seconds": c.compile_seconds}
+
     def stats(self) -> dict[str, int]:
         s, cache = self.scheduler, self.scheduler.prefix_cache
         return {
@@ -445,6 +460,7 @@ class DecodeEngine(EngineThread):
             "prefix_cache_pages": cache.num_pages if cache else 0,
             "prefix_cache_evictable_pages": cache.evictable_pages if cache else 0,
             "prefix_cache_adopted_pages": cache.adopted_shared_pages if cache else 0,
+            **self._grammar_stats(),
             "page_size": s.config.page_size,
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,

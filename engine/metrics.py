@@ -57,6 +57,10 @@ class WorkerSnapshot:
     prefix_cache_pages: int | None = None     # pages held by the radix cache (part of used)
     prefix_cache_evictable_pages: int | None = None  # cache pages no request holds
     prefix_cache_adopted_pages: int | None = None    # decode: landed remote KV pages freed for the cache's copy
+    grammar_mask_rows: int | None = None      # structured output: rows masked (one per grammar row per step)
+    grammar_mask_seconds: float | None = None # host time replaying tokens into matchers and filling bitmasks
+    grammar_compiles: int | None = None       # grammars compiled against the vocabulary
+    grammar_compile_seconds: float | None = None
     kv_transfers_active: int = 0              # KV transfers not yet finished
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved
@@ -83,6 +87,12 @@ _COUNTERS = {  # field -> (metric name without _total, help)
     "prompt_tokens_computed": ("tandem_prompt_tokens_computed", "Prompt tokens run through the model."),
     "generated_tokens": ("tandem_generation_tokens", "Tokens produced by decode steps."),
     "preemptions": ("tandem_preemptions", "Sequences preempted for lack of KV pages."),
+    "grammar_mask_rows": ("tandem_grammar_mask_rows", "Rows masked by a grammar (structured output), one "
+                          "per grammar request per step."),
+    "grammar_mask_seconds": ("tandem_grammar_mask_seconds", "Host seconds spent replaying tokens into grammar "
+                             "matchers and filling their token bitmasks."),
+    "grammar_compiles": ("tandem_grammar_compiles", "Grammars compiled against the vocabulary."),
+    "grammar_compile_seconds": ("tandem_grammar_compile_seconds", "Seconds spent compiling grammars."),
     "prefix_cache_adopted_pages": ("tandem_prefix_cache_adopted_pages",
                                    "Pages of KV sent by a prefill worker that the decode worker freed because "
                                    "its prefix cache already held the same prefix (shared from then on)."),

@@ -12,7 +12,9 @@ import asyncio
 import json
 import re
 
+import httpx
 import jsonschema
+from prometheus_client.parser import text_string_to_metric_families
 import openai
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -227,6 +229,13 @@ def test_200_random_schemas(cluster):
         except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
             bad.append((json.dumps(schema), text, str(exc)[:200]))
     assert not bad, f"{len(bad)} of 200 failed, e.g. {bad[:3]}"
+    # the decode worker reports its grammar work: every request masked at least one step, each
+    # distinct schema compiled (once; colocated and P+D alike, the decode worker has its own matchers)
+    metrics = {smp.name: smp.value for fam in text_string_to_metric_families(
+        httpx.get(cluster.metrics_urls["decode"], timeout=10).text) for smp in fam.samples}
+    assert metrics["tandem_grammar_mask_rows_total"] >= 200
+    assert metrics["tandem_grammar_compiles_total"] >= len({json.dumps(x, sort_keys=True) for x in schemas})
+    assert metrics["tandem_grammar_mask_seconds_total"] > 0
 
 
 def test_worker_refuses_an_uncompilable_grammar(cluster):

@@ -211,6 +211,8 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
                              ignore_eos=g is None) for i, g in enumerate(specs)]
     prompts = [[5 + i, 9, 12, 40 + i, 7, 8][: 3 + i] for i in range(len(specs))]
     sinks = [_Sink() for _ in specs]
+    import io
+    engine.step_trace = io.StringIO()
     for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
         engine.submit(Sequence(f"g{i}", list(p), sp), sink)
         if i == 2:      # later ones join running seqs: mixed passes
@@ -239,6 +241,12 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
         else:
             assert text in ("left", "right")
     assert not engine.sampler.grammar_runtime()._rows and tok is not None    # every matcher released
+    # the step trace reports each step's grammar mask work; it adds up to the runtime's counters
+    steps = [json.loads(line) for line in engine.step_trace.getvalue().splitlines()]
+    c = engine.sampler.grammar_runtime().counters
+    assert sum(r.get("grammar_rows", 0) for r in steps) == c.mask_rows > 0
+    assert abs(sum(r.get("grammar_ms", 0.0) for r in steps) - 1e3 * c.mask_seconds) < 0.01 * len(steps) + 1e-6
+    assert engine.stats()["grammar_mask_rows"] == c.mask_rows
 
 
 def test_a_finished_grammar_allows_only_stop_tokens(tok, rt):
