@@ -7,9 +7,7 @@
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-unknown}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl build/goodput_whl/*.whl \
-    2>&1 | grep -v -i warning || true
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+source benchmarks/device_env.sh
 SCHEMA='{"response_format": {"type": "json_schema", "json_schema": {"name": "notes", "strict": true, "schema":
  {"type": "object", "properties": {"title": {"type": "string"}, "notes": {"type": "array", "items":
  {"type": "object", "properties": {"n": {"type": "integer"}, "text": {"type": "string"}},

@@ -12,11 +12,7 @@
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device's .git may be stale
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl build/goodput_whl/*.whl \
-        2>&1 | grep -v -i "warning" || true
-    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-fi
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 timeout -k 45 500 python3 -m benchmarks.served --device cuda --layouts colocated,pd \
     --workloads "${WORKLOADS:-W2,W3,W1}" --kv-transfer-backend nixl \

@@ -11,9 +11,7 @@ OLD=${OLD:?set OLD (an unpacked older tree)}
 COMMIT=${COMMIT:-unknown}
 OLD_COMMIT=${OLD_COMMIT:-old}
 WL=${WORKLOADS:-W2,W3}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl build/goodput_whl/*.whl \
-    2>&1 | grep -v -i "warning" || true
-export PATH=/tmp/site/bin:$PATH
+source benchmarks/device_env.sh
 host_speed() {  # ms for a fixed pure-Python loop (median of 5): the host's single-thread speed
     python3 - <<'PY'
 import time, statistics

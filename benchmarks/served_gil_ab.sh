@@ -6,9 +6,7 @@
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-unknown}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl build/goodput_whl/*.whl \
-    2>&1 | grep -v -i warning || true
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+source benchmarks/device_env.sh
 for tag in d5 s05 d5b s05b; do
     case $tag in s05*) export TANDEM_GIL_SWITCH_MS=0.5 ;; *) export TANDEM_GIL_SWITCH_MS=5 ;; esac
     timeout -k 20 170 python3 -m benchmarks.served --device cuda --no-inprocess --layouts colocated \
