@@ -126,7 +126,10 @@ class PrefixCacheManager:
         echo = seq.params.prompt_logprobs >= 0 and not seq.output_token_ids
         m = self.cache.match_prefix(() if echo else tokens[:-1])
         k = len(m.pages)
-        nxt = tuple(tokens[:(k + 1) * ps]) if (k + 1) * ps <= len(tokens) else None
+        # a seq left with only its last token to compute (the match stops before it by rule)
+        # shares nothing it computes: no key, so that its siblings do not wait for it
+        nxt = tuple(tokens[:(k + 1) * ps]) if (k + 1) * ps <= len(tokens) and m.num_tokens < len(tokens) - 1 \
+            else None
         return PrefixPlan(m, pages_needed(len(tokens), ps) - k, nxt)
 
     def admit(self, seq: Sequence, plan: PrefixPlan, reserve: int = 0,

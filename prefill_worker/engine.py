@@ -3,7 +3,10 @@
 Per request (driven by prefill_worker/server.py):
   1. `submit(job)`: queued until local pages for its uncached suffix are free.
   2. `step()` takes every queued job that fits (pages, token budget, at most
-     max_num_seqs prompts, the batch the runner's memory profile covers). For each:
+     max_num_seqs prompts, the batch the runner's memory profile covers), in order; a job
+     whose next uncached full page another job of the batch computes (n samples of one
+     request, prompts sharing a prefix) ends the batch and runs in the next one, from the
+     cache (`counters.deferred_shared`). For each:
      match the prompt (minus its last token, which is always recomputed for
      logits) in the radix cache and lock the path; allocate pages for the rest,
      evicting unlocked LRU cache leaves when the pool is short; copy the valid
@@ -106,6 +109,7 @@ class PrefillCounters:
     cached_prompt_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
     computed_prompt_tokens: int = 0  # prompt tokens run through the model
     batches: int = 0
+    deferred_shared: int = 0         # prompts left for the next batch: one in the batch computes their next page
 
 
 class _Countdown:
@@ -271,6 +275,7 @@ class PrefillEngine(EngineThread):
     def _take_batch(self) -> list[PrefillJob]:
         batch: list[PrefillJob] = []
         tokens = 0
+        computing: set[tuple[int, ...]] = set()    # next uncached full page of each batched prompt
         while self._queue and len(batch) < self.max_num_seqs:
             job = self._queue[0]
             n = len(job.prompt_token_ids)
@@ -283,12 +288,32 @@ class PrefillEngine(EngineThread):
                     self._queue.popleft()
                     self.reply(job.on_done, -1, 0, 0, f"prompt of {n} tokens exceeds the prefill KV pool")
                     continue
+            key = self._next_page(job)
+            if batch and key in computing and job.params.prompt_logprobs < 0:
+                # a prompt of this batch computes the page this one would compute next (the
+                # samples of one request, a burst of prompts sharing a prefix): it waits for the
+                # next step and takes that page from the cache, as the decode scheduler does
+                self._release(job, insert=False)
+                self.counters.deferred_shared += 1
+                break
             if batch and tokens + n - job.cached_tokens > self.max_num_batched_tokens:
                 self._release(job, insert=False)  # over the token budget: next step
                 break
             batch.append(self._queue.popleft())
             tokens += n - job.cached_tokens
+            if key is not None:
+                computing.add(key)
         return batch
+
+    def _next_page(self, job: PrefillJob) -> tuple[int, ...] | None:
+        """The prompt through the first full page it computes itself (None: it computes no full
+        page, or nothing it computes can be shared: caching is off)."""
+        if not self.enable_prefix_caching or job.match is None:
+            return None
+        if job.match.num_tokens >= len(job.prompt_token_ids) - 1:
+            return None     # it computes its last token only (the match stops there by rule)
+        end = (len(job.match.pages) + 1) * self.runner.page_size
+        return tuple(job.prompt_token_ids[:end]) if end <= len(job.prompt_token_ids) else None
 
     def _logprobs(self, batch: list[PrefillJob], tokens: list[int], sampled, hidden) -> None:
         """Leave each job's first-token and prompt logprobs on it (see the module docstring)."""

@@ -7,7 +7,8 @@ greedy samples equal the n=1 answer, best_of returns the sample with the highest
 logprob, and the pages: colocated, three of four samples take the prompt's KV from the
 cache (the decode worker's cached prompt tokens grow by 3 x (prompt - 1)); P+D, the decode
 worker frees three samples' copies of the prompt's full pages that the prefill worker sent
-(tandem_prefix_cache_adopted_pages grows by 3 x full pages).
+(tandem_prefix_cache_adopted_pages grows by 3 x full pages) and the prefill worker computes
+the prompt once (the others wait one batch and take it from its cache).
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def test_samples_share_the_prompt_pages(setup):
     (prompt,) = distinct_prompts(vocab, [40], seed=24)      # 10 full pages
     before_cached = cluster.decode_stats().cached_prompt_tokens
     before_adopted = _decode_metric(cluster, "tandem_prefix_cache_adopted_pages_total")
+    before_prefill = cluster.prefill_stats() if layout == "pd" else None
     r = client.completions.create(model="tiny", prompt=prompt, n=4, max_tokens=4, temperature=1.0, seed=5,
                                   extra_body={"ignore_eos": True})
     assert len(r.choices) == 4
@@ -129,3 +131,8 @@ def test_samples_share_the_prompt_pages(setup):
     else:
         adopted = _decode_metric(cluster, "tandem_prefix_cache_adopted_pages_total") - before_adopted
         assert adopted == 3 * (len(prompt) // PAGE)
+        # the prefill worker computes the prompt once: the other samples wait one batch (or come
+        # later) and take all of it but its last token from its cache
+        st = cluster.prefill_stats()
+        assert st.computed_prompt_tokens - before_prefill.computed_prompt_tokens == len(prompt) + 3
+        assert st.cached_prompt_tokens - before_prefill.cached_prompt_tokens == 3 * (len(prompt) - 1)

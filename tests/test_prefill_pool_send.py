@@ -149,3 +149,32 @@ def test_pool_send_output_equals_the_copying_path(model_dir):
             flat = lambda t: t.reshape(-1, *t.shape[2:])[:n]   # noqa: E731
             torch.testing.assert_close(flat(k), flat(ck), rtol=0, atol=0)
             torch.testing.assert_close(flat(v), flat(cv), rtol=0, atol=0)
+
+
+def test_prompts_sharing_their_next_page_wait_one_batch_and_reuse_it(model_dir):
+    """Four samples of one 40-token prompt and an unrelated prompt queued at once: the first
+    batch computes the shared prompt once (the other samples would compute the same pages, so
+    the batch ends there), the next batch takes 39 of its 40 tokens from the cache for each.
+    Every sample gets the same greedy first token as the one that computed it."""
+    engine = make_engine(model_dir, num_pages=64)
+    sent = Sent()
+    prompt = [5 + (7 * i) % 90 for i in range(40)]
+    jobs = [sent.job(engine, f"s{i}", prompt) for i in range(4)] + [sent.job(engine, "other", [3, 4, 5, 6, 7])]
+    for j in jobs:
+        engine.submit(j)
+    engine._drain(block=False)
+    batches = []
+    while engine._queue:
+        before = set(sent.done)
+        assert engine.step() is not False
+        batches.append(sorted(set(sent.done) - before))
+        for j in jobs:
+            if j.request_id in sent.done and j.request_id in sent.tables:
+                engine.transfer_ended(j)
+                del sent.tables[j.request_id]
+    assert batches[0] == ["s0"] and sorted(sum(batches[1:], [])) == ["other", "s1", "s2", "s3"]
+    assert engine.counters.deferred_shared == 1
+    firsts = {rid: sent.done[rid][0] for rid in ("s0", "s1", "s2", "s3")}
+    assert len(set(firsts.values())) == 1, firsts
+    assert [sent.done[f"s{i}"][1] for i in range(4)] == [0, 39, 39, 39]      # cached tokens
+    assert engine.counters.computed_prompt_tokens == 40 + 3 * 1 + 5
