@@ -18,23 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class _Src:
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    output_offset: int = 0
 
 
 def _old_sampler(rev: str):
@@ -75,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device(a.device)
     B, V = a.batch, a.vocab
     logits = torch.randn(B, V, device=dev)
-    srcs = [_Src(f"r{i}", [i % V, (3 * i) % V]) for i in range(B)]
+    srcs = [Sequence(f"r{i}", [i % V, (3 * i) % V]) for i in range(B)]   # a TokenSource
     greedy = [SamplingParams(temperature=0.0)] * B
     mixed = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.8, seed=i)
              for i in range(B)]

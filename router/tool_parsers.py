@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -236,18 +237,20 @@ class _Call:
         return self.header
 
 
-class ToolCallParser:
-    """Streaming parser base: feed(text) / finish() -> events."""
+class ToolCallParser(ABC):
+    """Streaming parser base: feed(text) / finish() -> events (HermesParser, Llama3JsonParser)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.malformed = False        # a call broke off after its header went out
 
+    @abstractmethod
     def feed(self, text: str) -> list[Event]:
-        raise NotImplementedError
+        """Events for the text so far (text that may still become a call is held back)."""
 
+    @abstractmethod
     def finish(self) -> list[Event]:
-        raise NotImplementedError
+        """Events for whatever was held back, at the end of the answer."""
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         return collect(self.feed(text) + self.finish())
