@@ -19,6 +19,8 @@ import random
 import statistics
 import time
 
+import torch
+
 SCHEMA = {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 100000},
     "name": {"type": "string", "maxLength": 40},
@@ -119,6 +121,44 @@ def bench_xgrammar(tok, cases):
     return out
 
 
+class _Walker:
+    """A TokenSource walking `ids` (what the engine hands GrammarRuntime.fill)."""
+
+    def __init__(self, rid: str, ids: list[int], start: int):
+        self.request_id, self.prompt_token_ids, self.ids = rid, [1], ids
+        self.output_token_ids = list(ids[:start])
+
+
+def bench_batch(tok, batch: int, steps: int) -> dict:
+    """GrammarRuntime.fill (the engine's call, once per decode step) over `batch` rows of the
+    nested schema, each at its own place in a valid answer; one new token per row per step.
+    A row that reaches the answer's end starts over as a new request (a fresh matcher)."""
+    from engine.grammar import GrammarRuntime, grammar_for_json_schema
+    rt = GrammarRuntime(tok, len(tok), [tok.eos_token_id])
+    spec = grammar_for_json_schema(SCHEMA)
+    ids = tok.encode(json.dumps(ANSWER), add_special_tokens=False)    # the engine's separators
+    rows = [_Walker(f"r{i}", ids, (i * 7) % len(ids)) for i in range(batch)]
+    bitmask = torch.empty(batch, rt.words, dtype=torch.int32)
+    specs = [spec] * batch
+    rt.fill(specs, rows, bitmask)                # compile and first replay: not timed
+    times, restarts = [], 0
+    for step in range(steps):
+        for i, r in enumerate(rows):
+            if len(r.output_token_ids) == len(ids):
+                rt.release(r.request_id)
+                rows[i] = r = _Walker(f"r{i}.{step}", ids, 0)
+                restarts += 1
+            else:
+                r.output_token_ids.append(ids[len(r.output_token_ids)])
+        t = time.perf_counter()
+        rt.fill(specs, rows, bitmask)
+        times.append(time.perf_counter() - t)
+    assert rt.counters.rejected_tokens == 0 and rt.counters.empty_masks == 0
+    s = sorted(times)
+    return {"batch": batch, "steps": steps, "restarts": restarts, "p50_ms": round(1e3 * s[len(s) // 2], 3),
+            "mean_ms": round(1e3 * statistics.fmean(s), 3), "max_ms": round(1e3 * s[-1], 3)}
+
+
 def bench_llguidance(tok, cases):
     import llguidance
     import llguidance.hf
@@ -155,7 +195,23 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
     ap.add_argument("--json", default="")
     ap.add_argument("--cache-dir", default="", help="keep trained tokenizers here (bpe-<vocab>)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="instead: time Tandem's fill of a whole decode step of this many grammar rows")
+    ap.add_argument("--steps", type=int, default=200, help="steps timed with --batch")
     args = ap.parse_args(argv)
+    if args.batch:
+        results = []
+        for vocab in args.vocab:
+            tok = train_tokenizer(vocab, cache_dir=args.cache_dir)
+            r = {"vocab": len(tok), **bench_batch(tok, args.batch, args.steps)}
+            print(f"vocab={r['vocab']} fill of {r['batch']} rows per step: p50 {r['p50_ms']} ms, mean "
+                  f"{r['mean_ms']} ms, max {r['max_ms']} ms ({r['steps']} steps, {r['restarts']} new requests)",
+                  flush=True)
+            results.append(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     compact = json.dumps(ANSWER, separators=(",", ":"))     # both backends' compact JSON
     cases = {"json_schema": ("json_schema", SCHEMA, compact), "json_object": ("json_object", None, compact),
              "regex": ("regex", REGEX, REGEX_ANSWER)}

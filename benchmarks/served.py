@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
                    help='more fields for every request body, e.g. \'{"guided_json": {...}}\' (structured '
                         'output on every request; warm-up requests get them too, so grammars compile there)')
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the served model's tokenizer, from this dir (padded with special tokens to the "
+                        "vocabulary), instead of the word-level one over the vocabulary: e.g. benchmarks."
+                        "grammar_mask's byte-level BPE, which can write JSON (structured output)")
     p.add_argument("--py-spy", default=None, metavar="DIR",
                    help="sample the served processes with py-spy (GIL holder) during --py-spy-workloads; "
                         "summaries land in DIR")
@@ -349,6 +353,7 @@ def main(argv=None) -> int:
               "command": "python -m benchmarks.served " + shlex.join(sys.argv[1:] if argv is None else argv),
               "tiny": args.tiny, "model_config": model_config_record(model_name, model_cfg),
               "workloads": names, "client_procs": args.client_procs, "extra_body": args.extra_body,
+              "tokenizer": args.tokenizer or "word-level",
               "engine_flags": dict(engine_flags(args)), "inprocess": {}, "layouts": {}, "rows": [],
               "log_dir": str(log_dir)}
 
@@ -359,7 +364,7 @@ def main(argv=None) -> int:
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     t_all = time.monotonic()
     try:
-        model_dir = write_model_dir(log_dir / "model", args.tiny, model_cfg, tokenizer=True)
+        model_dir = write_model_dir(log_dir / "model", args.tiny, model_cfg, tokenizer=args.tokenizer or True)
         print(f"model config: {describe_model_config(model_name, model_cfg)}", flush=True)
         if not args.no_inprocess:
             result["inprocess"] = run_inprocess(args, names, log_dir, model_name)

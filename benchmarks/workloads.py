@@ -172,15 +172,23 @@ def describe_model_config(name: str, cfg: dict) -> str:
             f"[{', '.join(map(str, token_id_range(cfg['vocab_size'])))}))")
 
 
-def write_model_dir(out_dir: Path, tiny: bool, config: dict | None = None, tokenizer: bool = False) -> Path:
+def write_model_dir(out_dir: Path, tiny: bool, config: dict | None = None, tokenizer: bool | str = False) -> Path:
     """A config-only model directory (use with load_format='dummy'): `config` or, without one,
-    Llama-3.1-8B / its tiny twin. `tokenizer`: also a word-level tokenizer over the whole
-    vocabulary with no special tokens (skip_special_tokens hides no generated id; EOS is ignored)."""
+    Llama-3.1-8B / its tiny twin. `tokenizer`: True, also a word-level tokenizer over the whole
+    vocabulary with no special tokens (skip_special_tokens hides no generated id; EOS is ignored);
+    a path, the tokenizer saved there, padded with special tokens up to the vocabulary."""
     cfg = config if config is not None else (TINY_LLAMA if tiny else LLAMA_31_8B)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
-    if tokenizer:
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
+        if len(tok) > cfg["vocab_size"]:
+            raise ValueError(f"tokenizer {tokenizer} has {len(tok)} tokens, the model {cfg['vocab_size']}")
+        tok.add_special_tokens({"additional_special_tokens": [f"<|pad_{i}|>" for i in range(cfg["vocab_size"] - len(tok))]})
+        tok.save_pretrained(out_dir)
+    elif tokenizer:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 

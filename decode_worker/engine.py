@@ -449,7 +449,8 @@ class DecodeEngine(EngineThread):
             return {}
         c = rt.counters
         return {"grammar_mask_rows": c.mask_rows, "grammar_mask_seconds": c.mask_seconds,
-                "grammar_compiles": c.compiles, "grammar_compile_seconds": c.compile_seconds}
+                "grammar_compiles": c.compiles, "grammar_compile_seconds": c.compile_seconds,
+                "grammar_rejected_tokens": c.rejected_tokens, "grammar_empty_masks": c.empty_masks}
 
     def stats(self) -> dict[str, int]:
         s, cache = self.scheduler, self.scheduler.prefix_cache

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class GrammarCounters:
     mask_rows: int = 0
     mask_seconds: float = 0.0        # host time replaying tokens and filling bitmasks
     rejected_tokens: int = 0         # replayed tokens a matcher refused (a bug upstream)
+    empty_masks: int = 0             # live rows no token of the vocabulary could continue
     extra: dict = field(default_factory=dict)
 
 
@@ -159,7 +161,9 @@ class GrammarRuntime:
         self._compiled: dict[GrammarSpec, Any] = {}
         self._rows: dict[str, _Row] = {}
         self.counters = GrammarCounters()
-        self._warned = False
+        self._warned_refused = self._warned_empty = False
+        # masks filled by xgrammar's threads (C++): half the cores, at most 8
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
         # Compact JSON never holds a raw byte below 0x20 (escaped inside strings, no whitespace
         # outside), but xgrammar 0.2.9's strings with min/maxLength let them through: JSON rows'
         # masks are ANDed with this row of every token free of such bytes (stop tokens kept).
@@ -168,6 +172,7 @@ class GrammarRuntime:
         for t in self.stop_token_ids:
             ok[t] = True
         self.json_ok = _pack_bits(ok, self.words)
+        self.stop_only = _pack_bits([t in self.stop_token_ids for t in range(vocab_size)], self.words)
         self._json_ok_set = {t for t, v in enumerate(ok) if v}
 
     def compile(self, spec: GrammarSpec):
@@ -213,37 +218,63 @@ class GrammarRuntime:
         return earlier + list(source.output_token_ids)
 
     def fill(self, specs: Sequence[GrammarSpec], sources: Sequence, bitmask: torch.Tensor) -> None:
-        """Row j of int32 `bitmask` [n, words] (host) = allowed next tokens of sources[j]."""
+        """Row j of int32 `bitmask` [n, words] (host) = allowed next tokens of sources[j].
+
+        Batched: the live rows' masks are filled by xgrammar's thread pool in one call (C++,
+        no Python per row); the JSON rows' AND, the empty-row check and the stop-only rows
+        are one tensor op each. (Accepting the new tokens stays one call per row: xgrammar's
+        batch accept is slower than that on one thread.)"""
         t = time.perf_counter()
-        for j, (spec, src) in enumerate(zip(specs, sources)):
-            row = self._row(src.request_id, spec)
+        rows = [self._row(src.request_id, spec) for spec, src in zip(specs, sources)]
+        for row, src in zip(rows, sources):
             off, outs = getattr(src, "output_offset", 0), src.output_token_ids
             # trailing PENDING outputs: the pass being sampled (the engine read the earlier ones)
             known = len(outs) - getattr(src, "num_pending", 0)
             total = off + known
             # only what this matcher has not seen (no copy of the whole output each step)
             new = outs[row.seen - off:known] if row.seen >= off else self.history(src)[row.seen:total]
-            for tok in new:
-                if row.broken or row.matcher.is_terminated():
-                    break       # ended (e.g. ignore_eos keeps going past EOS): stop tokens only
-                if not row.matcher.accept_token(tok):
-                    row.broken = True
-                    self.counters.rejected_tokens += 1
-                    if not self._warned:
-                        self._warned = True
-                        log.error("request %s: its grammar refused replayed token %d; it may only end now "
-                                  "(logged once; GrammarCounters.rejected_tokens)", src.request_id, tok)
             row.seen = total
-            if row.broken or row.matcher.is_terminated():
-                bitmask[j].zero_()
-                for s in self.stop_token_ids:
-                    bitmask[j, s // 32] |= _bit(s % 32)
-            else:
-                row.matcher.fill_next_token_bitmask(bitmask, j)
-                if spec.kind in _JSON_KINDS:
-                    bitmask[j] &= self.json_ok
+            for tok in new:   # one token a step; more on first sight, after preemption, migration
+                if row.broken or row.matcher.is_terminated():
+                    break     # an ended grammar (e.g. ignore_eos past EOS) takes stop tokens only
+                if not row.matcher.accept_token(tok):
+                    self._refused(row, src, tok)
+        live = [j for j, row in enumerate(rows) if not (row.broken or row.matcher.is_terminated())]
+        if live:
+            self._batch.batch_fill_next_token_bitmask([rows[j].matcher for j in live], bitmask, live)
+            json_rows = [j for j in live if specs[j].kind in _JSON_KINDS]
+            if json_rows:
+                if len(json_rows) == len(specs):
+                    bitmask &= self.json_ok
+                else:
+                    idx = torch.tensor(json_rows, dtype=torch.int64)
+                    bitmask[idx] = bitmask[idx] & self.json_ok
+            lo, hi = torch.aminmax(bitmask, dim=1)       # both 0: no bit set in the row
+            empty = set(torch.nonzero((lo == 0) & (hi == 0)).flatten().tolist())
+            for j in empty.intersection(live):    # the vocabulary cannot write what the grammar needs next
+                self._stuck(rows[j], sources[j])
+        ended = [j for j, row in enumerate(rows) if row.broken or row.matcher.is_terminated()]
+        if ended:
+            idx = torch.tensor(ended, dtype=torch.int64)
+            bitmask[idx] = self.stop_only
         self.counters.mask_rows += len(specs)
         self.counters.mask_seconds += time.perf_counter() - t
+
+    def _refused(self, row: _Row, src, tok: int) -> None:
+        row.broken = True
+        self.counters.rejected_tokens += 1
+        if not self._warned_refused:
+            self._warned_refused = True
+            log.error("request %s: its grammar refused replayed token %d; it may only end now "
+                      "(logged once; GrammarCounters.rejected_tokens)", src.request_id, tok)
+
+    def _stuck(self, row: _Row, src) -> None:
+        row.broken = True
+        self.counters.empty_masks += 1
+        if not self._warned_empty:
+            self._warned_empty = True
+            log.error("request %s: no token of this vocabulary continues its grammar; it ends now "
+                      "(logged once; GrammarCounters.empty_masks)", src.request_id)
 
     def allowed(self, spec: GrammarSpec, tokens: Sequence[int]) -> set[int]:
         """The allowed next tokens after `tokens` (a fresh matcher: the tests' reference)."""
@@ -268,10 +299,6 @@ def _pack_bits(flags: Sequence[bool], words: int) -> torch.Tensor:
     weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
     packed = (bits.view(words, 32) * weights).sum(dim=1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def _bit(i: int) -> int:
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i     # int32 two's complement
 
 
 def _reference_allows(matcher, token: int) -> bool:

@@ -61,6 +61,8 @@ class WorkerSnapshot:
     grammar_mask_seconds: float | None = None # host time replaying tokens into matchers and filling bitmasks
     grammar_compiles: int | None = None       # grammars compiled against the vocabulary
     grammar_compile_seconds: float | None = None
+    grammar_rejected_tokens: int | None = None  # replayed tokens a matcher refused (a bug upstream)
+    grammar_empty_masks: int | None = None    # rows ended because no token of the vocabulary continued them
     kv_transfers_active: int = 0              # KV transfers not yet finished
     kv_transfer_bytes: int = 0                # K+V payload bytes moved by this worker's transport
     kv_transfer_chunks: int = 0               # KV chunks moved
@@ -93,6 +95,10 @@ _COUNTERS = {  # field -> (metric name without _total, help)
                              "matchers and filling their token bitmasks."),
     "grammar_compiles": ("tandem_grammar_compiles", "Grammars compiled against the vocabulary."),
     "grammar_compile_seconds": ("tandem_grammar_compile_seconds", "Seconds spent compiling grammars."),
+    "grammar_rejected_tokens": ("tandem_grammar_rejected_tokens", "Tokens a grammar matcher refused on replay "
+                                "(a bug: each such request may only end)."),
+    "grammar_empty_masks": ("tandem_grammar_empty_masks", "Grammar requests ended because no token of the "
+                            "vocabulary could continue their grammar."),
     "prefix_cache_adopted_pages": ("tandem_prefix_cache_adopted_pages",
                                    "Pages of KV sent by a prefill worker that the decode worker freed because "
                                    "its prefix cache already held the same prefix (shared from then on)."),

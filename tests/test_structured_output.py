@@ -236,6 +236,9 @@ def test_200_random_schemas(cluster):
     assert metrics["tandem_grammar_mask_rows_total"] >= 200
     assert metrics["tandem_grammar_compiles_total"] >= len({json.dumps(x, sort_keys=True) for x in schemas})
     assert metrics["tandem_grammar_mask_seconds_total"] > 0
+    # no replayed token refused, no row left without a token (a grammar the vocabulary cannot write)
+    assert metrics["tandem_grammar_rejected_tokens_total"] == 0
+    assert metrics["tandem_grammar_empty_masks_total"] == 0
 
 
 def test_worker_refuses_an_uncompilable_grammar(cluster):

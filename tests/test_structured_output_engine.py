@@ -264,3 +264,53 @@ def test_a_finished_grammar_allows_only_stop_tokens(tok, rt):
     assert set(torch.nonzero(allowed).flatten().tolist()) == {tok.eos_token_id}
     assert rt.counters.rejected_tokens == before
     rt.release("t")
+
+
+def test_one_batched_fill_equals_each_row_alone(tok, rt):
+    """One fill over rows of different kinds and states (JSON and regex rows, a replay of
+    several tokens, a row that just ended, a row one token along) gives each row the set a
+    fresh matcher allows after the same tokens."""
+    specs = [grammar_for_json_schema(SCHEMA), grammar_for_regex(r"[a-c]{2,4}-[0-9]+"),
+             grammar_for_choice(["ab"]), grammar_for_json_object(), grammar_for_json_schema(SCHEMA)]
+    texts = ['{"n": 4', "ab", "ab", "{", ""]
+    srcs = [Src(f"b{i}") for i in range(len(specs))]
+    bm = torch.empty(len(specs), rt.words, dtype=torch.int32)
+    rt.fill(specs, srcs, bm)                           # first sight: nothing to replay
+    for s, text in zip(srcs, texts):
+        s.output_token_ids = tok.encode(text, add_special_tokens=False)
+    srcs[4].output_token_ids = []
+    for n in range(1, max(len(s.output_token_ids) for s in srcs) + 1):    # one token a step, then the rest
+        step = [Src(s.request_id) for s in srcs]
+        for a, s in zip(step, srcs):
+            a.output_token_ids = s.output_token_ids[:n]
+        rt.fill(specs, step, bm)
+    for j, (spec, s) in enumerate(zip(specs, srcs)):
+        allowed = apply_bitmask(torch.zeros(1, rt.vocab_size), [0], bm[j:j + 1].clone())[0] > -math.inf
+        assert set(torch.nonzero(allowed).flatten().tolist()) == rt.allowed(spec, s.output_token_ids), j
+        rt.release(s.request_id)
+
+
+def test_a_vocabulary_that_cannot_write_the_grammar_ends_the_row_once(tmp_path):
+    """Tokens that spell no '{' (a word-level vocabulary of "<tN>" words) leave a JSON row
+    with an empty mask: it gets stop tokens only and is counted, instead of a masked-out
+    argmax (token 0) that its matcher then refuses."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"<t{i}>": i for i in range(300)}
+    wl = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<t0>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = PreTrainedTokenizerFast(tokenizer_object=wl)
+    rt_w = GrammarRuntime(words, 300, [299])
+    bm = torch.empty(3, rt_w.words, dtype=torch.int32)
+    rows = [Src("w0"), Src("w1"), Src("w2")]
+    # row 2 allows token 31 alone: its only bit is word 0's sign bit (INT32_MIN), not an empty row
+    rt_w.fill([grammar_for_json_object(), grammar_for_regex("<t[0-9]+>"), grammar_for_regex("<t31>")], rows, bm)
+    logits = torch.zeros(3, 300)
+    masked = apply_bitmask(logits, [0, 1, 2], bm)
+    assert torch.nonzero(masked[0] > -math.inf).flatten().tolist() == [299]
+    assert (masked[1] > -math.inf).sum() > 100                      # the regex row is untouched
+    assert torch.nonzero(masked[2] > -math.inf).flatten().tolist() == [31]
+    assert rt_w.counters.empty_masks == 1 and rt_w.counters.rejected_tokens == 0
+    rows[0].output_token_ids = [299]
+    rt_w.fill([grammar_for_json_object()], rows[:1], bm[:1])
+    assert rt_w.counters.empty_masks == 1 and rt_w.counters.rejected_tokens == 0
