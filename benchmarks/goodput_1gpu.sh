@@ -13,6 +13,7 @@ set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD)}   # the device's checkout may carry a stale .git
 PREFILL_SM=${PREFILL_SM:-0.6}
+source benchmarks/device_env.sh
 G="--device cuda --gpus 0 --duration 8 --start-rate 4 --max-rate 64 --min-rate 0.5 --search-steps 1 --commit $COMMIT"
 timeout 45 python3 -m benchmarks.kv_transfer_bench --backends nixl --pages contiguous --recv-device cuda:0 \
     --send-device cuda:0 --tokens 1024,4096 --trials 5 --json "$OUT/kv_1gpu_contig.json" 2>&1 | grep -v "NIXL INFO"
