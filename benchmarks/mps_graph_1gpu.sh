@@ -12,6 +12,9 @@ d = start_mps(); print('ENV', json.dumps(d.env()))" | sed -n 's/^ENV //p')
 [ -z "$ENVS" ] && { echo "MPS did not start"; exit 1; }
 PIPE=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['CUDA_MPS_PIPE_DIRECTORY'])" "$ENVS")
 LOGD=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['CUDA_MPS_LOG_DIRECTORY'])" "$ENVS")
-CUDA_MPS_PIPE_DIRECTORY="$PIPE" CUDA_MPS_LOG_DIRECTORY="$LOGD" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=40 \
-    timeout 150 python3 -m benchmarks.mps_graph_probe --out "$OUT/mps40.json" 2>&1 | grep -v "^WARNING" | tail -30
+for pct in ${PCTS:-40}; do
+    echo "== MPS client at $pct% of the SMs"
+    CUDA_MPS_PIPE_DIRECTORY="$PIPE" CUDA_MPS_LOG_DIRECTORY="$LOGD" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct \
+        timeout 150 python3 -m benchmarks.mps_graph_probe --out "$OUT/mps$pct.json" 2>&1 | grep -v "^WARNING" | tail -30
+done
 echo quit | CUDA_MPS_PIPE_DIRECTORY="$PIPE" CUDA_MPS_LOG_DIRECTORY="$LOGD" nvidia-cuda-mps-control

@@ -70,13 +70,27 @@ def main(argv=None) -> dict:
             for i in range(B)]
     m, ids = build_metadata_and_ids([s.start_pos for s in seqs], [1] * B, [s.page_table for s in seqs], ps, dev,
                                     runner.num_pages, token_ids=[s.token_ids[0] for s in seqs])
+    bad: list[str] = []       # modules whose eager output is not finite, in call order
+
+    def hook(name):
+        def check(mod, inp, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and len(bad) < 6 \
+                    and not bool(torch.isfinite(t.float()).all()):
+                bad.append(name)
+        return check
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in runner.model.named_modules() if name]
     with torch.inference_mode():
         eager = runner.model.compute_logits(runner.model(ids, m, runner.kv, runner.backend, None)).float()
         res["model_eager_finite"] = bool(torch.isfinite(eager).all())
+        res["first_nonfinite_modules"] = bad
+    for h in handles:
+        h.remove()
+    with torch.inference_mode():
         res["kv_finite"] = bool(torch.isfinite(runner.kv.k[0].float()).all())
         runner.forward(seqs)
     res["model_graphs_enabled"] = bool(runner.graphs and runner.graphs.enabled)
-    print({k: v for k, v in res.items() if k.startswith(("model", "kv", "sm"))}, flush=True)
+    print({k: v for k, v in res.items() if k.startswith(("model", "kv", "sm", "first"))}, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return res
