@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 
-def _graph_vs_eager(fn) -> dict:
+def _graph_vs_eager(fn, ref=None) -> dict:
     cur = torch.cuda.current_stream()
     a, b = fn().float(), fn().float()
     side = torch.cuda.Stream()
@@ -32,8 +32,11 @@ def _graph_vs_eager(fn) -> dict:
     torch.cuda.synchronize()
     o = out.float()
     rel = lambda x, y: float((x - y).norm() / y.norm().clamp_min(1e-6))
-    return {"eager_finite": bool(torch.isfinite(a).all()), "graph_finite": bool(torch.isfinite(o).all()),
-            "eager_vs_eager": rel(b, a), "graph_vs_eager": rel(o, a)}
+    r = {"eager_finite": bool(torch.isfinite(a).all()), "graph_finite": bool(torch.isfinite(o).all()),
+         "eager_vs_eager": rel(b, a), "graph_vs_eager": rel(o, a)}
+    if ref is not None:       # float32 on the host: which of the two is right
+        r["eager_vs_cpu"], r["graph_vs_cpu"] = rel(a.cpu(), ref), rel(o.cpu(), ref)
+    return r
 
 
 def main(argv=None) -> dict:
@@ -52,7 +55,8 @@ def main(argv=None) -> dict:
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
             for m in (16, 256):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                r = _graph_vs_eager(lambda: torch.nn.functional.linear(x, w))
+                ref = x.float().cpu() @ w.float().cpu().T if lib == "default" else None
+                r = _graph_vs_eager(lambda: torch.nn.functional.linear(x, w), ref)
                 res[f"{lib}/{name}/M{m}"] = r
                 print(f"{lib:8s} {name:8s} M={m:<4d} {r}", flush=True)
     torch.backends.cuda.preferred_blas_library("default")
