@@ -26,6 +26,7 @@ from engine.attention.base import PinnedStaging, build_metadata_and_ids
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import graph_buckets
 from engine.errors import EngineStartupError, ResourceExhaustedError, classify_step_error
+from engine.gemm_check import require_right_matmuls
 from engine.kv_cache import KVCache
 from engine.layer_ops import get_layer_ops
 from engine.memory import (GiB, InsufficientMemoryError, KVBudget, MemoryProfile, graph_reserve_bytes, kv_budget,
@@ -52,6 +53,9 @@ class ModelRunner:
         if self.device.type == "cuda":  # before anything of ours is on the device
             free, total = torch.cuda.mem_get_info(self.device)
             in_use_at_start = total - free
+            # wrong products serve wrong tokens without an error (an MPS client with an SM
+            # limit, measured): refuse to start instead (GemmCheckError, one line)
+            require_right_matmuls(self.device)
         self.model_path = resolve_model_path(config.model, weights=config.load_format != "dummy")
         self.model_config: ModelConfig = ModelConfig.from_dir(self.model_path)
         mc = self.model_config

@@ -19,6 +19,9 @@ Lifecycle of an `MpsDaemon`:
         CUDA_MPS_LOG_DIRECTORY pointing into it; ready once `get_server_list` answers. A
         daemon that fails to start or to answer within `answer_timeout` is stopped (the pid
         its control.log names), the directory removed, and `MpsUnavailable` raised;
+     e. `check_clients()` (tandem serve, before any worker): a GEMM check against the host
+        run as a client at each planned SM percentage; wrong products -> turns, reason
+        "wrong_results" (see engine/gemm_check.py);
   2. `client_env(percentage)`: what a worker's environment needs to be an MPS client with
      that share of the SMs (the router needs nothing);
   3. `stop()`, after the clients exited (`quit` waits for them): `quit`, then SIGTERM to the
@@ -29,6 +32,7 @@ from MPS to turns by reason, and the prefill SM fraction.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -151,6 +155,34 @@ def start_mps(answer_timeout: float = 15.0, environ: dict[str, str] | None = Non
     return daemon
 
 
+GEMM_CHECK_ENV = "TANDEM_MPS_GEMM_CHECK"   # another check command (tests: a fake that fails)
+
+
+def check_clients(daemon: MpsDaemon, percentages, device: str, timeout: float = 180.0,
+                  say: Callable[[str], None] = lambda line: None) -> str | None:
+    """Step 1e: run `python -m engine.gemm_check` as an MPS client at each SM percentage the
+    workers will get (on the lent H200 a client limited to 40% got wrong matrix products).
+    None when every client computes right, else one line saying where and how wrong."""
+    import shlex
+    import sys
+    cmd = shlex.split(os.environ.get(GEMM_CHECK_ENV, "")) or [sys.executable, "-m", "engine.gemm_check"]
+    for pct in sorted(set(percentages)):
+        say(f"checking matrix products as an MPS client at {pct}% of the SMs ...")
+        try:
+            r = subprocess.run(cmd + ["--device", device], env={**os.environ, **daemon.client_env(pct)},
+                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"at {pct}% of the SMs the check did not finish within {timeout:g} s"
+        if r.returncode != 0:
+            lines = [ln for ln in (r.stdout or "").splitlines() if ln.startswith("{")]
+            try:
+                msg = json.loads(lines[-1])["message"]
+            except (IndexError, ValueError, KeyError, TypeError):
+                msg = f"the check exited with code {r.returncode}" + _tail(r.stderr or r.stdout)
+            return f"at {pct}% of the SMs: {msg}"
+    return None
+
+
 def reap_stale(binary: str, tmp: str | None = None) -> list[str]:
     """Quit the daemons of private directories whose owner process is gone (a launcher that
     was SIGKILLed cannot stop its own) and remove those directories; one line per each."""
@@ -177,13 +209,13 @@ class SharingMetrics:
         self.registry = CollectorRegistry()
         self.mode = Gauge("tandem_gpu_sharing", "How the prefill and decode workers of one GPU share it "
                           "(1 for the mode in force: mps, turns or none).", ["mode"], registry=self.registry)
-        self.fallbacks = Counter("tandem_gpu_sharing_fallbacks", "Times MPS was wanted but not available, "
-                                 "so the workers took turns instead (each also said in one line), by reason.",
+        self.fallbacks = Counter("tandem_gpu_sharing_fallbacks", "Times MPS was wanted but not available "
+                                 "(or its clients computed wrong matrix products), so the workers took turns instead (each also said in one line), by reason.",
                                  ["reason"], registry=self.registry)
         self.fraction = Gauge("tandem_prefill_sm_fraction", "Share of the GPU's SMs given to the prefill "
                               "worker (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE / 100; MPS only).",
                               registry=self.registry)
-        for reason in ("binary_missing", "daemon_failed", "no_answer"):
+        for reason in ("binary_missing", "daemon_failed", "no_answer", "wrong_results"):
             self.fallbacks.labels(reason)
 
     def set_mode(self, mode: str, prefill_fraction: float | None = None) -> None:

@@ -45,7 +45,7 @@ from tandem_cli.args import engine_config_from_args
 from engine.sm_split import thread_percentages
 from tandem_cli.checks import UsageError, check_port_range, check_serve, free_worker_port
 from tandem_cli.gpu_share import plan_starts, waves
-from tandem_cli.mps import MpsDaemon, MpsUnavailable, SharingMetrics, start_mps
+from tandem_cli.mps import MpsDaemon, MpsUnavailable, SharingMetrics, check_clients, start_mps
 from tandem_cli.procs import Interrupted, stop_all, wait_grpc_ready, wait_http_ready, wait_members
 
 DEMO_NOTE = ("NOTE: serving the built-in demo model. Its weights are random: it produces noise, "
@@ -250,6 +250,15 @@ def run_serve(args: argparse.Namespace) -> int:
                       "workers take turns on the GPU", file=sys.stderr, flush=True)
                 sharing_metrics.fallbacks.labels(exc.reason).inc()
                 sharing = "turns"
+        if mps is not None and not args.colocated:
+            bad = check_clients(mps, thread_percentages(args.prefill_sm_fraction), config.device,
+                                say=lambda line: print(line, flush=True))
+            if bad:
+                print(f"MPS computes wrong matrix products on this GPU ({bad}); falling back to GPU turns: "
+                      "the prefill and decode workers take turns on the GPU", file=sys.stderr, flush=True)
+                sharing_metrics.fallbacks.labels("wrong_results").inc()
+                print(mps.stop(), flush=True)
+                mps, sharing = None, "turns"
         if not args.colocated:
             sharing_metrics.set_mode(sharing, args.prefill_sm_fraction if sharing == "mps" else None)
             if sharing == "mps":

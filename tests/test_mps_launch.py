@@ -280,6 +280,53 @@ def test_without_mps_serve_says_so_once_counts_it_and_takes_turns(tiny_model, fa
         s.kill()
 
 
+FAKE_CHECK = r'''#!{python}
+import json, os, sys
+with open(os.environ["FAKE_CHECK_LOG"], "a") as f:
+    f.write("%s %s %s\n" % (os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+                             os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), " ".join(sys.argv[1:])))
+pct = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+wrong = pct == os.environ.get("FAKE_CHECK_WRONG_AT")
+print(json.dumps({"ok": not wrong, "message": "matrix products on cpu do not match the host's (worst "
+                  "relative error 0.93 on [256x4096] @ [4096x6144], tolerance 0.02)" if wrong else "fine"}))
+sys.exit(1 if wrong else 0)
+'''
+
+
+def test_mps_clients_that_compute_wrong_products_fall_back_to_turns(tiny_model, fake_bin, tmp_path):
+    """serve runs the GEMM check as an MPS client at each worker's percentage before any
+    worker (smallest share first); a client that gets wrong products (what the H200 did at
+    40% and 60%) sends serve to GPU turns: one line, fallback reason wrong_results, its
+    daemon stopped."""
+    check, log = fake_bin / "fake-gemm-check", tmp_path / "checks.log"
+    check.write_text(FAKE_CHECK.replace("{python}", sys.executable))
+    check.chmod(0o755)
+    before = our_mps_dirs()
+    env = env_with(fake_bin, TANDEM_MPS_GEMM_CHECK=str(check), FAKE_CHECK_LOG=str(log), FAKE_CHECK_WRONG_AT="60")
+    s = Serve(tiny_model, env, "--gpu-sharing", "mps", "--prefill-sm-fraction", "0.6")
+    try:
+        out = s.until_serving(180)
+        ran = [ln.split() for ln in log.read_text().splitlines()]
+        assert sorted(r[0] for r in ran) == ["40", "60"], ran
+        assert all(r[1].startswith(tempfile.gettempdir()) and r[2:] == ["--device", "cpu"] for r in ran), ran
+        said = [ln for ln in out if "computes wrong matrix products" in ln]
+        assert len(said) == 1 and "at 60% of the SMs" in said[0] and "0.93" in said[0], "".join(out)
+        assert "falling back to GPU turns" in said[0]
+        assert any("MPS control daemon stopped (quit)" in ln for ln in out)
+        assert our_mps_dirs() == before
+        workers = s.workers()
+        for role in ("prefill", "decode"):
+            assert "--gpu-turn-file" in workers[role].cmdline()
+            assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in workers[role].environ()
+        m = s.metrics()
+        assert sample(m, 'tandem_gpu_sharing_fallbacks_total{reason="wrong_results"}') == 1
+        assert sample(m, 'tandem_gpu_sharing{mode="turns"}') == 1
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.finish() == 0
+    finally:
+        s.kill()
+
+
 # ---- the pieces, without serve ----------------------------------------------------------------
 
 
