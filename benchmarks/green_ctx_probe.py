@@ -28,6 +28,51 @@ def _ok(r):
     return out[0] if len(out) == 1 else out
 
 
+def _side_by_side(mm_stream, copy_stream, seconds: float = 2.0) -> dict:
+    """A prefill-like matmul loop on one partition and a decode-like copy loop (1 GiB) on the
+    other: alone, then both queued at once; rates of each (launched from one host thread,
+    work enqueued in chunks so that neither stream runs dry)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    mm_flops, copy_bytes = 2 * 8192 ** 3, 2 * src.numel()
+
+    def run(mm: bool, cp: bool) -> dict:
+        torch.cuda.synchronize()
+        ev = {}
+        for name, s, on in (("mm", mm_stream, mm), ("cp", copy_stream, cp)):
+            if on:
+                ev[name] = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), 0]
+                ev[name][0].record(s)
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            for _ in range(4):
+                if mm:
+                    with torch.cuda.stream(mm_stream):
+                        a @ b
+                    ev["mm"][2] += 1
+                if cp:
+                    with torch.cuda.stream(copy_stream):
+                        dst.copy_(src)
+                    ev["cp"][2] += 1
+            mm_stream.synchronize() if not cp else copy_stream.synchronize()
+        out = {}
+        for name, s in (("mm", mm_stream), ("cp", copy_stream)):
+            if name in ev:
+                ev[name][1].record(s)
+        torch.cuda.synchronize()
+        for name, (e0, e1, n) in ev.items():
+            sec = e0.elapsed_time(e1) / 1e3
+            out[name] = (n * mm_flops / sec / 1e12) if name == "mm" else (n * copy_bytes / sec / 1e12)
+        return out
+
+    alone_mm, alone_cp, both = run(True, False)["mm"], run(False, True)["cp"], run(True, True)
+    return {"alone_matmul_tflops": round(alone_mm, 1), "alone_copy_tbps": round(alone_cp, 2),
+            "both_matmul_tflops": round(both["mm"], 1), "both_copy_tbps": round(both["cp"], 2),
+            "both_sum_of_fractions": round(both["mm"] / alone_mm + both["cp"] / alone_cp, 2)}
+
+
 def main(argv=None) -> dict:
     from cuda.bindings import driver as cu
     from engine.gemm_check import check_matmuls
@@ -70,6 +115,7 @@ def main(argv=None) -> dict:
                 a @ b
             s.synchronize()
         res[f"{name}_matmul_tflops"] = round(20 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12, 1)
+    res.update(_side_by_side(streams["group"], streams["rest"]))
     print(json.dumps(res, indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
