@@ -30,8 +30,8 @@ def _ok(r):
 
 def _side_by_side(mm_stream, copy_stream, seconds: float = 2.0) -> dict:
     """A prefill-like matmul loop on one partition and a decode-like copy loop (1 GiB) on the
-    other: alone, then both queued at once; rates of each (launched from one host thread,
-    work enqueued in chunks so that neither stream runs dry)."""
+    other: alone, then both queued at once; rates of each from events on its stream (one host
+    thread enqueues both, in rounds sized so that the two take about as long)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -47,16 +47,19 @@ def _side_by_side(mm_stream, copy_stream, seconds: float = 2.0) -> dict:
                 ev[name][0].record(s)
         t = time.perf_counter()
         while time.perf_counter() - t < seconds:
-            for _ in range(4):
-                if mm:
-                    with torch.cuda.stream(mm_stream):
+            # ~2 matmuls per 8 copies keep both streams busy about as long (64 vs 68 SMs)
+            if mm:
+                with torch.cuda.stream(mm_stream):
+                    for _ in range(2):
                         a @ b
-                    ev["mm"][2] += 1
-                if cp:
-                    with torch.cuda.stream(copy_stream):
+                ev["mm"][2] += 2
+            if cp:
+                with torch.cuda.stream(copy_stream):
+                    for _ in range(8):
                         dst.copy_(src)
-                    ev["cp"][2] += 1
-            mm_stream.synchronize() if not cp else copy_stream.synchronize()
+                ev["cp"][2] += 8
+            mm_stream.synchronize()
+            copy_stream.synchronize()
         out = {}
         for name, s in (("mm", mm_stream), ("cp", copy_stream)):
             if name in ev:
