@@ -72,6 +72,7 @@ import logging
 import time
 from dataclasses import replace
 
+from decode_worker.lanes import make_lanes
 from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver
 from engine.errors import ResourceExhaustedError
 from engine.logprobs import TokenLogprob, prompt_logprobs
@@ -101,6 +102,9 @@ class DecodeEngine(EngineThread):
         self.mixed_batches = runner.config.mixed_batches
         self._split_next = False               # a mixed pass raised: run the next step's two passes apart
         self._inflight: list[QueuedPass] = []       # the previous iteration's passes, not read yet
+        # partitioned lanes (decode_worker/lanes.py): the prefill pass running in its own lane
+        self.lanes = make_lanes(runner.device, runner.config.sm_partition)
+        self._prefill_inflight: list[QueuedPass] = []
         self._launching: list[QueuedPass] = []      # this iteration's, queued so far
         self._pending_src: dict[str, tuple[QueuedPass, int]] = {}   # seq -> pass and row sampling its PENDING token
         self.counters = DecodeCounters()
@@ -196,15 +200,22 @@ class DecodeEngine(EngineThread):
         self.scheduler.decode_in_budget = bool(on)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._inflight)
+        return self.scheduler.has_work or bool(self._inflight) or bool(self._prefill_inflight)
 
     def step(self) -> bool:
         """Schedule and queue this iteration's passes; with async scheduling, read the previous
         iteration's passes only then, so the device runs one pass while the host reads the
         last one and prepares the next (see `_read`)."""
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
+        lanes = self.lanes
+        while self._prefill_inflight and lanes.done(self._prefill_inflight[0]):
+            self._read_prefill(self._prefill_inflight.pop(0))     # its seqs decode from this step on
+        out = self.scheduler.schedule(admit=not self._prefill_inflight)
         if out.is_empty and not self._inflight:
+            if self._prefill_inflight:     # only a prefill lane at work: wait for it
+                self._read_prefill(self._prefill_inflight.pop(0))
+                self.flush()
+                return True
             return False  # only requests waiting for KV or pages: sleep until a command
         self._step_tokens = 0
         launched = self._launching = []
@@ -218,7 +229,8 @@ class DecodeEngine(EngineThread):
         # A step with a prefill pass reads its own tokens at once: first tokens leave as soon
         # as the device has them, and beside a prefill pass the host's share of the step is
         # small anyway. Decode-only steps stay queued one step ahead.
-        pipelined = self.async_scheduling and not out.prefill
+        # (partitioned lanes: a prefill pass is read steps later, so decode stays pipelined)
+        pipelined = self.async_scheduling and (not out.prefill or lanes.partitioned)
         # grammar rows' masks need the previous pass's tokens: queue the forward, read the
         # previous passes while it runs, then mask and sample (`_launch_decode(read_first)`)
         # (also in a step with prompts: its decode rows then run in their own pass, not mixed)
@@ -228,15 +240,25 @@ class DecodeEngine(EngineThread):
             turn.acquire()        # held from the first launch until nothing of ours is queued
         split, self._split_next = self._split_next, False
         mixed = bool(self.mixed_batches and out.prefill and out.decode and not split and not late_sample
+                     and not lanes.partitioned
                      and out.num_batched_tokens <= self.scheduler.config.max_num_batched_tokens)
         if mixed:
             launched.append(self._launch_prefill(out.prefill, out.page_copies, out.decode))
             self.counters.mixed_steps += 1
         else:
-            if out.prefill:
+            if out.prefill and lanes.partitioned:
+                with lanes.prefill():
+                    p = self._launch_prefill(out.prefill, out.page_copies)
+                for seq in p.seqs:
+                    seq.held = True
+                self._prefill_inflight.append(p)
+            elif out.prefill:
                 launched.append(self._launch_prefill(out.prefill, out.page_copies))
             if out.decode:
-                launched.append(self._launch_decode(out.decode, read_first=late_sample))
+                if self._prefill_inflight:
+                    self.counters.decode_passes_beside_prefill += 1
+                with lanes.decode():
+                    launched.append(self._launch_decode(out.decode, read_first=late_sample))
         n_forwards = len(launched)
         t_queued = time.perf_counter()
         self.flush()  # the device runs the passes: let the event loop send earlier results now
@@ -260,7 +282,8 @@ class DecodeEngine(EngineThread):
         rec = {"t": round(time.time() - (now - t0), 6), "prefill_seqs": len(out.prefill),
                "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode), "forwards": n_forwards,
                "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
-               "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight)}
+               "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight),
+               "prefill_in_lane": len(self._prefill_inflight)}
         rt = self.sampler.grammar_runtime(load=False)
         if rt is not None:   # structured output: host time of this step's masks (replay + bitmask fill)
             c = rt.counters
@@ -373,6 +396,12 @@ class DecodeEngine(EngineThread):
         self.counters.decode_seconds += time.perf_counter() - t
         return p
 
+    def _read_prefill(self, p: QueuedPass) -> None:
+        """A prefill pass of the prefill lane is done: its first tokens, then its seqs decode."""
+        for seq in p.seqs:
+            seq.held = False
+        self._read(p)
+
     def _read(self, p: QueuedPass) -> None:
         """Wait for a queued pass's tokens; hand each to its seq (finishes, outputs)."""
         self._in_pass = list(p.seqs)
@@ -419,8 +448,12 @@ class DecodeEngine(EngineThread):
         kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL
         failed, self._in_pass = self._in_pass, []
         failing = {id(q) for q in failed}
-        queued = [p for p in self._inflight + self._launching if not any(id(q) in failing for q in p.seqs)]
-        self._inflight, self._launching = [], []
+        queued = [p for p in self._inflight + self._launching + self._prefill_inflight
+                  if not any(id(q) in failing for q in p.seqs)]
+        for p in self._prefill_inflight:
+            for q in p.seqs:
+                q.held = False
+        self._inflight, self._launching, self._prefill_inflight = [], [], []
         for p in queued:              # other passes already queued: their tokens are still good
             try:
                 self._read(p)

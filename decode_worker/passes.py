@@ -106,6 +106,7 @@ class DecodeCounters:
     decode_context_tokens: int = 0   # sum over decode passes of every seq's context length
     mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
     #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
+    decode_passes_beside_prefill: int = 0   # partitioned lanes: decode passes while a prefill ran in its lane
     grammar_late_samples: int = 0    # decode passes sampled after reading the previous ones (grammar rows)
 
 

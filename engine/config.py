@@ -198,6 +198,10 @@ class EngineConfig:
     # ragged batch; they count against max_num_batched_tokens) instead of a second pass
     # (H200, W1: 1.01x output tok/s, 0.98x mean TTFT; benchmarks/RESULTS.md 2026-12-01)
     mixed_batches: bool = True
+    # decode worker (serve --colocated's): its local prefill passes on a green-context SM partition of this share of the GPU's SMs
+    # and decode passes on the rest, side by side in one process (decode_worker/lanes.py);
+    # None: one stream. On the CPU the same flow runs on one stream (the reference).
+    sm_partition: float | None = None
     role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
     kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
     attention_backend_reason: str = field(default="", compare=False)  # set with the resolution
@@ -217,6 +221,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.sm_partition is not None and not 0.0 < self.sm_partition < 1.0:
+            raise ValueError(f"sm_partition must be in (0, 1), got {self.sm_partition}")
         backend, why = resolve_attention_backend(self.attention_backend, self.device)
         if backend != self.attention_backend or not self.attention_backend_reason:
             object.__setattr__(self, "attention_backend", backend)

@@ -197,9 +197,12 @@ class DecodeScheduler:
         self._waiting.append(seq)
 
     # ---- one step ------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, admit: bool = True) -> SchedulerOutput:
+        """One step's work. admit=False: no waiting request is admitted (the engine's prefill
+        lane is busy); held seqs (their prefill pass is still in its lane) are not decoded."""
         cfg = self.config
-        running = [s for s in self._admitted.values() if s.status is S.RUNNING and not s.final_pending]
+        running = [s for s in self._admitted.values()
+                   if s.status is S.RUNNING and not s.final_pending and not s.held]
 
         # a) admission: FIFO, no overtaking, leave the pages decodes need now.
         decode_reserve = sum(self._growth(s) for s in running)
@@ -209,7 +212,7 @@ class DecodeScheduler:
         computing: set[tuple[int, ...]] = set()   # next_page keys of this step's prefills
         prefill_tokens = 0
         budget = cfg.max_num_batched_tokens - (len(running) if self.decode_in_budget else 0)
-        while self._waiting and len(self._admitted) < cfg.max_num_seqs:
+        while admit and self._waiting and len(self._admitted) < cfg.max_num_seqs:
             seq = self._waiting[0]
             n_tok = seq.num_tokens
             if seq.remote_kv or self.prefix_cache is None:

@@ -73,6 +73,7 @@ class Sequence:
     output_offset: int = 0         # outputs generated before this seq (a migrated request): sampling index base
     num_pending: int = 0           # trailing PENDING outputs: sampled by passes still on the device
     final_pending: bool = False    # the last PENDING output is its last token (a length limit): no more decode
+    held: bool = False             # prefilled in another lane (an SM partition), not read yet: no decode
     in_flight: int = 0             # queued passes that write its pages and are not read yet
 
     pages_needed = staticmethod(pages_needed)

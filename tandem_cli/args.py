@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--mixed-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: a step with prompts to prefill runs the running seqs' decode tokens in the "
                         "same forward pass (both within --max-num-batched-tokens)")
+    g.add_argument("--sm-partition", type=open_fraction, default=None, metavar="FRACTION",
+                   help="colocated: run prefill passes on a CUDA green-context partition of this share of "
+                        "the SMs and decode passes on the rest, side by side (decode never waits behind a "
+                        "prefill; no mixed batches). Default: one stream")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -120,6 +124,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         async_scheduling=args.async_scheduling,
         mixed_batches=args.mixed_batches,
+        sm_partition=getattr(args, "sm_partition", None),
         role=args.command if args.command in ("prefill", "decode") else "colocated",
         kv_transfer_backend=getattr(args, "kv_transfer_backend", "") or "",
     )

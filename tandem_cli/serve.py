@@ -79,6 +79,7 @@ def engine_flags(config: EngineConfig, args: argparse.Namespace, model: str,
     flags += [] if config.enable_prefix_caching else ["--no-enable-prefix-caching"]
     flags += [] if config.async_scheduling else ["--no-async-scheduling"]
     flags += [] if config.mixed_batches else ["--no-mixed-batches"]
+    flags += [] if config.sm_partition is None else ["--sm-partition", str(config.sm_partition)]
     for name, value in (("--num-pages", config.num_pages), ("--max-model-len", config.max_model_len)):
         if value is not None:
             flags += [name, str(value)]

@@ -71,25 +71,30 @@ class PinnedStaging:
 
     Pinning a fresh buffer every step costs more than building the metadata; a ring
     slot is reused only after the event recorded behind its previous copy has fired,
-    so an asynchronous copy still in flight is never overwritten."""
+    so an asynchronous copy still in flight is never overwritten. One ring per stream: a
+    copy queued behind a long pass on one stream (a prefill lane) never makes a copy for
+    another stream wait on the host."""
 
     def __init__(self, slots: int = 4):
-        self._bufs: list[torch.Tensor | None] = [None] * slots
-        self._events: list = [None] * slots
-        self._next = 0
+        self.slots = slots
+        self._rings: dict[int, list] = {}     # stream handle -> [bufs, events, next]
 
     def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         n = sum(t.numel() for t in parts)
-        i = self._next
-        self._next = (i + 1) % len(self._bufs)
-        if self._events[i] is not None:
-            self._events[i].synchronize()
-        buf = self._bufs[i]
+        ring = self._rings.get(torch.cuda.current_stream(device).cuda_stream)
+        if ring is None:
+            ring = self._rings[torch.cuda.current_stream(device).cuda_stream] = \
+                [[None] * self.slots, [None] * self.slots, 0]
+        bufs, events, i = ring
+        ring[2] = (i + 1) % self.slots
+        if events[i] is not None:
+            events[i].synchronize()
+        buf = bufs[i]
         if buf is None or buf.numel() < n:
-            buf = self._bufs[i] = torch.empty(max(2 * n, 1 << 14), dtype=torch.int64, pin_memory=True)
+            buf = bufs[i] = torch.empty(max(2 * n, 1 << 14), dtype=torch.int64, pin_memory=True)
         torch.cat(parts, out=buf[:n])
         dev = buf[:n].to(device, non_blocking=True)
-        ev = self._events[i] = torch.cuda.Event()
+        ev = events[i] = torch.cuda.Event()
         ev.record()
         return dev
 

@@ -1,0 +1,93 @@
+"""The decode engine with and without partitioned lanes (`--sm-partition`) on one GPU: same
+staggered requests, same dummy Llama-3.1-8B weights; greedy tokens, wall time, and how many
+decode passes ran beside a prefill in its lane. Run once per setting, compare the JSONs.
+
+    python -m benchmarks.lanes_smoke [--sm-partition 0.5] --out run.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.workloads import write_model_dir
+from decode_worker.main import make_decode_engine
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+class _Loop:
+    def call_soon_threadsafe(self, fn, *args):
+        fn(*args)
+
+    def is_closed(self) -> bool:
+        return False
+
+
+class _Sink:
+    def __init__(self):
+        self.tokens, self.finish, self.first_at = [], None, None
+
+    def on_reserved(self, pages):
+        raise AssertionError("no KV transfer here")
+
+    def on_output(self, out):
+        if self.first_at is None and out.tokens:
+            self.first_at = time.perf_counter()
+        self.tokens += out.tokens
+        self.finish = out.finish
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lanes_smoke")
+    p.add_argument("--sm-partition", type=float, default=None)
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--output", type=int, default=128)
+    p.add_argument("--every", type=int, default=3, help="steps between arrivals of 8 requests")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    model = write_model_dir(Path(tempfile.mkdtemp()) / "llama8b", tiny=False)
+    eng = make_decode_engine(EngineConfig(
+        model=str(model), load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=128,
+        max_model_len=args.prompt + args.output + 16, gpu_memory_utilization=0.6, max_num_batched_tokens=8192,
+        sm_partition=args.sm_partition), _Loop())
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1000, 120000, (args.prompt,), generator=gen).tolist() for _ in range(args.requests + 8)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+
+    def run(batch):
+        sinks = {f"r{i}": _Sink() for i in batch}
+        order, k, t0 = list(batch), 0, time.perf_counter()
+        while order or eng.has_work():
+            if k % args.every == 0:
+                for i in order[:8]:
+                    eng.submit(Sequence(f"r{i}", prompts[i], params), sinks[f"r{i}"])
+                order = order[8:]
+            eng._drain(block=False)
+            eng.step()
+            eng.flush()
+            k += 1
+        return sinks, time.perf_counter() - t0
+
+    run(range(args.requests, args.requests + 8))            # warm-up (compiles, first graphs)
+    eng.counters.decode_passes_beside_prefill = 0
+    sinks, wall = run(range(args.requests))
+    res = {"sm_partition": args.sm_partition, "lanes": eng.lanes.description, "wall_s": wall,
+           "output_tok_s": sum(len(s.tokens) for s in sinks.values()) / wall,
+           "graphs": bool(eng.runner.graphs and eng.runner.graphs.enabled),
+           "decode_passes_beside_prefill": eng.counters.decode_passes_beside_prefill,
+           "decode_steps": eng.counters.decode_steps,
+           "tokens": {rid: s.tokens for rid, s in sinks.items()}}
+    Path(args.out).write_text(json.dumps(res))
+    print(json.dumps({k: v for k, v in res.items() if k != "tokens"}), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
