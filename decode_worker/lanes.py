@@ -109,5 +109,7 @@ def make_lanes(device: torch.device | str, prefill_fraction: float | None) -> In
     if prefill_fraction is None:
         return InlineLanes()
     lanes = GreenLanes(device, prefill_fraction) if device.type == "cuda" else HostLanes()
-    log.warning("decode engine passes: %s", lanes.description)
+    log.warning("decode engine passes: %s%s", lanes.description,
+                " (experimental: greedy equality with one stream not yet shown on a GPU)"
+                if device.type == "cuda" else "")
     return lanes

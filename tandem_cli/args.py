@@ -90,7 +90,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--sm-partition", type=open_fraction, default=None, metavar="FRACTION",
                    help="colocated: run prefill passes on a CUDA green-context partition of this share of "
                         "the SMs and decode passes on the rest, side by side (decode never waits behind a "
-                        "prefill; no mixed batches). Default: one stream")
+                        "prefill; no mixed batches). Experimental: greedy equality with one stream is not yet shown on a "
+                        "GPU (benchmarks/RESULTS.md). Default: one stream")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
