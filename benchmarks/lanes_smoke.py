@@ -49,12 +49,19 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--output", type=int, default=128)
-    p.add_argument("--every", type=int, default=3, help="steps between arrivals of 8 requests")
+    p.add_argument("--every", type=int, default=3, help="steps between arrivals of 8 requests (0: all at once)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="the tiny Llama (a CPU try)")
+    p.add_argument("--mixed-batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="(one stream only: partitioned lanes never mix)")
     p.add_argument("--out", required=True)
+    p.add_argument("--compare", default=None, help="another run's --out: count agreeing outputs")
     args = p.parse_args(argv)
-    model = write_model_dir(Path(tempfile.mkdtemp()) / "llama8b", tiny=False)
+    model = write_model_dir(Path(tempfile.mkdtemp()) / "llama8b", tiny=args.tiny)
     eng = make_decode_engine(EngineConfig(
-        model=str(model), load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=128,
+        model=str(model), load_format="dummy", dtype=args.dtype, device=args.device, max_num_seqs=128,
+        mixed_batches=args.mixed_batches,
         max_model_len=args.prompt + args.output + 16, gpu_memory_utilization=0.6, max_num_batched_tokens=8192,
         sm_partition=args.sm_partition), _Loop())
     gen = torch.Generator().manual_seed(1)
@@ -65,10 +72,11 @@ def main(argv=None) -> dict:
         sinks = {f"r{i}": _Sink() for i in batch}
         order, k, t0 = list(batch), 0, time.perf_counter()
         while order or eng.has_work():
-            if k % args.every == 0:
-                for i in order[:8]:
+            if args.every == 0 or k % args.every == 0:
+                n = len(order) if args.every == 0 else 8
+                for i in order[:n]:
                     eng.submit(Sequence(f"r{i}", prompts[i], params), sinks[f"r{i}"])
-                order = order[8:]
+                order = order[n:]
             eng._drain(block=False)
             eng.step()
             eng.flush()
@@ -78,13 +86,21 @@ def main(argv=None) -> dict:
     run(range(args.requests, args.requests + 8))            # warm-up (compiles, first graphs)
     eng.counters.decode_passes_beside_prefill = 0
     sinks, wall = run(range(args.requests))
-    res = {"sm_partition": args.sm_partition, "lanes": eng.lanes.description, "wall_s": wall,
+    res = {"sm_partition": args.sm_partition, "lanes": eng.lanes.description, "dtype": args.dtype,
+           "mixed_batches": args.mixed_batches, "every": args.every, "wall_s": wall,
            "output_tok_s": sum(len(s.tokens) for s in sinks.values()) / wall,
            "graphs": bool(eng.runner.graphs and eng.runner.graphs.enabled),
            "decode_passes_beside_prefill": eng.counters.decode_passes_beside_prefill,
            "decode_steps": eng.counters.decode_steps,
            "tokens": {rid: s.tokens for rid, s in sinks.items()}}
     Path(args.out).write_text(json.dumps(res))
+    if args.compare:     # another run's JSON: how many requests agree, whole outputs and first tokens
+        other = json.loads(Path(args.compare).read_text())["tokens"]
+        mine = res["tokens"]
+        res["equal_outputs"] = sum(other[r] == mine[r] for r in mine)
+        res["equal_first_tokens"] = sum(other[r][:1] == mine[r][:1] for r in mine)
+        res["equal_prefix_mean"] = sum(next((i for i, (a, b) in enumerate(zip(other[r], mine[r])) if a != b),
+                                            len(mine[r])) for r in mine) / len(mine)
     print(json.dumps({k: v for k, v in res.items() if k != "tokens"}), flush=True)
     return res
 

@@ -73,6 +73,7 @@ class LayoutConfig:
     served_name: str = "bench"
     gpu_sharing: str = "none"           # workers sharing a GPU: "none" | "turns" | "mps"
     prefill_sm_fraction: float = 0.6    # mps: the prefill workers' share of the SMs
+    sm_partition: float | None = None   # colocated: --sm-partition (prefill and decode lanes on SM partitions)
 
     def __post_init__(self) -> None:
         if self.gpu_sharing not in ("none", "turns", "mps"):
@@ -80,6 +81,8 @@ class LayoutConfig:
         thread_percentages(self.prefill_sm_fraction)   # raises outside (0, 1)
         if self.layout not in ("pd", "colocated"):
             raise ValueError(f"layout must be 'pd' or 'colocated', got {self.layout!r}")
+        if self.sm_partition is not None and (self.layout != "colocated" or not 0 < self.sm_partition < 1):
+            raise ValueError(f"sm_partition is a colocated worker's prefill share in (0, 1), got {self.sm_partition}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"unknown kv transport {self.kv_transport!r}; choose from {KV_TRANSPORTS}")
         if min(self.num_prefill, self.num_decode, self.replicas) < 1:
@@ -107,6 +110,8 @@ class LayoutConfig:
             p, d = thread_percentages(self.prefill_sm_fraction)
             sharing = {"none": ", time-sliced", "turns": ", GPU turns",
                        "mps": f", MPS {p}/{d} (SM % prefill/decode)"}[self.gpu_sharing]
+        if self.sm_partition is not None:
+            sharing = f", prefill and decode lanes on {round(100 * self.sm_partition)}/{100 - round(100 * self.sm_partition)}% of the SMs"
         return shape + " (" + "; ".join(f"{'GPU ' + k if k != 'cpu' else 'cpu'}: {', '.join(v)}"
                                         for k, v in where.items()) + sharing + ")"
 
@@ -165,6 +170,8 @@ class Layout:
             args += ["--num-pages", str(pages)]
         if c.layout == "pd" and c.gpu_sharing == "turns":
             args += ["--gpu-turn-file", str(c.log_dir / "gpu.turn")]
+        if c.sm_partition is not None:
+            args += ["--sm-partition", str(c.sm_partition)]
         return args
 
     def start(self) -> Layout:

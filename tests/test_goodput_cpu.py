@@ -104,6 +104,18 @@ def test_layout_gpu_assignment():
     assert col.describe() == "colocated x2 (GPU 0: colocated0; GPU 1: colocated1)"
     with pytest.raises(ValueError):
         LayoutConfig("pd", "m", "l", kv_transport="carrier-pigeon")
+    lanes = LayoutConfig("colocated", "m", "l", gpus=("0",), sm_partition=0.4)
+    assert lanes.describe() == "colocated x1 (GPU 0: colocated0, prefill and decode lanes on 40/60% of the SMs)"
+    with pytest.raises(ValueError, match="sm_partition"):
+        LayoutConfig("pd", "m", "l", sm_partition=0.4)
+
+
+def test_the_lanes_layout_gives_its_worker_the_flag(tmp_path):
+    from benchmarks.layouts import Layout
+    cfg = LayoutConfig("colocated", tmp_path, tmp_path, device="cpu", sm_partition=0.5)
+    args = Layout(cfg)._worker_args("decode", 1, 2, 0.5)
+    assert args[args.index("--sm-partition") + 1] == "0.5"
+    assert "--sm-partition" not in Layout(LayoutConfig("colocated", tmp_path, tmp_path))._worker_args("decode", 1, 2, 0.5)
 
 
 @pytest.mark.parametrize("layout", [["--layout", "colocated", "--replicas", "1"], ["--layout", "pd"]],

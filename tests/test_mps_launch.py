@@ -387,7 +387,7 @@ def test_the_plan_gives_each_worker_its_share_under_mps():
 
 
 def test_the_benchmark_layout_runs_pd_under_mps_and_quits_the_daemon(fake_bin, tmp_path, monkeypatch):
-    """benchmarks/layouts.py's gpu_sharing="mps" (what benchmarks/goodput_1gpu.sh measures on
+    """benchmarks/layouts.py's gpu_sharing="mps" (what benchmarks/goodput_1gpu.sh measured on
     the GPU) on the CPU: the same daemon lifecycle, each worker with its share."""
     from benchmarks.layouts import Layout, LayoutConfig, write_model_dir
 
