@@ -46,6 +46,11 @@ exceed the budget anyway (a lone prompt admitted over it) runs the two passes. I
 pass raises, its prompts fail as a prefill pass's would, and the next step runs the decode
 pass apart: a decode row that causes the error then fails alone.
 
+Partitioned lanes (`--sm-partition`, decode_worker/lanes.py): a step's prefill pass is
+launched in the prefill lane and read in a later step, once done; meanwhile decode passes go
+on in the decode lane without its (`held`) seqs, and no prompt is admitted. No mixed batches.
+Failures of a command or a pass: decode_worker/failures.py.
+
 Logprobs (SamplingParams.logprobs / prompt_logprobs; engine/logprobs.py): each pass's sampler
 output carries one packed float32 tensor for the rows that asked, copied back with the
 tokens (same pinned copy path, same event); `_read` hands each token its `TokenLogprob`.
@@ -72,21 +77,21 @@ import logging
 import time
 from dataclasses import replace
 
+from decode_worker.failures import DecodeFailures
 from decode_worker.lanes import make_lanes
 from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver
-from engine.errors import ResourceExhaustedError
 from engine.logprobs import TokenLogprob, prompt_logprobs
 from engine.prefix_cache_manager import PageCopy
 from engine.runner import ForwardSeq, ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import DecodeScheduler
-from engine.sequence import ErrorKind, FinishReason, Sequence, SequenceStatus
+from engine.sequence import ErrorKind, FinishReason, Sequence
 from engine.worker_thread import EngineThread
 
 log = logging.getLogger(__name__)
 
 
-class DecodeEngine(EngineThread):
+class DecodeEngine(DecodeFailures, EngineThread):
     def __init__(self, runner: ModelRunner, scheduler: DecodeScheduler, sampler: Sampler, loop) -> None:
         super().__init__(loop, name="decode-engine")
         self.runner = runner
@@ -425,56 +430,6 @@ class DecodeEngine(EngineThread):
         else:
             self.counters.decode_seconds += time.perf_counter() - t
         self._in_pass = []
-
-    def on_command_error(self, fn, args: tuple, exc: Exception) -> None:
-        """A command about one request raised (e.g. kv_ready for a request in another state):
-        that request fails with the error; the others and the thread go on."""
-        rid = args[0].request_id if args and isinstance(args[0], Sequence) else (
-            args[0] if args and isinstance(args[0], str) else None)
-        sink = self._sinks.pop(rid, None) if rid is not None else None
-        if rid is None:
-            return
-        self.sampler.release(rid)
-        seq = self.scheduler.get(rid)
-        self.scheduler.abort(rid, FinishReason.ERROR)
-        if sink is not None:
-            self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"engine command failed: {exc}",
-                                                    ErrorKind.INTERNAL, seq.cached_tokens if seq else 0)))
-
-    def on_step_error(self, exc: BaseException) -> None:
-        """A failed forward pass fails the requests of that pass, not the worker and not the
-        others: requests waiting (for a slot, or for KV a sender is still writing into their
-        pages) and those of the other pass of the step go on."""
-        kind = ErrorKind.RESOURCE_EXHAUSTED if isinstance(exc, ResourceExhaustedError) else ErrorKind.INTERNAL
-        failed, self._in_pass = self._in_pass, []
-        failing = {id(q) for q in failed}
-        queued = [p for p in self._inflight + self._launching + self._prefill_inflight
-                  if not any(id(q) in failing for q in p.seqs)]
-        for p in self._prefill_inflight:
-            for q in p.seqs:
-                q.held = False
-        self._inflight, self._launching, self._prefill_inflight = [], [], []
-        for p in queued:              # other passes already queued: their tokens are still good
-            try:
-                self._read(p)
-            except Exception:  # noqa: BLE001 - the device is gone too: fail those as well
-                failed += [q for q in p.seqs if id(q) not in failing]
-        self._in_pass = []
-        self._pending_src.clear()
-        if not failed:   # not in a forward pass (a scheduler bug): every request whose pages no sender writes
-            failed = [q for rid in list(self._sinks) if (q := self.scheduler.get(rid)) is not None
-                      and q.status is not SequenceStatus.AWAITING_KV]
-        for seq in failed:
-            rid = seq.request_id
-            sink = self._sinks.pop(rid, None)
-            self.scheduler.abort(rid, FinishReason.ERROR)
-            self.sampler.release(rid)
-            if sink is not None:
-                self._outbox.append((sink, EngineOutput(rid, [], FinishReason.ERROR, f"decode step failed: {exc}",
-                                                        kind, seq.cached_tokens)))
-        self.scheduler.settle_all()
-        if self.gpu_turn is not None:
-            self.gpu_turn.release()
 
     def _grammar_stats(self) -> dict:
         rt = self.sampler.grammar_runtime(load=False)
