@@ -252,7 +252,7 @@ class DecodeEngine(DecodeFailures, EngineThread):
             self.counters.mixed_steps += 1
         else:
             if out.prefill and lanes.partitioned:
-                with lanes.prefill():
+                with lanes.prefill(decoding=bool(out.decode or self._inflight)):
                     p = self._launch_prefill(out.prefill, out.page_copies)
                 for seq in p.seqs:
                     seq.held = True

@@ -9,11 +9,15 @@ in the decode lane, step after step, and the prefill's seqs join them once `done
 its tokens are on the host (decode_worker/engine.py: `held` seqs). One prefill pass is in
 flight at a time (the scheduler admits no prompt meanwhile).
 
-  - `GreenLanes` (CUDA): `cuDevSmResourceSplitByCount` splits the GPU's SMs into a group of
-    F of them (rounded to the driver's granularity) for prefill and the rest for decode; a
-    green context and a stream on each (`torch.cuda.ExternalStream`). Measured on the H200
-    (benchmarks/RESULTS.md, 2026-12-01): both partitions compute right, where an MPS client with
-    an SM limit did not, and a matmul and a copy run on them at the same time.
+  - `GreenLanes` (CUDA): `cuDevSmResourceSplitByCount` carves a group of F of the GPU's SMs
+    (rounded to the driver's granularity) into a green context with its own stream
+    (`torch.cuda.ExternalStream`): a prefill pass launched while seqs are decoding runs there,
+    confined to those SMs. Decode passes run on the engine's own stream, which may use every
+    SM: the other SMs are theirs alone while a prefill runs, and all of them otherwise. A
+    prefill launched while nothing decodes takes the engine's stream too (the whole GPU;
+    nothing can queue behind it, as its seqs are the next to decode). Measured on the H200
+    (benchmarks/RESULTS.md, 2026-12-01): green-context partitions compute right, where an MPS
+    client with an SM limit did not, and a matmul and a copy run on two of them at once.
   - `HostLanes` (CPU, the reference): the same flow on one stream; a pass is done when
     launched. Said once, at start.
 
@@ -36,7 +40,8 @@ class InlineLanes:
     partitioned = False
     description = "one stream"
 
-    def prefill(self):
+    def prefill(self, decoding: bool = True):
+        """Around a prefill pass's launch; `decoding`: seqs are decoding beside it."""
         return nullcontext()
 
     def decode(self):
@@ -75,29 +80,21 @@ class GreenLanes(InlineLanes):
         dev = ok(cu.cuDeviceGet(index))
         sms = ok(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         want = max(1, round(prefill_fraction * total))
-        split = ok(cu.cuDevSmResourceSplitByCount(1, sms, 0, want))
-        groups, rest = split[0], split[-1]
-        self._keep = []       # green contexts and streams live as long as the engine
-        streams = []
-        for res in (groups[0], rest):
-            desc = ok(cu.cuDevResourceGenerateDesc([res], 1))
-            ctx = ok(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-            st = ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-            self._keep += [ctx, st]
-            streams.append(torch.cuda.ExternalStream(int(st), device=device))
-        self.prefill_sms, self.decode_sms = int(groups[0].sm.smCount), int(rest.sm.smCount)
-        if self.decode_sms < 1:
-            raise EngineStartupError(f"--sm-partition {prefill_fraction}: no SMs left for decode "
-                                     f"(prefill got {self.prefill_sms} of {total})")
-        self._prefill, self._decode = streams
-        self.description = (f"prefill on {self.prefill_sms} of {total} SMs, decode on the other "
-                            f"{self.decode_sms}, side by side (green contexts)")
+        groups = ok(cu.cuDevSmResourceSplitByCount(1, sms, 0, want))[0]
+        desc = ok(cu.cuDevResourceGenerateDesc([groups[0]], 1))
+        ctx = ok(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        st = ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        self._keep = (ctx, st)       # the green context and its stream live as long as the engine
+        self._prefill = torch.cuda.ExternalStream(int(st), device=device)
+        self.prefill_sms = int(groups[0].sm.smCount)
+        if self.prefill_sms >= total:
+            raise EngineStartupError(f"--sm-partition {prefill_fraction}: the prefill group got all "
+                                     f"{total} SMs; nothing would be decode's alone")
+        self.description = (f"prefill beside decode on {self.prefill_sms} of {total} SMs (a green context), "
+                            f"decode on any SM ({total - self.prefill_sms} of them its own)")
 
-    def prefill(self):
-        return torch.cuda.stream(self._prefill)
-
-    def decode(self):
-        return torch.cuda.stream(self._decode)
+    def prefill(self, decoding: bool = True):
+        return torch.cuda.stream(self._prefill) if decoding else nullcontext()
 
     def done(self, p) -> bool:
         return p.copied is None or p.copied.query()
