@@ -23,14 +23,6 @@ PARTS = ("schedule", "_read", "_emit", "flush", "_feed", "_decode_row", "launche
          "build_metadata_and_ids", "sample_on_device")
 
 
-class _Loop:
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
-
-
 class _Sink:
     def on_reserved(self, pages):
         raise AssertionError("local prefill only")
@@ -49,11 +41,12 @@ def main(argv=None) -> None:
     from engine.sampling_params import SamplingParams
     from engine.sequence import Sequence
     from engine.tiny_models import make_tiny_model
+    from engine.worker_thread import InlineLoop
 
     model = make_tiny_model(Path(tempfile.mkdtemp(prefix="tandem-hostprof-")) / "llama", arch="llama", seed=2)
     eng = make_decode_engine(EngineConfig(model=str(model), dtype="float32", device="cpu", page_size=16,
                                           num_pages=4096, max_num_seqs=args.batch, max_model_len=512,
-                                          max_num_batched_tokens=16384), _Loop())
+                                          max_num_batched_tokens=16384), InlineLoop())
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 20, ignore_eos=True)
     for i in range(args.batch):
         eng.submit(Sequence(f"r{i}", [3 + (i * 7 + j) % 50 for j in range(40)], params), _Sink())

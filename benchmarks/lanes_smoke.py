@@ -19,14 +19,7 @@ from decode_worker.main import make_decode_engine
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-
-
-class _Loop:
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
+from engine.worker_thread import InlineLoop
 
 
 class _Sink:
@@ -63,7 +56,7 @@ def main(argv=None) -> dict:
         model=str(model), load_format="dummy", dtype=args.dtype, device=args.device, max_num_seqs=128,
         mixed_batches=args.mixed_batches,
         max_model_len=args.prompt + args.output + 16, gpu_memory_utilization=0.6, max_num_batched_tokens=8192,
-        sm_partition=args.sm_partition), _Loop())
+        sm_partition=args.sm_partition), InlineLoop())
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1000, 120000, (args.prompt,), generator=gen).tolist() for _ in range(args.requests + 8)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)

@@ -67,6 +67,17 @@ def apply_switch_interval() -> None:
     log.info("GIL switch interval %.3f ms", sys.getswitchinterval() * 1e3)
 
 
+class InlineLoop:
+    """Stands in for the asyncio loop of an engine stepped by hand on one thread (benchmarks
+    that drive `step()` themselves): replies run at once, on the calling thread."""
+
+    def call_soon_threadsafe(self, fn, *args):
+        fn(*args)
+
+    def is_closed(self) -> bool:
+        return False
+
+
 def _classified(exc: Exception) -> Exception:
     """An out-of-memory error not yet classified (e.g. in sampling) as a ResourceExhaustedError."""
     err = classify_step_error(exc)
