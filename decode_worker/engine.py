@@ -78,6 +78,7 @@ import time
 from dataclasses import replace
 
 from decode_worker.failures import DecodeFailures
+from decode_worker.lane_split import lane_split_for
 from decode_worker.lanes import make_lanes
 from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver
 from engine.logprobs import TokenLogprob, prompt_logprobs
@@ -110,6 +111,7 @@ class DecodeEngine(DecodeFailures, EngineThread):
         # partitioned lanes (decode_worker/lanes.py): the prefill pass running in its own lane
         self.lanes = make_lanes(runner.device, runner.config.sm_partition)
         self._prefill_inflight: list[QueuedPass] = []
+        self.split = lane_split_for(self.lanes, runner.config)   # None unless --sm-partition-adaptive
         self._launching: list[QueuedPass] = []      # this iteration's, queued so far
         self._pending_src: dict[str, tuple[QueuedPass, int]] = {}   # seq -> pass and row sampling its PENDING token
         self.counters = DecodeCounters()
@@ -153,6 +155,8 @@ class DecodeEngine(DecodeFailures, EngineThread):
             if seq.params.grammar is not None:   # GrammarError is a ValueError
                 self.sampler.grammar_runtime().compile(seq.params.grammar)
             self.scheduler.add(seq)
+            if self.split is not None:
+                self.split.submitted(seq.request_id)
         except ValueError as exc:   # a bad request must not kill the engine thread
             self._outbox.append((sink, EngineOutput(seq.request_id, [], FinishReason.ERROR, str(exc),
                                                     ErrorKind.INVALID_ARGUMENT)))
@@ -182,6 +186,8 @@ class DecodeEngine(DecodeFailures, EngineThread):
         rid = seq.request_id
         if finish is not None:
             self.sampler.release(rid)
+        if self.split is not None:
+            self.split.emitted(rid, len(tokens), finish is not None)
         sink = self._sinks.get(rid)
         if sink is None:
             return
@@ -213,6 +219,8 @@ class DecodeEngine(DecodeFailures, EngineThread):
         last one and prepares the next (see `_read`)."""
         t0 = time.perf_counter()
         lanes = self.lanes
+        if self.split is not None:
+            self.split.tick(self.scheduler.num_waiting)
         while self._prefill_inflight and lanes.done(self._prefill_inflight[0]):
             self._read_prefill(self._prefill_inflight.pop(0))     # its seqs decode from this step on
         out = self.scheduler.schedule(admit=not self._prefill_inflight)
@@ -450,6 +458,10 @@ class DecodeEngine(DecodeFailures, EngineThread):
             "prefix_cache_evictable_pages": cache.evictable_pages if cache else 0,
             "prefix_cache_adopted_pages": cache.adopted_shared_pages if cache else 0,
             **self._grammar_stats(),
+            **({} if not self.lanes.partitioned else {
+                "prefill_lane_sm_fraction": self.lanes.fraction,
+                "decode_passes_beside_prefill": self.counters.decode_passes_beside_prefill,
+                **({} if self.split is None else {"prefill_lane_moves": self.split.controller.moves})}),
             "page_size": s.config.page_size,
             "running": s.num_running,
             "waiting": s.num_waiting + s.num_awaiting_kv,

@@ -21,8 +21,11 @@ flight at a time (the scheduler admits no prompt meanwhile).
   - `HostLanes` (CPU, the reference): the same flow on one stream; a pass is done when
     launched. Said once, at start.
 
-Lifecycle: `make_lanes(device, fraction)` once per engine; `prefill()` / `decode()` are
-context managers around each launch; `done(p)` polls a QueuedPass (its copy-back event).
+Lifecycle: `make_lanes(device, fraction)` once per engine; `prefill(decoding)` / `decode()`
+are context managers around each launch; `done(p)` polls a QueuedPass (its copy-back event);
+`set_fraction(f)` changes the share the next prefill beside decode gets (GreenLanes: one green
+context per distinct SM count, made on first use; `--sm-partition-adaptive` calls it from
+decode_worker/lane_split.py).
 """
 from __future__ import annotations
 
@@ -39,6 +42,15 @@ log = logging.getLogger(__name__)
 class InlineLanes:
     partitioned = False
     description = "one stream"
+    fraction: float | None = None       # the prefill lane's share of the SMs (partitioned lanes)
+
+    def set_fraction(self, fraction: float) -> None:
+        """The share the next prefill launched beside decode gets (partitioned lanes)."""
+        if not self.partitioned:
+            raise ValueError("one-stream lanes have no SM share to set")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"an SM share is in (0, 1), got {fraction}")
+        self.fraction = fraction
 
     def prefill(self, decoding: bool = True):
         """Around a prefill pass's launch; `decoding`: seqs are decoding beside it."""
@@ -56,6 +68,9 @@ class HostLanes(InlineLanes):
     partitioned = True
     description = "prefill and decode passes held apart on one CPU stream (no SM partitions on the CPU)"
 
+    def __init__(self, fraction: float = 0.5) -> None:
+        self.set_fraction(fraction)
+
 
 class GreenLanes(InlineLanes):
     partitioned = True
@@ -67,31 +82,41 @@ class GreenLanes(InlineLanes):
             raise EngineStartupError(f"--sm-partition needs the cuda-bindings package ({exc})") from None
         torch.zeros(1, device=device)          # the primary context torch uses
         index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).multi_processor_count
+        self.total = torch.cuda.get_device_properties(index).multi_processor_count
+        self._cu, self._device = cu, device
+        self._dev = self._ok(cu.cuDeviceGet(index))
+        self._sms = self._ok(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        self._by_count: dict[int, tuple] = {}   # SMs -> (green context, its stream, torch stream)
+        self.set_fraction(prefill_fraction)
 
-        def ok(r):
-            err = r[0] if isinstance(r, tuple) else r
-            if err != cu.CUresult.CUDA_SUCCESS:
-                raise EngineStartupError(f"--sm-partition: a CUDA driver call failed ({err}); green contexts "
-                                         "need CUDA 12.4+ and a driver that supports them")
-            out = r[1:] if isinstance(r, tuple) else ()
-            return out[0] if len(out) == 1 else out
+    def _ok(self, r):
+        cu = self._cu
+        err = r[0] if isinstance(r, tuple) else r
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise EngineStartupError(f"--sm-partition: a CUDA driver call failed ({err}); green contexts "
+                                     "need CUDA 12.4+ and a driver that supports them")
+        out = r[1:] if isinstance(r, tuple) else ()
+        return out[0] if len(out) == 1 else out
 
-        dev = ok(cu.cuDeviceGet(index))
-        sms = ok(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-        want = max(1, round(prefill_fraction * total))
-        groups = ok(cu.cuDevSmResourceSplitByCount(1, sms, 0, want))[0]
-        desc = ok(cu.cuDevResourceGenerateDesc([groups[0]], 1))
-        ctx = ok(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-        st = ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-        self._keep = (ctx, st)       # the green context and its stream live as long as the engine
-        self._prefill = torch.cuda.ExternalStream(int(st), device=device)
-        self.prefill_sms = int(groups[0].sm.smCount)
-        if self.prefill_sms >= total:
-            raise EngineStartupError(f"--sm-partition {prefill_fraction}: the prefill group got all "
-                                     f"{total} SMs; nothing would be decode's alone")
-        self.description = (f"prefill beside decode on {self.prefill_sms} of {total} SMs (a green context), "
-                            f"decode on any SM ({total - self.prefill_sms} of them its own)")
+    def set_fraction(self, fraction: float) -> None:
+        """A green context of about `fraction` of the SMs (the driver rounds the count; one
+        context per distinct count, made on first use and kept) for the next prefills."""
+        super().set_fraction(fraction)
+        cu, ok, total = self._cu, self._ok, self.total
+        want = max(1, round(fraction * total))
+        group = ok(cu.cuDevSmResourceSplitByCount(1, self._sms, 0, want))[0][0]
+        count = int(group.sm.smCount)
+        if count >= total:
+            raise EngineStartupError(f"--sm-partition {fraction}: the prefill group got all {total} SMs; "
+                                     "nothing would be decode's alone")
+        if count not in self._by_count:
+            desc = ok(cu.cuDevResourceGenerateDesc([group], 1))
+            ctx = ok(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+            st = ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+            self._by_count[count] = (ctx, st, torch.cuda.ExternalStream(int(st), device=self._device))
+        self.prefill_sms, self._prefill = count, self._by_count[count][2]
+        self.description = (f"prefill beside decode on {count} of {total} SMs (a green context), "
+                            f"decode on any SM ({total - count} of them its own)")
 
     def prefill(self, decoding: bool = True):
         return torch.cuda.stream(self._prefill) if decoding else nullcontext()
@@ -105,7 +130,7 @@ def make_lanes(device: torch.device | str, prefill_fraction: float | None) -> In
     device = torch.device(device)
     if prefill_fraction is None:
         return InlineLanes()
-    lanes = GreenLanes(device, prefill_fraction) if device.type == "cuda" else HostLanes()
+    lanes = GreenLanes(device, prefill_fraction) if device.type == "cuda" else HostLanes(prefill_fraction)
     log.warning("decode engine passes: %s%s", lanes.description,
                 " (experimental: greedy equality with one stream not yet shown on a GPU)"
                 if device.type == "cuda" else "")

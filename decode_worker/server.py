@@ -81,7 +81,8 @@ class DecodeServicer(pbg.DecodeServicer):
             prefix_cache_adopted_pages=st["prefix_cache_adopted_pages"],
             **{k: st[k] for k in ("grammar_mask_rows", "grammar_mask_seconds", "grammar_compiles",
                                   "grammar_compile_seconds", "grammar_rejected_tokens",
-                                  "grammar_empty_masks") if k in st},
+                                  "grammar_empty_masks", "prefill_lane_sm_fraction",
+                                  "decode_passes_beside_prefill", "prefill_lane_moves") if k in st},
             # local prefills only (colocated, recompute after preemption): a prefill worker
             # exports its own, so that a sum over workers counts each token once
             prompt_tokens_cached=c.prefill_cached_tokens,

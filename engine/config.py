@@ -202,6 +202,11 @@ class EngineConfig:
     # and decode passes on the rest, side by side in one process (decode_worker/lanes.py);
     # None: one stream. On the CPU the same flow runs on one stream (the reference).
     sm_partition: float | None = None
+    # ... and let engine/sm_split.py's controller move that share (decode_worker/lane_split.py)
+    # against these targets (p90 over each second), within [min(0.3, F), max(0.85, F)]
+    sm_partition_adaptive: bool = False
+    slo_ttft_s: float = 1.0
+    slo_tpot_s: float = 0.050
     role: Literal["colocated", "prefill", "decode"] = "colocated"  # what the worker runs (memory, graphs)
     kv_transfer_backend: str = ""                # "" (none), "grpc", "nixl": its staging is reserved
     attention_backend_reason: str = field(default="", compare=False)  # set with the resolution
@@ -223,6 +228,10 @@ class EngineConfig:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.sm_partition is not None and not 0.0 < self.sm_partition < 1.0:
             raise ValueError(f"sm_partition must be in (0, 1), got {self.sm_partition}")
+        if self.sm_partition_adaptive and self.sm_partition is None:
+            raise ValueError("sm_partition_adaptive moves the sm_partition share: give sm_partition")
+        if self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0:
+            raise ValueError("the SLO targets must be > 0")
         backend, why = resolve_attention_backend(self.attention_backend, self.device)
         if backend != self.attention_backend or not self.attention_backend_reason:
             object.__setattr__(self, "attention_backend", backend)

@@ -61,6 +61,9 @@ class WorkerSnapshot:
     grammar_mask_seconds: float | None = None # host time replaying tokens into matchers and filling bitmasks
     grammar_compiles: int | None = None       # grammars compiled against the vocabulary
     grammar_compile_seconds: float | None = None
+    prefill_lane_sm_fraction: float | None = None  # decode, partitioned lanes: the prefill lane's SM share
+    decode_passes_beside_prefill: int | None = None  # decode, partitioned lanes: passes run beside a prefill
+    prefill_lane_moves: int | None = None     # decode, --sm-partition-adaptive: moves of that share
     grammar_rejected_tokens: int | None = None  # replayed tokens a matcher refused (a bug upstream)
     grammar_empty_masks: int | None = None    # rows ended because no token of the vocabulary continued them
     kv_transfers_active: int = 0              # KV transfers not yet finished
@@ -83,6 +86,9 @@ _GAUGES = {  # field -> (metric name, help)
     "prefix_cache_pages": ("tandem_prefix_cache_pages", "KV pages held by the prefix (radix) cache."),
     "prefix_cache_evictable_pages": ("tandem_prefix_cache_evictable_pages",
                                      "Prefix-cache pages no request holds (evictable)."),
+    "prefill_lane_sm_fraction": ("tandem_prefill_lane_sm_fraction",
+                                 "Share of the GPU's SMs a prefill pass gets beside decode passes (--sm-partition; "
+                                 "moved live with --sm-partition-adaptive)."),
 }
 _COUNTERS = {  # field -> (metric name without _total, help)
     "prompt_tokens_cached": ("tandem_prompt_tokens_cached", "Prompt tokens whose KV came from the prefix cache."),
@@ -95,6 +101,10 @@ _COUNTERS = {  # field -> (metric name without _total, help)
                              "matchers and filling their token bitmasks."),
     "grammar_compiles": ("tandem_grammar_compiles", "Grammars compiled against the vocabulary."),
     "grammar_compile_seconds": ("tandem_grammar_compile_seconds", "Seconds spent compiling grammars."),
+    "decode_passes_beside_prefill": ("tandem_decode_passes_beside_prefill",
+                                     "Decode passes launched while a prefill pass ran in its own SM partition."),
+    "prefill_lane_moves": ("tandem_prefill_lane_moves", "Moves of the prefill lane's SM share by the split "
+                           "controller (--sm-partition-adaptive)."),
     "grammar_rejected_tokens": ("tandem_grammar_rejected_tokens", "Tokens a grammar matcher refused on replay "
                                 "(a bug: each such request may only end)."),
     "grammar_empty_masks": ("tandem_grammar_empty_masks", "Grammar requests ended because no token of the "

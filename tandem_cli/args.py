@@ -92,6 +92,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
                         "the SMs and decode passes on the rest, side by side (decode never waits behind a "
                         "prefill; no mixed batches). Experimental: greedy equality with one stream is not yet shown on a "
                         "GPU (benchmarks/RESULTS.md). Default: one stream")
+    g.add_argument("--sm-partition-adaptive", action="store_true",
+                   help="move the --sm-partition share live from queue depth, TTFT and TPOT against "
+                        "--slo-ttft / --slo-tpot-ms (engine/sm_split.py; exported as "
+                        "tandem_prefill_lane_sm_fraction)")
+    g.add_argument("--slo-ttft", type=float, default=1.0, metavar="SECONDS",
+                   help="TTFT target of --sm-partition-adaptive (p90 per second)")
+    g.add_argument("--slo-tpot-ms", type=float, default=50.0, metavar="MS",
+                   help="TPOT target of --sm-partition-adaptive (p90 per second)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -126,6 +134,8 @@ def _engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
         async_scheduling=args.async_scheduling,
         mixed_batches=args.mixed_batches,
         sm_partition=getattr(args, "sm_partition", None),
+        sm_partition_adaptive=getattr(args, "sm_partition_adaptive", False),
+        slo_ttft_s=getattr(args, "slo_ttft", 1.0), slo_tpot_s=getattr(args, "slo_tpot_ms", 50.0) / 1e3,
         role=args.command if args.command in ("prefill", "decode") else "colocated",
         kv_transfer_backend=getattr(args, "kv_transfer_backend", "") or "",
     )

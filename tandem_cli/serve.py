@@ -80,6 +80,9 @@ def engine_flags(config: EngineConfig, args: argparse.Namespace, model: str,
     flags += [] if config.async_scheduling else ["--no-async-scheduling"]
     flags += [] if config.mixed_batches else ["--no-mixed-batches"]
     flags += [] if config.sm_partition is None else ["--sm-partition", str(config.sm_partition)]
+    if config.sm_partition_adaptive:
+        flags += ["--sm-partition-adaptive", "--slo-ttft", str(config.slo_ttft_s),
+                  "--slo-tpot-ms", str(1e3 * config.slo_tpot_s)]
     for name, value in (("--num-pages", config.num_pages), ("--max-model-len", config.max_model_len)):
         if value is not None:
             flags += [name, str(value)]

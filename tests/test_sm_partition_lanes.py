@@ -149,3 +149,90 @@ def test_config_and_flags():
     assert flags[flags.index("--sm-partition") + 1] == "0.4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--sm-partition", "1.5"])
+
+
+# ---- --sm-partition-adaptive: the split controller moves the prefill lane's share live ----
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_lane_split_follows_the_controller_on_a_trace():
+    """TTFT over its SLO while TPOT has headroom: after `patience` intervals the prefill lane
+    gets one step more; then TPOT over while TTFT is fine: it comes back (after the longer
+    patience of a reversal), each move applied to the lanes."""
+    from decode_worker.lane_split import LaneSplit
+    from engine.sm_split import SplitConfig
+    lanes, clock = HostLanes(0.5), Clock()
+    split = LaneSplit(lanes, SplitConfig(initial=0.5, step=0.1, patience=2, reverse_patience=3, cooldown=0),
+                      interval_s=1.0, clock=clock)
+
+    def interval(ttft: float, tpot: float, n: int = 5):
+        base = clock.t
+        for i in range(n):
+            rid = f"q{base}-{i}"
+            split.submitted(rid)
+            clock.t = base + ttft
+            split.emitted(rid, 1, False)
+            clock.t = base + ttft + 4 * tpot
+            split.emitted(rid, 4, True)
+            clock.t = base
+        clock.t = base + 1.0
+        return split.tick(queue=0)
+
+    assert split.tick(0) is None                        # less than an interval so far
+    moves = [interval(ttft=2.0, tpot=0.010).fraction for _ in range(3)]
+    assert moves == [0.5, 0.6, 0.6] and lanes.fraction == 0.6
+    moves = [interval(ttft=0.1, tpot=0.080).fraction for _ in range(4)]
+    assert moves == [0.6, 0.6, 0.5, 0.5] and lanes.fraction == 0.5
+    assert split.controller.moves == 2
+    clock.t += 0.5
+    assert split.tick(0) is None
+
+
+def test_the_engine_moves_its_prefill_lane_and_exports_it(model_dir):
+    """An engine whose TTFT target no request can meet: the controller gives prefill more SMs
+    step by step up to its bound, the tokens stay the one-stream tokens, and the worker's
+    snapshot exports the share, the moves and the passes run beside a prefill."""
+    from decode_worker.main import make_decode_engine
+    from test_colocated_prefix_cache import _DirectLoop
+    reqs = _requests()
+    ref, _, _ = run_staggered(make_engine(model_dir, mixed=True), reqs)
+    eng = make_decode_engine(EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", page_size=4, num_pages=300, max_num_seqs=8,
+        max_model_len=128, sm_partition=0.5, sm_partition_adaptive=True, slo_ttft_s=1e-9, slo_tpot_s=10.0),
+        _DirectLoop())
+    eng.split.interval_s = 0.0          # one observation per step
+    got, _, _ = run_staggered(eng, reqs)
+    assert got == ref
+    assert eng.split.controller.moves >= 2 and eng.lanes.fraction == eng.split.fraction > 0.5
+    st = eng.stats()
+    assert st["prefill_lane_sm_fraction"] == eng.lanes.fraction and st["prefill_lane_moves"] >= 2
+    from engine.metrics import WorkerMetrics, WorkerSnapshot
+    from prometheus_client import generate_latest
+    m = WorkerMetrics(role="decode")
+    m.attach(lambda: WorkerSnapshot(kv_pages_total=1, kv_pages_free=1, waiting_requests=0,
+                                    prefill_lane_sm_fraction=st["prefill_lane_sm_fraction"],
+                                    decode_passes_beside_prefill=st["decode_passes_beside_prefill"],
+                                    prefill_lane_moves=st["prefill_lane_moves"]))
+    text = generate_latest(m.registry).decode()
+    assert f"tandem_prefill_lane_sm_fraction {st['prefill_lane_sm_fraction']}" in text
+    assert "tandem_prefill_lane_moves_total" in text and "tandem_decode_passes_beside_prefill_total" in text
+
+
+def test_adaptive_flags():
+    from tandem_cli.args import build_parser, engine_config_from_args
+    from tandem_cli.serve import engine_flags
+    args = build_parser().parse_args(["serve", "--model", "m", "--device", "cpu", "--colocated", "--sm-partition",
+                                      "0.4", "--sm-partition-adaptive", "--slo-ttft", "0.5", "--slo-tpot-ms", "30"])
+    cfg = engine_config_from_args(args)
+    assert cfg.sm_partition_adaptive and cfg.slo_ttft_s == 0.5 and cfg.slo_tpot_s == pytest.approx(0.03)
+    flags = engine_flags(cfg, args, "m", 0.9)
+    assert "--sm-partition-adaptive" in flags and flags[flags.index("--slo-tpot-ms") + 1] == "30.0"
+    with pytest.raises(ValueError, match="give sm_partition"):
+        EngineConfig(model="x", device="cpu", sm_partition_adaptive=True)
