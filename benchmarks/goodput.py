@@ -190,6 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-sm-fraction", type=float, default=0.6, help="mps: the prefill worker's share of the SMs")
     p.add_argument("--sm-partition", type=float, default=None,
                    help="colocated: the workers' --sm-partition (prefill lane's share of the SMs; green contexts)")
+    p.add_argument("--sm-partition-adaptive", action="store_true",
+                   help="with --sm-partition: the workers move that share live against this run's SLOs")
     p.add_argument("--kv-transfer-backend", "--kv-transport", dest="kv_transport", default="grpc",
                    choices=KV_TRANSPORTS, help="KV transport between the P+D workers")
     p.add_argument("--log-dir", default=None)
@@ -282,7 +284,8 @@ def main(argv=None) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, prefill_pages=args.prefill_pages,
             decode_pages=args.decode_pages, kv_transport=args.kv_transport, gpu_sharing=args.gpu_sharing,
-            prefill_sm_fraction=args.prefill_sm_fraction, sm_partition=args.sm_partition)
+            prefill_sm_fraction=args.prefill_sm_fraction, sm_partition=args.sm_partition,
+            sm_partition_adaptive=(args.slo_ttft, args.slo_tpot_ms / 1e3) if args.sm_partition_adaptive else None)
         print(f"starting {cfg.describe()}; model config {describe_model_config(model_name, model_cfg)}; "
               f"logs in {log_dir}", flush=True)
         t = time.perf_counter()

@@ -7,12 +7,14 @@
 # benchmarks/RESULTS.md, and workers now refuse to start that way). First the KV handover
 # bandwidth on one GPU (nixl, 1k and 4k tokens, consecutive pages); last, partitioned at
 # colocated x1's goodput rate (its TPOT p99 against colocated's) when the call has time left.
-#   OUT=/tmp/out [COMMIT=abc1234] [SM_PARTITION=0.5] [TURNS=1] bash benchmarks/goodput_1gpu.sh
+#   OUT=/tmp/out [COMMIT=abc1234] [SM_PARTITION=0.5] [ADAPTIVE=1] [TURNS=1] bash benchmarks/goodput_1gpu.sh
+# ADAPTIVE=1: the partitioned worker moves its share live (--sm-partition-adaptive, same SLOs).
 # TURNS=1 adds P+D with GPU turns; it makes the call longer than the 600 s a device call gets.
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD)}   # the device's checkout may carry a stale .git
 SM_PARTITION=${SM_PARTITION:-0.5}
+LANES="--sm-partition $SM_PARTITION"; [ "${ADAPTIVE:-0}" = 1 ] && LANES="$LANES --sm-partition-adaptive"
 source benchmarks/device_env.sh
 G="--device cuda --gpus 0 --duration 8 --start-rate 4 --max-rate 64 --min-rate 0.5 --search-steps 2 --commit $COMMIT"
 timeout 45 python3 -m benchmarks.kv_transfer_bench --backends nixl --pages contiguous --recv-device cuda:0 \
@@ -21,7 +23,7 @@ timeout 170 python3 -m benchmarks.goodput --layout colocated --replicas 1 $G \
     --json "$OUT/col1.json" --results-md "$OUT/goodput.md" --log-dir /tmp/l-col1 2>&1
 timeout 170 python3 -m benchmarks.goodput --layout pd --kv-transfer-backend nixl --gpu-sharing none $G \
     --json "$OUT/pd1.json" --results-md "$OUT/goodput.md" --log-dir /tmp/l-pd1 2>&1 | grep -v "NIXL INFO"
-timeout 170 python3 -m benchmarks.goodput --layout colocated --replicas 1 --sm-partition "$SM_PARTITION" $G \
+timeout 170 python3 -m benchmarks.goodput --layout colocated --replicas 1 $LANES $G \
     --json "$OUT/lanes1.json" --results-md "$OUT/goodput.md" --log-dir /tmp/l-lanes1 2>&1
 if [ "${TURNS:-0}" = 1 ]; then
   timeout 170 python3 -m benchmarks.goodput --layout pd --kv-transfer-backend nixl --gpu-sharing turns $G \
@@ -31,7 +33,7 @@ fi
 R=$(python3 -c "import json; print(json.load(open('$OUT/col1.json'))['goodput'] or '')" 2>/dev/null)
 if [ -n "$R" ] && [ "$SECONDS" -lt 480 ]; then
   timeout $((590 - SECONDS)) python3 -m benchmarks.goodput --layout colocated --replicas 1 \
-      --sm-partition "$SM_PARTITION" ${G/--start-rate 4/--rates $R} \
+      $LANES ${G/--start-rate 4/--rates $R} \
       --json "$OUT/lanes1_at_col1.json" --results-md "$OUT/goodput.md" --log-dir /tmp/l-lanes1-r 2>&1
 fi
 tail -n 30 /tmp/l-lanes1/*.log > "$OUT/lanes1_logs.txt" 2>/dev/null

@@ -74,6 +74,7 @@ class LayoutConfig:
     gpu_sharing: str = "none"           # workers sharing a GPU: "none" | "turns" | "mps"
     prefill_sm_fraction: float = 0.6    # mps: the prefill workers' share of the SMs
     sm_partition: float | None = None   # colocated: --sm-partition (prefill and decode lanes on SM partitions)
+    sm_partition_adaptive: tuple[float, float] | None = None   # (TTFT s, TPOT s): --sm-partition-adaptive
 
     def __post_init__(self) -> None:
         if self.gpu_sharing not in ("none", "turns", "mps"):
@@ -112,6 +113,7 @@ class LayoutConfig:
                        "mps": f", MPS {p}/{d} (SM % prefill/decode)"}[self.gpu_sharing]
         if self.sm_partition is not None:
             sharing = f", prefill and decode lanes on {round(100 * self.sm_partition)}/{100 - round(100 * self.sm_partition)}% of the SMs"
+            sharing += ", moved live" if self.sm_partition_adaptive else ""
         return shape + " (" + "; ".join(f"{'GPU ' + k if k != 'cpu' else 'cpu'}: {', '.join(v)}"
                                         for k, v in where.items()) + sharing + ")"
 
@@ -172,6 +174,9 @@ class Layout:
             args += ["--gpu-turn-file", str(c.log_dir / "gpu.turn")]
         if c.sm_partition is not None:
             args += ["--sm-partition", str(c.sm_partition)]
+        if c.sm_partition_adaptive is not None:
+            ttft, tpot = c.sm_partition_adaptive
+            args += ["--sm-partition-adaptive", "--slo-ttft", str(ttft), "--slo-tpot-ms", str(1e3 * tpot)]
         return args
 
     def start(self) -> Layout:

@@ -116,6 +116,10 @@ def test_the_lanes_layout_gives_its_worker_the_flag(tmp_path):
     args = Layout(cfg)._worker_args("decode", 1, 2, 0.5)
     assert args[args.index("--sm-partition") + 1] == "0.5"
     assert "--sm-partition" not in Layout(LayoutConfig("colocated", tmp_path, tmp_path))._worker_args("decode", 1, 2, 0.5)
+    moved = LayoutConfig("colocated", tmp_path, tmp_path, sm_partition=0.5, sm_partition_adaptive=(1.0, 0.05))
+    args = Layout(moved)._worker_args("decode", 1, 2, 0.5)
+    assert "--sm-partition-adaptive" in args and args[args.index("--slo-tpot-ms") + 1] == "50.0"
+    assert moved.describe().endswith(", moved live)")
 
 
 @pytest.mark.parametrize("layout", [["--layout", "colocated", "--replicas", "1"], ["--layout", "pd"]],
