@@ -24,7 +24,7 @@ from engine.worker_thread import InlineLoop
 
 class _Sink:
     def __init__(self):
-        self.tokens, self.finish, self.first_at = [], None, None
+        self.tokens, self.finish, self.first_at, self.submitted_at = [], None, None, None
 
     def on_reserved(self, pages):
         raise AssertionError("no KV transfer here")
@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
             if args.every == 0 or k % args.every == 0:
                 n = len(order) if args.every == 0 else 8
                 for i in order[:n]:
+                    sinks[f"r{i}"].submitted_at = time.perf_counter()
                     eng.submit(Sequence(f"r{i}", prompts[i], params), sinks[f"r{i}"])
                 order = order[n:]
             eng._drain(block=False)
@@ -77,14 +78,19 @@ def main(argv=None) -> dict:
         return sinks, time.perf_counter() - t0
 
     run(range(args.requests, args.requests + 8))            # warm-up (compiles, first graphs)
-    eng.counters.decode_passes_beside_prefill = 0
+    c = eng.counters
+    c.decode_passes_beside_prefill, c.prefill_lane_passes, c.prefill_lane_handover_s = 0, 0, 0.0
     sinks, wall = run(range(args.requests))
+    ttft = sum(s.first_at - s.submitted_at for s in sinks.values()) / len(sinks)
+    handover = c.prefill_lane_handover_s / c.prefill_lane_passes if c.prefill_lane_passes else None
     res = {"sm_partition": args.sm_partition, "lanes": eng.lanes.description, "dtype": args.dtype,
            "mixed_batches": args.mixed_batches, "every": args.every, "wall_s": wall,
            "output_tok_s": sum(len(s.tokens) for s in sinks.values()) / wall,
            "graphs": bool(eng.runner.graphs and eng.runner.graphs.enabled),
            "decode_passes_beside_prefill": eng.counters.decode_passes_beside_prefill,
-           "decode_steps": eng.counters.decode_steps,
+           "decode_steps": eng.counters.decode_steps, "ttft_mean_s": ttft,
+           # lanes: a prefill pass's end on the device -> its requests admitted to decode
+           "handover_mean_s": handover, "handover_share_of_ttft": None if handover is None else handover / ttft,
            "tokens": {rid: s.tokens for rid, s in sinks.items()}}
     Path(args.out).write_text(json.dumps(res))
     if args.compare:     # another run's JSON: how many requests agree, whole outputs and first tokens

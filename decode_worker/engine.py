@@ -49,7 +49,8 @@ pass apart: a decode row that causes the error then fails alone.
 Partitioned lanes (`--sm-partition`, decode_worker/lanes.py): a step's prefill pass is
 launched in the prefill lane and read in a later step, once done; meanwhile decode passes go
 on in the decode lane without its (`held`) seqs, and no prompt is admitted. No mixed batches.
-Failures of a command or a pass: decode_worker/failures.py.
+Failures of a command or a pass: decode_worker/failures.py; stats and the step trace:
+decode_worker/engine_stats.py.
 
 Logprobs (SamplingParams.logprobs / prompt_logprobs; engine/logprobs.py): each pass's sampler
 output carries one packed float32 tensor for the rows that asked, copied back with the
@@ -72,11 +73,11 @@ the masks, and the step stays pipelined. Passes without grammar rows are unchang
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
 
+from decode_worker.engine_stats import DecodeStats
 from decode_worker.failures import DecodeFailures
 from decode_worker.lane_split import lane_split_for
 from decode_worker.lanes import make_lanes
@@ -92,7 +93,7 @@ from engine.worker_thread import EngineThread
 log = logging.getLogger(__name__)
 
 
-class DecodeEngine(DecodeFailures, EngineThread):
+class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
     def __init__(self, runner: ModelRunner, scheduler: DecodeScheduler, sampler: Sampler, loop) -> None:
         super().__init__(loop, name="decode-engine")
         self.runner = runner
@@ -262,6 +263,7 @@ class DecodeEngine(DecodeFailures, EngineThread):
             if out.prefill and lanes.partitioned:
                 with lanes.prefill(decoding=bool(out.decode or self._inflight)):
                     p = self._launch_prefill(out.prefill, out.page_copies)
+                    lanes.mark(p)
                 for seq in p.seqs:
                     seq.held = True
                 self._prefill_inflight.append(p)
@@ -289,21 +291,6 @@ class DecodeEngine(DecodeFailures, EngineThread):
         if self.step_trace is not None:
             self._trace_step(t0, t_queued, out, n_forwards)
         return True
-
-    def _trace_step(self, t0: float, t_queued: float, out, n_forwards: int) -> None:
-        now = time.perf_counter()
-        rec = {"t": round(time.time() - (now - t0), 6), "prefill_seqs": len(out.prefill),
-               "prefill_tokens": self._step_tokens, "decode_seqs": len(out.decode), "forwards": n_forwards,
-               "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
-               "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight),
-               "prefill_in_lane": len(self._prefill_inflight)}
-        rt = self.sampler.grammar_runtime(load=False)
-        if rt is not None:   # structured output: host time of this step's masks (replay + bitmask fill)
-            c = rt.counters
-            rec["grammar_rows"], rec["grammar_ms"] = c.mask_rows - self._traced_mask[0], \
-                round(1e3 * (c.mask_seconds - self._traced_mask[1]), 3)
-            self._traced_mask = (c.mask_rows, c.mask_seconds)
-        self.step_trace.write(json.dumps(rec) + "\n")
 
     def _drain_and_release(self) -> None:
         """Give the shared GPU to the prefill worker: read what is queued, then end the turn."""
@@ -413,6 +400,8 @@ class DecodeEngine(DecodeFailures, EngineThread):
         """A prefill pass of the prefill lane is done: its first tokens, then its seqs decode."""
         for seq in p.seqs:
             seq.held = False
+        self.counters.prefill_lane_passes += 1
+        self.counters.prefill_lane_handover_s += self.lanes.handover_s(p)
         self._read(p)
 
     def _read(self, p: QueuedPass) -> None:
@@ -438,31 +427,3 @@ class DecodeEngine(DecodeFailures, EngineThread):
         else:
             self.counters.decode_seconds += time.perf_counter() - t
         self._in_pass = []
-
-    def _grammar_stats(self) -> dict:
-        rt = self.sampler.grammar_runtime(load=False)
-        if rt is None:
-            return {}
-        c = rt.counters
-        return {"grammar_mask_rows": c.mask_rows, "grammar_mask_seconds": c.mask_seconds,
-                "grammar_compiles": c.compiles, "grammar_compile_seconds": c.compile_seconds,
-                "grammar_rejected_tokens": c.rejected_tokens, "grammar_empty_masks": c.empty_masks}
-
-    def stats(self) -> dict[str, int]:
-        s, cache = self.scheduler, self.scheduler.prefix_cache
-        return {
-            "num_pages": s.config.num_pages,
-            "free_pages": s.free_pages,                  # free list + evictable cache pages
-            "free_list_pages": s.allocator.num_free,
-            "prefix_cache_pages": cache.num_pages if cache else 0,
-            "prefix_cache_evictable_pages": cache.evictable_pages if cache else 0,
-            "prefix_cache_adopted_pages": cache.adopted_shared_pages if cache else 0,
-            **self._grammar_stats(),
-            **({} if not self.lanes.partitioned else {
-                "prefill_lane_sm_fraction": self.lanes.fraction,
-                "decode_passes_beside_prefill": self.counters.decode_passes_beside_prefill,
-                **({} if self.split is None else {"prefill_lane_moves": self.split.controller.moves})}),
-            "page_size": s.config.page_size,
-            "running": s.num_running,
-            "waiting": s.num_waiting + s.num_awaiting_kv,
-        }

@@ -62,6 +62,15 @@ class InlineLanes:
     def done(self, p) -> bool:
         return True
 
+    def mark(self, p) -> None:
+        """Right after pass p was launched in the prefill lane (inside `prefill()`)."""
+
+    def handover_s(self, p) -> float:
+        """At p's read: seconds from the end of its work on the device (its tokens copied back)
+        to now, the seqs' admission to decode: the in-GPU "KV handover" (its KV is already in
+        decode's pages: one pool, nothing moves)."""
+        return 0.0
+
 
 class HostLanes(InlineLanes):
     """The partitioned flow without partitions (CPU: passes complete when launched)."""
@@ -123,6 +132,20 @@ class GreenLanes(InlineLanes):
 
     def done(self, p) -> bool:
         return p.copied is None or p.copied.query()
+
+    def mark(self, p) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        p.lane_end = (end, torch.cuda.current_stream())
+
+    def handover_s(self, p) -> float:
+        end, stream = getattr(p, "lane_end", (None, None))
+        if end is None:
+            return 0.0
+        now = torch.cuda.Event(enable_timing=True)
+        now.record(stream)        # runs at once: the stream's work ended (the pass was polled done)
+        now.synchronize()
+        return max(0.0, end.elapsed_time(now) / 1e3)
 
 
 def make_lanes(device: torch.device | str, prefill_fraction: float | None) -> InlineLanes:

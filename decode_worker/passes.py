@@ -107,6 +107,8 @@ class DecodeCounters:
     mixed_steps: int = 0             # steps whose decode tokens ran in the prefill pass (its time
     #                                  and tokens are the prefill's above, its decodes in decoded_tokens)
     decode_passes_beside_prefill: int = 0   # partitioned lanes: decode passes while a prefill ran in its lane
+    prefill_lane_passes: int = 0            # partitioned lanes: prefill passes read
+    prefill_lane_handover_s: float = 0.0    # their device end -> read (admission to decode), summed
     grammar_late_samples: int = 0    # decode passes sampled after reading the previous ones (grammar rows)
 
 

@@ -82,7 +82,8 @@ class DecodeServicer(pbg.DecodeServicer):
             **{k: st[k] for k in ("grammar_mask_rows", "grammar_mask_seconds", "grammar_compiles",
                                   "grammar_compile_seconds", "grammar_rejected_tokens",
                                   "grammar_empty_masks", "prefill_lane_sm_fraction",
-                                  "decode_passes_beside_prefill", "prefill_lane_moves") if k in st},
+                                  "decode_passes_beside_prefill", "prefill_lane_moves", "prefill_lane_passes",
+                                  "prefill_lane_handover_seconds") if k in st},
             # local prefills only (colocated, recompute after preemption): a prefill worker
             # exports its own, so that a sum over workers counts each token once
             prompt_tokens_cached=c.prefill_cached_tokens,

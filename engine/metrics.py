@@ -64,6 +64,8 @@ class WorkerSnapshot:
     prefill_lane_sm_fraction: float | None = None  # decode, partitioned lanes: the prefill lane's SM share
     decode_passes_beside_prefill: int | None = None  # decode, partitioned lanes: passes run beside a prefill
     prefill_lane_moves: int | None = None     # decode, --sm-partition-adaptive: moves of that share
+    prefill_lane_passes: int | None = None    # decode, partitioned lanes: prefill passes read
+    prefill_lane_handover_seconds: float | None = None  # their device end -> admission to decode, summed
     grammar_rejected_tokens: int | None = None  # replayed tokens a matcher refused (a bug upstream)
     grammar_empty_masks: int | None = None    # rows ended because no token of the vocabulary continued them
     kv_transfers_active: int = 0              # KV transfers not yet finished
@@ -105,6 +107,10 @@ _COUNTERS = {  # field -> (metric name without _total, help)
                                      "Decode passes launched while a prefill pass ran in its own SM partition."),
     "prefill_lane_moves": ("tandem_prefill_lane_moves", "Moves of the prefill lane's SM share by the split "
                            "controller (--sm-partition-adaptive)."),
+    "prefill_lane_passes": ("tandem_prefill_lane_passes", "Prefill passes run in their own lane and read."),
+    "prefill_lane_handover_seconds": ("tandem_prefill_lane_handover_seconds",
+                                      "Seconds from a lane prefill pass's end on the device to its requests' "
+                                      "admission to decode (the in-GPU KV handover; nothing is copied), summed."),
     "grammar_rejected_tokens": ("tandem_grammar_rejected_tokens", "Tokens a grammar matcher refused on replay "
                                 "(a bug: each such request may only end)."),
     "grammar_empty_masks": ("tandem_grammar_empty_masks", "Grammar requests ended because no token of the "

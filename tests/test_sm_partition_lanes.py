@@ -66,6 +66,9 @@ def test_partitioned_lanes_give_the_one_stream_tokens(model_dir, polls):
     expected = hf_greedy(model_dir, [p for _, p, _ in reqs[:5]], MAX_NEW)
     assert [got[f"r{i}"][0] for i in range(5)] == expected
     assert eng.counters.mixed_steps == 0, "no mixed batches with partitioned lanes"
+    st = eng.stats()
+    assert st["prefill_lane_passes"] == eng.counters.prefill_lane_passes >= 3
+    assert st["prefill_lane_handover_seconds"] == 0.0        # the CPU's passes end when launched
     if polls and polls > 1:
         assert eng.lanes.decodes_beside >= 2, "decode passes ran while a prefill was in its lane"
         assert eng.counters.decode_passes_beside_prefill == eng.lanes.decodes_beside
