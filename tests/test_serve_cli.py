@@ -202,7 +202,8 @@ def test_serve_passes_every_flag_its_children_share():
             "--placement", "least_load", "--max-request-bytes", "123", "--max-queued-requests", "5",
             "--tool-call-parser", "hermes",
             "--queue-timeout", "4", "--migration-limit", "1", "--request-trace-file", "rt",
-            "--step-trace-file", "st", "--gpu-turns", "on"]
+            "--step-trace-file", "st", "--gpu-turns", "on", "--sm-partition", "0.3", "--sm-partition-adaptive",
+            "--slo-ttft", "2", "--slo-tpot-ms", "40"]
     parser = build_parser()
     serve = parser.parse_args(argv)
     if hasattr(serve, "cluster_token_file"):
