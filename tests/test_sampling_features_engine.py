@@ -47,7 +47,7 @@ def _check(entry, ref, token, k):
 
 # (device, eager, pages of 4 tokens: None = plenty, else few enough that running seqs are
 # preempted and recomputed, their penalty counts and prompt logprobs kept)
-CASES = [("cpu", True, None), ("cpu", True, 14)] + (
+CASES = [("cpu", True, None), ("cpu", True, 14), ("cpu-lanes", True, None)] + (
     [("cuda", False, None), ("cuda", True, None)] if torch.cuda.is_available() else [])
 
 
@@ -60,8 +60,14 @@ def test_features_in_the_decode_engine(tmp_path, device, eager, tight):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     gpu = dict(attention_backend="triton", enforce_eager=eager) if device == "cuda" else {}
     pages = dict(page_size=4, num_pages=tight) if tight else dict(page_size=16, num_pages=64)
+    # cpu-lanes: partitioned lanes, each prefill pass in flight for 3 polls (its first token,
+    # logprobs and penalty counts read steps after the launch)
+    lanes, device = device.endswith("-lanes"), device.removesuffix("-lanes")
     cfg = EngineConfig(model=str(model_dir), dtype="float32", device=device, max_num_seqs=16, **pages, **gpu)
     engine = make_decode_engine(cfg, _DirectLoop())
+    if lanes:
+        from test_sm_partition_lanes import SlowLanes
+        engine.lanes = SlowLanes(engine, polls=3)
     assert (engine.runner.graphs is None) == eager and engine.async_scheduling
     prompts = distinct_prompts(hf.config.vocab_size, [7, 12, 5, 9, 20, 3], seed=4)
     base = dict(max_tokens=MAX_NEW, ignore_eos=True)
@@ -83,7 +89,8 @@ def test_features_in_the_decode_engine(tmp_path, device, eager, tight):
     while engine.has_work():
         engine.step()
         engine.flush()
-    assert engine.counters.mixed_steps >= 1 or tight
+    assert engine.counters.mixed_steps >= 1 or tight or lanes
+    assert (engine.counters.prefill_lane_passes > 0) == lanes
     assert (engine.counters.preemptions > 0) == bool(tight)
     for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
         assert len(sink.tokens) == MAX_NEW, i

@@ -186,11 +186,14 @@ class _Sink:
         self.finish = out.finish
 
 
+@pytest.mark.parametrize("lanes", [False, True], ids=["one-stream", "lanes"])
 @pytest.mark.parametrize("tight", [None, 14], ids=["roomy", "preempting"])
-def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
+def test_grammar_rows_in_the_decode_engine(tmp_path, tight, lanes):
     """Hand-stepped decode engine (CPU): grammar rows beside free rows, mixed batches, and with
     a pool small enough that running seqs are preempted and recomputed (their outputs replayed
-    into the matcher); every grammar output is complete and valid, finished by EOS ("stop")."""
+    into the matcher); every grammar output is complete and valid, finished by EOS ("stop").
+    `lanes`: partitioned lanes with each prefill pass in flight for 3 polls (the first token
+    read steps after its launch, its grammar state replayed then)."""
     import jsonschema
 
     from decode_worker.main import make_decode_engine
@@ -203,6 +206,9 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
     pages = dict(page_size=4, num_pages=tight) if tight else dict(page_size=16, num_pages=64)
     engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", max_num_seqs=8,
                                              **pages), _DirectLoop())
+    if lanes:
+        from test_sm_partition_lanes import SlowLanes
+        engine.lanes = SlowLanes(engine, polls=3)
     small = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
                                               "b": {"enum": ["x", "y"]}}, "required": ["a", "b"]}
     specs = [grammar_for_json_schema(small), grammar_for_regex(r"[a-c]{3}"), None,
@@ -223,6 +229,7 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight):
         engine.step()
         engine.flush()
     assert (engine.counters.preemptions > 0) == bool(tight)
+    assert (engine.counters.prefill_lane_passes > 0) == lanes
     assert engine.counters.grammar_late_samples > 0       # pipelined: sampled after reading the last pass
     assert engine.sampler.grammar_runtime().counters.rejected_tokens == 0   # every mask from the true state
     tok = engine.sampler.grammar_runtime().info
