@@ -55,11 +55,12 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", seed=5)
 
 
-@pytest.mark.parametrize("polls", [None, 1, 3, 7], ids=["host", "done-at-once", "3-polls", "7-polls"])
-def test_partitioned_lanes_give_the_one_stream_tokens(model_dir, polls):
+@pytest.mark.parametrize("polls,num_pages", [(None, 300), (1, 300), (3, 300), (7, 300), (3, 20)],
+                         ids=["host", "done-at-once", "3-polls", "7-polls", "3-polls-preempting"])
+def test_partitioned_lanes_give_the_one_stream_tokens(model_dir, polls, num_pages):
     reqs = _requests()
-    ref, _, _ = run_staggered(make_engine(model_dir, mixed=True), reqs)
-    eng = partitioned_engine(model_dir, polls)
+    ref, _, _ = run_staggered(make_engine(model_dir, mixed=True, num_pages=num_pages), reqs)
+    eng = partitioned_engine(model_dir, polls, num_pages=num_pages)
     got, recs, _ = run_staggered(eng, reqs)
     assert got == ref
     assert all(f is FinishReason.LENGTH and len(t) == MAX_NEW for t, f in got.values())
@@ -74,6 +75,7 @@ def test_partitioned_lanes_give_the_one_stream_tokens(model_dir, polls):
         assert eng.counters.decode_passes_beside_prefill == eng.lanes.decodes_beside
         assert any(r["prefill_in_lane"] for r in recs)
     assert not eng._prefill_inflight and not any(s.held for s in eng.scheduler._seqs.values())
+    assert (eng.counters.preemptions > 0) == (num_pages == 20)
 
 
 def test_while_a_prefill_is_in_its_lane_its_seqs_wait_and_no_prompt_is_admitted(model_dir):
