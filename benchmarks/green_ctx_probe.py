@@ -18,16 +18,6 @@ from pathlib import Path
 import torch
 
 
-def _ok(r):
-    """cuda.bindings returns (CUresult, outputs...): raise on an error, else the outputs."""
-    from cuda.bindings import driver as cu
-    err = r[0] if isinstance(r, tuple) else r
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver call failed: {err}")
-    out = r[1:] if isinstance(r, tuple) else ()
-    return out[0] if len(out) == 1 else out
-
-
 def _side_by_side(mm_stream, copy_stream, seconds: float = 2.0) -> dict:
     """A prefill-like matmul loop on one partition and a decode-like copy loop (1 GiB) on the
     other: alone, then both queued at once; rates of each from events on its stream (one host
@@ -78,7 +68,12 @@ def _side_by_side(mm_stream, copy_stream, seconds: float = 2.0) -> dict:
 
 def main(argv=None) -> dict:
     from cuda.bindings import driver as cu
+
+    from decode_worker.lanes import driver_out
     from engine.gemm_check import check_matmuls
+
+    def _ok(r):
+        return driver_out(cu, r, "green_ctx_probe")
     p = argparse.ArgumentParser(prog="python -m benchmarks.green_ctx_probe")
     p.add_argument("--sms", type=int, default=64)
     p.add_argument("--out", default=None)

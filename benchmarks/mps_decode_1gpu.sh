@@ -7,25 +7,20 @@
 set -u
 OUT=${OUT:?set OUT}
 source benchmarks/device_env.sh
-run() {  # tag, batch, extra env...
+run() {  # tag, batch, [mps_client PCT]
     local tag=$1 b=$2; shift 2
-    env "$@" timeout 150 python3 -m benchmarks.decode_profile --batch "$b" --top 10 --out "$OUT/${tag}_b$b.json" \
+    "$@" timeout 150 python3 -m benchmarks.decode_profile --batch "$b" --top 10 --out "$OUT/${tag}_b$b.json" \
         > "$OUT/${tag}_b$b.txt" 2>&1 || echo "$tag b$b failed: $(tail -3 "$OUT/${tag}_b$b.txt")"
 }
 run plain 16
-ENVS=$(python3 -c "
-import json; from tandem_cli.mps import start_mps
-d = start_mps(say=print); print('ENV', json.dumps(d.env()))" | tee /dev/stderr | sed -n 's/^ENV //p')
-[ -z "$ENVS" ] && { echo "MPS did not start"; exit 1; }
-PIPE=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['CUDA_MPS_PIPE_DIRECTORY'])" "$ENVS")
-LOGD=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['CUDA_MPS_LOG_DIRECTORY'])" "$ENVS")
+source benchmarks/mps_env.sh
 for pct in 40 100; do
     for b in 16 256; do
         [ "$pct" = 100 ] && [ "$b" = 256 ] && continue
-        run "mps$pct" "$b" CUDA_MPS_PIPE_DIRECTORY="$PIPE" CUDA_MPS_LOG_DIRECTORY="$LOGD" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct
+        run "mps$pct" "$b" mps_client "$pct"
     done
 done
-echo quit | CUDA_MPS_PIPE_DIRECTORY="$PIPE" CUDA_MPS_LOG_DIRECTORY="$LOGD" nvidia-cuda-mps-control
+mps_quit
 python3 - "$OUT" <<'PY'
 import json, sys, glob, os
 for f in sorted(glob.glob(f"{sys.argv[1]}/*_b*.json")):

@@ -52,7 +52,6 @@ class LaneSplit:
         self._ttft: list[float] = []
         self._tpot: list[float] = []
         self._since = clock()
-        self.last: Decision | None = None
 
     @property
     def fraction(self) -> float:
@@ -81,7 +80,7 @@ class LaneSplit:
             return None
         obs = Observation(queue, _p90(self._ttft), _p90(self._tpot))
         self._ttft, self._tpot, self._since = [], [], now
-        self.last = d = self.controller.observe(obs)
+        d = self.controller.observe(obs)
         if d.step:
             self.lanes.set_fraction(d.fraction)
             log.info("prefill lane: %.2f of the SMs (%s)", d.fraction, d.reason)

@@ -39,6 +39,17 @@ from engine.errors import EngineStartupError
 log = logging.getLogger(__name__)
 
 
+def driver_out(cu, r, what: str = "--sm-partition"):
+    """A cuda.bindings driver call's outputs ((CUresult, out...) -> out, or a tuple of them);
+    EngineStartupError naming `what` when it failed."""
+    err = r[0] if isinstance(r, tuple) else r
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise EngineStartupError(f"{what}: a CUDA driver call failed ({err}); green contexts need CUDA "
+                                 "12.4+ and a driver that supports them")
+    out = r[1:] if isinstance(r, tuple) else ()
+    return out[0] if len(out) == 1 else out
+
+
 class InlineLanes:
     partitioned = False
     description = "one stream"
@@ -99,13 +110,7 @@ class GreenLanes(InlineLanes):
         self.set_fraction(prefill_fraction)
 
     def _ok(self, r):
-        cu = self._cu
-        err = r[0] if isinstance(r, tuple) else r
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise EngineStartupError(f"--sm-partition: a CUDA driver call failed ({err}); green contexts "
-                                     "need CUDA 12.4+ and a driver that supports them")
-        out = r[1:] if isinstance(r, tuple) else ()
-        return out[0] if len(out) == 1 else out
+        return driver_out(self._cu, r)
 
     def set_fraction(self, fraction: float) -> None:
         """A green context of about `fraction` of the SMs (the driver rounds the count; one

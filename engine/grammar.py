@@ -250,11 +250,12 @@ class GrammarRuntime:
                     idx = torch.tensor(json_rows, dtype=torch.int64)
                     bitmask[idx] = bitmask[idx] & self.json_ok
             lo, hi = torch.aminmax(bitmask, dim=1)       # both 0: no bit set in the row
-            empty = set(torch.nonzero((lo == 0) & (hi == 0)).flatten().tolist())
-            for j in empty.intersection(live):    # the vocabulary cannot write what the grammar needs next
+            empty = set(torch.nonzero((lo == 0) & (hi == 0)).flatten().tolist()).intersection(live)
+            for j in empty:    # the vocabulary cannot write what the grammar needs next
                 self._stuck(rows[j], sources[j])
-        ended = [j for j, row in enumerate(rows) if row.broken or row.matcher.is_terminated()]
-        if ended:
+            live = [j for j in live if j not in empty]
+        if len(live) < len(rows):    # ended, broken or stuck: stop tokens only
+            ended = sorted(set(range(len(rows))).difference(live))
             idx = torch.tensor(ended, dtype=torch.int64)
             bitmask[idx] = self.stop_only
         self.counters.mask_rows += len(specs)

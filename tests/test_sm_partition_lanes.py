@@ -78,26 +78,26 @@ def test_partitioned_lanes_give_the_one_stream_tokens(model_dir, polls, num_page
     assert (eng.counters.preemptions > 0) == (num_pages == 20)
 
 
+def _submit(eng, reqs, sinks) -> None:
+    for rid, prompt, params in reqs:
+        eng.submit(Sequence(rid, list(prompt), params), sinks[rid])
+    eng._drain(block=False)
+
+
 def test_while_a_prefill_is_in_its_lane_its_seqs_wait_and_no_prompt_is_admitted(model_dir):
     eng = partitioned_engine(model_dir, polls=4)
     reqs = _requests()
     sinks = {rid: _Sink() for rid, _, _ in reqs}
     from engine.sequence import SequenceStatus
-    # two requests decode first
-    for rid, prompt, params in reqs[:2]:
-        eng.submit(Sequence(rid, list(prompt), params), sinks[rid])
-    eng._drain(block=False)
+    _submit(eng, reqs[:2], sinks)     # two requests decode first
     while eng._prefill_inflight or not all(sinks[r].tokens for r, _, _ in reqs[:2]):
         eng.step()
         eng.flush()
-    for rid, prompt, params in reqs[2:4]:
-        eng.submit(Sequence(rid, list(prompt), params), sinks[rid])
-    eng._drain(block=False)
+    _submit(eng, reqs[2:4], sinks)
     eng.step()                        # launches r2 and r3's prefill in its lane
     (p,) = eng._prefill_inflight
     assert {s.request_id for s in p.seqs} == {"r2", "r3"} and all(s.held for s in p.seqs)
-    eng.submit(Sequence(*reqs[4][:2], reqs[4][2]), sinks["r4"])
-    eng._drain(block=False)
+    _submit(eng, reqs[4:5], sinks)
     before = {rid: len(sinks[rid].tokens) for rid in ("r0", "r1")}
     for _ in range(2):                # polls 1 and 2 (the launching step does not poll): in flight
         eng.step()
@@ -122,9 +122,7 @@ def test_an_abort_while_the_prefill_is_in_its_lane_frees_everything(model_dir):
     eng = partitioned_engine(model_dir, polls=5)
     reqs = _requests()
     sinks = {rid: _Sink() for rid, _, _ in reqs}
-    for rid, prompt, params in reqs[:3]:
-        eng.submit(Sequence(rid, list(prompt), params), sinks[rid])
-    eng._drain(block=False)
+    _submit(eng, reqs[:3], sinks)
     eng.step()
     assert eng._prefill_inflight
     eng.abort("r1")

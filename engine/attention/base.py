@@ -81,10 +81,10 @@ class PinnedStaging:
 
     def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         n = sum(t.numel() for t in parts)
-        ring = self._rings.get(torch.cuda.current_stream(device).cuda_stream)
+        key = torch.cuda.current_stream(device).cuda_stream
+        ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[torch.cuda.current_stream(device).cuda_stream] = \
-                [[None] * self.slots, [None] * self.slots, 0]
+            ring = self._rings[key] = [[None] * self.slots, [None] * self.slots, 0]
         bufs, events, i = ring
         ring[2] = (i + 1) % self.slots
         if events[i] is not None:
