@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--step-trace-file", default="",
                    help="colocated: one JSON line per engine step here (as the decode worker's flag)")
+    p.add_argument("--worker-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="colocated: set the process up as the decode worker does (GIL switch interval, "
+                        "start-up heap frozen out of the GC); --no-worker-process keeps Python's defaults")
     p.add_argument("--commit", default=None)
     p.add_argument("--date", default=None)
     return p.parse_args(argv)
@@ -118,7 +121,7 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
                        attention_backend="torch" if backend == "sdpa" else backend,
                        enable_prefix_caching=args.enable_prefix_caching,
                        **({} if args.mixed_batches is None else {"mixed_batches": args.mixed_batches}))
-    bench = ColocatedEngine(cfg)   # decode_worker.main.make_decode_engine, thread not started yet
+    bench = ColocatedEngine(cfg, worker_process=args.worker_process)   # make_decode_engine, thread not started yet
     runner = bench.runner
     fallback_note = ""
     if backend == "triton":   # check it against the fp32-math torch reference before trusting it

@@ -18,6 +18,9 @@ Lifecycle:
      prefill pass: their time is prefill time (MFU errs low) and MBU covers the
      decode-only passes.
   3. `close()`: stop the engine thread, close the loop.
+`start()` first sets the process up as `decode_worker.main` does (the GIL switch interval, the
+start-up heap frozen out of the cyclic GC), so the engine thread meets the same process
+(`worker_process=False`, `benchmarks.bench --no-worker-process`: Python's defaults).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from decode_worker.main import make_decode_engine
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from engine.worker_thread import apply_switch_interval, freeze_startup_heap
 
 
 class _TraceSink:
@@ -54,13 +58,19 @@ class _TraceSink:
 
 
 class ColocatedEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, worker_process: bool = True) -> None:
+        """worker_process: set up this process as the decode worker sets up its own (GIL switch
+        interval, the start-up heap frozen out of the GC) when the engine starts."""
         self.loop = asyncio.new_event_loop()
         self.engine: DecodeEngine = make_decode_engine(config, self.loop)
         self.runner = self.engine.runner
         self.cost = ModelCost.of(self.runner.model_config, self.runner.kv.k[0].element_size())
+        self.worker_process = worker_process
 
     def start(self) -> None:
+        if self.worker_process:
+            apply_switch_interval()
+            freeze_startup_heap()
         self.engine.start()
 
     def close(self) -> None:

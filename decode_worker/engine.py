@@ -81,7 +81,7 @@ from decode_worker.engine_stats import DecodeStats
 from decode_worker.failures import DecodeFailures
 from decode_worker.lane_split import lane_split_for
 from decode_worker.lanes import make_lanes
-from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver
+from decode_worker.passes import DecodeCounters, EngineOutput, QueuedPass, RequestSink, deliver, started_event
 from engine.logprobs import TokenLogprob, prompt_logprobs
 from engine.prefix_cache_manager import PageCopy
 from engine.runner import ForwardSeq, ModelRunner
@@ -124,6 +124,8 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
         self.step_trace = None
         self._step_tokens = 0                  # this step's prefill tokens (computed, not cached)
         self._traced_mask = (0, 0.0)           # grammar mask rows and seconds at the last traced step
+        self._gpu_prev: QueuedPass | None = None   # step trace on CUDA: the last timed pass read
+        self._gpu_step = [0.0, 0.0, 0.0]           # ... and this step's device busy / idle ms, host wait ms
 
     # -- commands (posted from the asyncio side) ----------------------------
     def submit(self, seq: Sequence, sink: RequestSink) -> None:
@@ -292,6 +294,11 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
             self._trace_step(t0, t_queued, out, n_forwards)
         return True
 
+    @property
+    def _timed(self) -> bool:
+        """Step trace on CUDA: time each pass on the device (QueuedPass.started)."""
+        return self.step_trace is not None and self.runner.device.type == "cuda"
+
     def _drain_and_release(self) -> None:
         """Give the shared GPU to the prefill worker: read what is queued, then end the turn."""
         while self._inflight:
@@ -332,6 +339,7 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
         self._in_pass = list(seqs)
         self._split_next = bool(decode)      # cleared below once the pass is queued
         t = time.perf_counter()
+        started = started_event(self._timed and not self.lanes.partitioned)   # a lane pass: its own stream
         if copies:
             self._copy_pages(copies)
         batch = [
@@ -352,7 +360,8 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
                      for i, h in (hidden or {}).items()}
         self._split_next = False
         self._in_pass = every                # queued: from here on a failure is every row's
-        p = QueuedPass(every, sampled.tokens, num_prefill=len(seqs), sampled=sampled, prompt_lp=prompt_lp)
+        p = QueuedPass(every, sampled.tokens, num_prefill=len(seqs), sampled=sampled, prompt_lp=prompt_lp,
+                       started=started)
         self._step_tokens += prompt_rows
         self.counters.prefilled_tokens += prompt_rows
         for i, (seq, fs) in enumerate(zip(every, batch)):
@@ -371,6 +380,7 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
         t = time.perf_counter()
         batch = [self._decode_row(s) for s in seqs]
         index = [s.output_offset + len(s.output_token_ids) for s in seqs]
+        started = started_event(self._timed)
         logits = self.runner.forward(batch, feed=self._feed(seqs) or None)
         params = [s.params for s in seqs]
         if read_first:
@@ -386,7 +396,7 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
             params = [replace(p, grammar=None) if p.grammar is not None and s.is_finished else p
                       for p, s in zip(params, seqs)]
         sampled = self.sampler.run(logits, params, index, seqs)
-        p = QueuedPass(seqs, sampled.tokens, num_prefill=0, sampled=sampled)
+        p = QueuedPass(seqs, sampled.tokens, num_prefill=0, sampled=sampled, started=started)
         self.counters.decode_steps += 1
         self.counters.decode_context_tokens += sum(s.num_tokens for s in seqs)
         for i, seq in enumerate(seqs):
@@ -409,6 +419,12 @@ class DecodeEngine(DecodeFailures, DecodeStats, EngineThread):
         self._in_pass = list(p.seqs)
         t = time.perf_counter()
         tokens, entries, prompt_lp = p.read()
+        if p.started is not None:
+            busy, idle = p.gpu_ms(self._gpu_prev)
+            self._gpu_prev = p
+            self._gpu_step[0] += busy
+            self._gpu_step[1] += idle
+            self._gpu_step[2] += 1e3 * p.waited_s
         for i, (seq, tok) in enumerate(zip(p.seqs, tokens)):
             rid = seq.request_id
             src = self._pending_src.get(rid)

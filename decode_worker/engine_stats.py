@@ -16,6 +16,10 @@ class DecodeStats:
                "waiting": self.scheduler.num_waiting, "queue_ms": round(1e3 * (t_queued - t0), 3),
                "step_ms": round(1e3 * (now - t0), 3), "pipelined": bool(self._inflight),
                "prefill_in_lane": len(self._prefill_inflight)}
+        if self._gpu_prev is not None:   # CUDA: the passes read in this step: device time, device idle
+            #                              before them, and how long the host waited for them
+            rec["gpu_busy_ms"], rec["gpu_idle_ms"], rec["wait_ms"] = (round(x, 3) for x in self._gpu_step)
+            self._gpu_step = [0.0, 0.0, 0.0]
         rt = self.sampler.grammar_runtime(load=False)
         if rt is not None:   # structured output: host time of this step's masks (replay + bitmask fill)
             c = rt.counters

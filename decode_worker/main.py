@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 
@@ -10,7 +9,7 @@ from decode_worker.engine import DecodeEngine
 from decode_worker.server import DecodeServerConfig, DecodeServicer
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
-from engine.worker_thread import apply_switch_interval
+from engine.worker_thread import apply_switch_interval, freeze_startup_heap
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.page_allocator import PageAllocator
@@ -79,8 +78,7 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
     log.info("KV transport: %s (receiving into this worker's pool; advertised at %s)", kv_backend, advertise)
     log.info("decode worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              engine.runner.num_pages, engine.runner.page_size)
-    gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
-    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/process.py)
+    freeze_startup_heap()
     registry = await register_worker(registry_config, servicer, "decode", config, engine.runner, advertise,
                                      metrics_address, start_epoch_ms)
     # backends that hold resources beyond the server (nixl: the registered pool) release them last

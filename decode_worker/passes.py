@@ -8,10 +8,15 @@
   read yet; on CUDA it queues their device->host copies right behind the pass, so `read()`
   waits for that pass only, not for the passes launched after it.
 - `DecodeCounters`: the engine's cumulative counters (/metrics, benchmarks).
+- `started_event()`: with a step trace on CUDA, each pass records a timing event before its
+  first launch and its copy event times too, so the trace can say how long the device worked on
+  each step's passes and how long it sat idle between them (`QueuedPass.gpu_ms`): the host's
+  share of a step that the pipelining did not hide.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +55,15 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def started_event(on: bool):
+    """A recorded timing event on the current stream when `on` (step trace on CUDA), else None."""
+    if not on:
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
 @dataclass(eq=False)
 class QueuedPass:
     """A forward pass queued on the device whose sampled tokens are not read yet."""
@@ -60,6 +74,8 @@ class QueuedPass:
     prompt_lp: dict = None  # row -> (packed prompt logprobs on the device, k): first prefills with echo
     host: object = None     # pinned copies (tokens, logprobs, prompt logprobs), queued right behind the pass (CUDA)
     copied: object = None   # CUDA event: host holds them
+    started: object = None  # step trace (CUDA): a timing event recorded before the pass's first launch
+    waited_s: float = 0.0   # how long read() waited for the device (host ahead of it)
 
     def __post_init__(self) -> None:
         # Queue the copies back now, right behind this pass: a plain .tolist() at read time would
@@ -68,8 +84,16 @@ class QueuedPass:
             lp = self.sampled.logprobs if self.sampled is not None else None
             self.host = (_pinned_copy(self.tokens), None if lp is None else _pinned_copy(lp),
                          {r: (_pinned_copy(t), k) for r, (t, k) in (self.prompt_lp or {}).items()})
-            self.copied = torch.cuda.Event()
+            self.copied = torch.cuda.Event(enable_timing=self.started is not None)
             self.copied.record()
+
+    def gpu_ms(self, prev: "QueuedPass | None") -> tuple[float, float]:
+        """Step trace, once read: (device time of this pass, device idle between `prev`, the pass
+        launched before it on the same stream, and this one), in ms; (0, 0) when not timed."""
+        if self.started is None or self.copied is None:
+            return 0.0, 0.0
+        idle = prev.copied.elapsed_time(self.started) if prev is not None and prev.started is not None else 0.0
+        return self.started.elapsed_time(self.copied), max(0.0, idle)
 
     @property
     def prefill(self) -> bool:
@@ -81,7 +105,9 @@ class QueuedPass:
             lp = self.sampled.logprobs if self.sampled is not None else None
             tokens, lp, prompt = self.tokens, lp, self.prompt_lp or {}
         else:
+            t = time.perf_counter()
             self.copied.synchronize()
+            self.waited_s = time.perf_counter() - t
             tokens, lp, prompt = self.host
         tokens = tokens.tolist()
         entries = (self.sampled.entries(tokens, None if lp is None else lp.tolist())

@@ -39,6 +39,7 @@ private to the thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import queue
@@ -65,6 +66,16 @@ def apply_switch_interval() -> None:
     value = os.environ.get("TANDEM_GIL_SWITCH_MS", "") or str(DEFAULT_SWITCH_MS)
     sys.setswitchinterval(float(value) / 1000.0)
     log.info("GIL switch interval %.3f ms", sys.getswitchinterval() * 1e3)
+
+
+def freeze_startup_heap() -> None:
+    """Everything a process loaded to start (torch, transformers, the model's objects) lives as
+    long as it does: collect once, then keep it out of the cyclic GC's full collections, which
+    otherwise scan it all and stall the event loop or the engine thread (a burst of 64 requests
+    got its 503s after ~160 ms, 20 ms with this: benchmarks/overload.py, RESULTS.md). Workers,
+    the router and the in-process benchmark engine call it once they are up."""
+    gc.collect()
+    gc.freeze()
 
 
 class InlineLoop:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 
 from engine.config import EngineConfig
 from engine.gpu_turn import open_turn
-from engine.worker_thread import apply_switch_interval
+from engine.worker_thread import apply_switch_interval, freeze_startup_heap
 from engine.grpc_util import make_server, serve_until_shutdown
 from engine.metrics import WorkerMetrics, start_metrics_server
 from engine.runner import ModelRunner
@@ -59,8 +58,7 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
              "straight from the registered KV pool" if engine.pool_send else "copying each layer first")
     log.info("prefill worker ready on %s:%d (%d KV pages of %d tokens)", host, port,
              runner.num_pages, runner.page_size)
-    gc.collect()   # what start-up loaded lives for the process: keep it out of full collections,
-    gc.freeze()    # which otherwise scan it all and stall the frontend (see router/process.py)
+    freeze_startup_heap()
     registry = await register_worker(registry_config, servicer, "prefill", config, runner, advertise,
                                      metrics_address, start_epoch_ms)
     await serve_until_shutdown(server, registry, sender.close, engine.stop)

@@ -8,10 +8,10 @@ what start-up loaded out of the cyclic GC, then serve with uvicorn until interru
 """
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 
+from engine.worker_thread import freeze_startup_heap
 from router.backend import DecodeClient
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
@@ -39,12 +39,7 @@ def run_router(config: RouterConfig) -> None:
              config.placement, ",".join(config.decode_addresses) or ("etcd" if config.etcd_endpoints else "-"),
              ",".join(config.prefill_addresses) or ("etcd" if config.etcd_endpoints else "colocated"),
              config.max_model_len)
-    # Everything loaded so far (torch, transformers, the tokenizer) lives for the process: keep
-    # it out of the cyclic GC's full collections, which scanned it all and stalled the event
-    # loop: a burst of 64 requests got its 503s after ~160 ms, 20 ms with this
-    # (benchmarks/overload.py, RESULTS.md).
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     # no access log: a line per request costs the router's one core more than it tells (see /metrics)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", loop=loop, http=http,
                 access_log=False)
