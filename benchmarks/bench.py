@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--step-trace-file", default="",
                    help="colocated: one JSON line per engine step here (as the decode worker's flag)")
+    p.add_argument("--disable-cascade-attn", action="store_true",
+                   help="colocated: no shared-prefix decode attention (as the workers' flag)")
     p.add_argument("--worker-process", action=argparse.BooleanOptionalAction, default=True,
                    help="colocated: set the process up as the decode worker does (GIL switch interval, "
                         "start-up heap frozen out of the GC); --no-worker-process keeps Python's defaults")
@@ -120,6 +122,7 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        attention_backend="torch" if backend == "sdpa" else backend,
                        enable_prefix_caching=args.enable_prefix_caching,
+                       disable_cascade_attn=args.disable_cascade_attn,
                        **({} if args.mixed_batches is None else {"mixed_batches": args.mixed_batches}))
     bench = ColocatedEngine(cfg, worker_process=args.worker_process)   # make_decode_engine, thread not started yet
     runner = bench.runner
@@ -155,7 +158,8 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     _free(device)
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
             f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; mixed batches "
-            f"{'on' if cfg.mixed_batches else 'off'}; MFU/MBU from the engine's prefill/decode pass timers")
+            f"{'on' if cfg.mixed_batches else 'off'}; shared-prefix attention "
+            f"{'off' if cfg.disable_cascade_attn else 'on'}; MFU/MBU from the engine's prefill/decode pass timers")
     if args.step_trace_file:
         bench.engine.step_trace = open(args.step_trace_file, "a", buffering=1)  # noqa: SIM115
     bench.start()

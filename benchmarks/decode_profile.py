@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     res["forward_s"] = _host_median(lambda: runner.forward(seqs))
     if runner.graphs is not None:
         bs = runner.graphs.bucket(B)
-        graph, _ = runner.graphs.graphs[bs]
+        graph = runner.graphs.graphs[bs, False]
         res["replay_s"] = _event_median(graph.replay)
     logits = runner.forward(seqs)
     sampler, params = Sampler(0), [SamplingParams(temperature=0.0, max_tokens=8)] * B

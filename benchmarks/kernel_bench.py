@@ -1,7 +1,7 @@
 """Attention kernel timings on the GPU: Triton paged decode / extend vs torch SDPA on
 contiguous tensors (a side-by-side peer, not the same work: SDPA reads no page table).
 
-    python3 benchmarks/kernel_bench.py [--out results.json]
+    python3 benchmarks/kernel_bench.py [--out results.json] [--only decode,shared,extend] [--no-sweep]
 
 Decode: GB/s of K+V bytes read (sum of context lengths * KVH * D * 2 tensors * 2 B)
 against the ~3.0 TB/s device-to-device copy ceiling. Extend: causal TFLOP/s
@@ -104,6 +104,54 @@ def decode_suite(batch, ctx_lo, ctx_hi, gen, sweep):
         row(f"{tag} torch SDPA FAILED", 0.0, note=type(e).__name__)
 
 
+def shared_suite(batch, shared, own_lo, own_hi, gen, sweep):
+    """Decode rows that all begin with the same `shared` keys (the same pages: a prefix-cache
+    hit, as W2's 768-token prefix), then own_lo..own_hi keys of their own: the plain kernel
+    (every row reads every key) against the shared-prefix path. GB/s counts the bytes the plain
+    kernel reads, so the two rows compare as times."""
+    own = torch.randint(own_lo, own_hi + 1, (batch,), generator=gen).tolist()
+    pre = shared // PAGE
+    need = [(shared + n + PAGE - 1) // PAGE - pre for n in own]
+    num_pages = pre + sum(need) + 8
+    perm = torch.randperm(num_pages, generator=gen).tolist()
+    tables, i = [], pre
+    for k in need:
+        tables.append(perm[:pre] + perm[i:i + k])
+        i += k
+    lens = [shared + n for n in own]
+    meta = build_metadata([L - 1 for L in lens], [1] * batch, tables, PAGE, "cuda", num_pages)
+    kc = torch.randn(num_pages, PAGE, KVH, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch, H, D, device="cuda", dtype=DT)
+    scale = D ** -0.5
+    out, ref = torch.empty_like(q), torch.empty_like(q)
+    nbytes = sum(lens) * KVH * D * 2 * 2
+    tag = f"decode B={batch} shared={shared} own~{sum(own) // batch}"
+    plain = lambda: K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens,  # noqa: E731
+                                   meta.max_seq_len, scale, ref)
+    s = torch.tensor([shared], dtype=torch.int32, device="cuda")
+    run = lambda bound=shared: K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens,  # noqa: E731
+                                              meta.max_seq_len, scale, out, shared=s, shared_max=bound)
+    ms = bench(plain)
+    row(f"{tag} plain", ms, nbytes / ms * 1e-6)
+    run()
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    ms = bench(run)
+    row(f"{tag} shared prefix", ms, nbytes / ms * 1e-6, note=f"rel err vs plain {err:.2e}")
+    ms = bench(lambda: run(4128))
+    row(f"{tag} shared prefix, grid for 4128 keys (as a CUDA graph)", ms, nbytes / ms * 1e-6)
+    if sweep:
+        keep = K.PREFIX_CONFIG
+        for cfg in ((64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2)):
+            K.PREFIX_CONFIG = cfg
+            try:
+                ms = bench(run)
+                row(f"{tag} shared prefix cfg(bq,bn,w,st)={cfg}", ms, nbytes / ms * 1e-6)
+            except Exception as e:  # noqa: BLE001
+                row(f"{tag} cfg={cfg} FAILED", 0.0, note=type(e).__name__)
+        K.PREFIX_CONFIG = keep
+
+
 def extend_suite(nseq, prefix, new, gen, sweep):
     meta, q, kc, vc = paged_case([prefix] * nseq, [new] * nseq, gen)
     scale = D ** -0.5
@@ -135,15 +183,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of suites: decode, shared, extend (default all)")
     a = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     sweep = not a.no_sweep
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    decode_suite(256, 1100, 1300, gen, sweep)
-    decode_suite(8, 8000, 8192, gen, sweep)
-    extend_suite(4, 0, 4096, gen, sweep)
-    extend_suite(4, 2048, 2048, gen, False)
-    extend_suite(64, 768, 256, gen, False)
+    only = set(filter(None, a.only.split(","))) or {"decode", "shared", "extend"}
+    if "decode" in only:
+        decode_suite(256, 1100, 1300, gen, sweep)
+        decode_suite(8, 8000, 8192, gen, sweep)
+    if "shared" in only:
+        shared_suite(256, 768, 1, 512, gen, sweep)
+        shared_suite(64, 768, 1, 512, gen, False)
+        shared_suite(16, 2048, 1, 256, gen, False)
+        shared_suite(256, 64, 100, 600, gen, False)
+    if "extend" in only:
+        extend_suite(4, 0, 4096, gen, sweep)
+        extend_suite(4, 2048, 2048, gen, False)
+        extend_suite(64, 768, 256, gen, False)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(ROWS, f, indent=1)

@@ -198,6 +198,9 @@ class EngineConfig:
     # ragged batch; they count against max_num_batched_tokens) instead of a second pass
     # (H200, W1: 1.01x output tok/s, 0.98x mean TTFT; benchmarks/RESULTS.md 2026-12-01)
     mixed_batches: bool = True
+    # decode (Triton backend): a batch whose seqs all begin with the same cached pages reads
+    # those keys once for the whole batch (shared-prefix / cascade attention; vLLM's flag name)
+    disable_cascade_attn: bool = False
     # decode worker (serve --colocated's): its local prefill passes on a green-context SM partition of this share of the GPU's SMs
     # and decode passes on the rest, side by side in one process (decode_worker/lanes.py);
     # None: one stream. On the CPU the same flow runs on one stream (the reference).

@@ -9,12 +9,17 @@ Replaying a captured graph removes it. Lifecycle:
      page beyond the caller-visible pool (padding rows write their K/V there).
   2. `capture()` records one graph per batch-size bucket, largest first, all in
      one memory pool. Each graph runs embed -> layers -> norm -> logits for a
-     bucket; grids are sized for `max_model_len` so any context fits.
+     bucket and writes the logits (model dtype) into one static buffer that every
+     graph shares; grids are sized for `max_model_len` so any context fits. With
+     `shared_prefix` (the runner's shared-prefix attention), a second graph per
+     bucket runs the decode attention's shared-prefix path, its key count read
+     from a static device scalar (engine/attention/triton_kernels.paged_decode).
   3. `run(meta, ids)`: copy this step's inputs into the static buffers (padding
-     rows point at the scratch slot), replay the smallest bucket that fits, and
-     return a copy of the logits. The first replay of each bucket is checked
-     against an eager forward of the same batch; a mismatch disables graphs
-     (logged), so a capture problem costs speed, never correctness.
+     rows point at the scratch slot), replay the smallest bucket that fits (its
+     shared-prefix graph when `meta.shared_prefix` is set), and return float32
+     logits (a new tensor). The first replay of each graph is checked against an
+     eager forward of the same batch; a mismatch disables graphs (logged), so a
+     capture problem costs speed, never correctness.
 """
 from __future__ import annotations
 
@@ -43,8 +48,9 @@ def graph_buckets(max_batch: int) -> tuple[int, ...]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", max_batch: int) -> None:
+    def __init__(self, runner: "ModelRunner", max_batch: int, shared_prefix: bool = False) -> None:
         self.runner = runner
+        self.shared_prefix = shared_prefix
         self.backend = runner.backend      # graphs are only valid for the backend captured
         dev = runner.device
         self.buckets = graph_buckets(max_batch)
@@ -58,21 +64,27 @@ class DecodeGraphs:
         self.start_pos = torch.zeros(B, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((B, self.max_pages), dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.verified: set[int] = set()
+        self.shared = torch.zeros(1, dtype=torch.int32, device=dev)   # shared-prefix keys of this step
+        # one logits buffer for every graph (a graph's own output would stay allocated per bucket)
+        self.logits = torch.empty((B, runner.model_config.vocab_size), dtype=runner.dtype, device=dev)
+        # (bucket, shared-prefix path) -> graph
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.verified: set[tuple[int, bool]] = set()
         self.enabled = True
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, shared: bool) -> AttentionMetadata:
+        L = self.runner.max_model_len
         return AttentionMetadata(
             page_size=self.runner.page_size, positions=self.positions[:bs], slot_mapping=self.slots[:bs],
             cu_seqlens=self.cu_seqlens[:bs + 1], start_pos=self.start_pos[:bs], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], start_pos_list=(0,) * bs, new_lens_list=(1,) * bs,
-            page_tables_list=((),) * bs, max_new_len=1, max_seq_len=self.runner.max_model_len)
+            page_tables_list=((),) * bs, max_new_len=1, max_seq_len=L,
+            shared_prefix_len=L if shared else 0, shared_prefix=self.shared if shared else None)
 
-    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         r = self.runner
         hidden = r.model(self.ids[:bs], meta, r.kv, r.backend, None)
-        return r.model.compute_logits(hidden)
+        self.logits[:bs].copy_(r.model.lm_head(hidden))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -82,18 +94,19 @@ class DecodeGraphs:
         # new stream per bucket would strand each bucket's eager activations (measured on
         # an H200: +0.4 GiB over 15 buckets); they are returned after the loop.
         side = torch.cuda.Stream()
-        for bs in sorted(self.buckets, reverse=True):
-            meta = self._meta(bs)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compile / warm up outside the capture
-                for _ in range(2):
+        for shared in (False, True) if self.shared_prefix else (False,):
+            for bs in sorted(self.buckets, reverse=True):
+                meta = self._meta(bs, shared)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compile / warm up outside the capture
+                    for _ in range(2):
+                        self._forward(bs, meta)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
                     self._forward(bs, meta)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(bs, meta)
-            pool = graph.pool()
-            self.graphs[bs] = (graph, out)
+                pool = graph.pool()
+                self.graphs[bs, shared] = graph
         torch.cuda.synchronize()
         torch.cuda.empty_cache()   # the warm-ups' blocks; the graphs' private pool stays
 
@@ -107,7 +120,8 @@ class DecodeGraphs:
         """Logits [B, vocab] for a decode batch, or None when no graph applies."""
         B = meta.num_seqs
         bs = self.bucket(B) if self.enabled else None
-        if bs is None or bs not in self.graphs:
+        key = (bs, meta.shared_prefix is not None)
+        if bs is None or key not in self.graphs:
             return None
         P = meta.block_tables.shape[1]
         self.ids[:B].copy_(ids)
@@ -115,17 +129,21 @@ class DecodeGraphs:
         self.slots[:B].copy_(meta.slot_mapping)
         self.seq_lens[:B].copy_(meta.seq_lens)
         self.block_tables[:B, :P].copy_(meta.block_tables)
+        if key[1]:
+            self.shared.copy_(meta.shared_prefix)
         if bs > B:
             self.slots[B:bs].fill_(self.scratch_slot)
             self.seq_lens[B:bs].fill_(1)
-        graph, out = self.graphs[bs]
-        graph.replay()
-        logits = out[:B].clone()
-        if bs not in self.verified:
-            self._verify(bs, meta, ids, logits)
+        self.graphs[key].replay()
+        logits = self.logits[:B].float()
+        if logits.data_ptr() == self.logits.data_ptr():   # a float32 model: .float() is the buffer
+            logits = logits.clone()
+        if key not in self.verified:
+            self._verify(key, meta, ids, logits)
         return logits
 
-    def _verify(self, bs: int, meta: AttentionMetadata, ids: torch.Tensor, logits: torch.Tensor) -> None:
+    def _verify(self, key: tuple[int, bool], meta: AttentionMetadata, ids: torch.Tensor,
+                logits: torch.Tensor) -> None:
         r = self.runner
         # Re-running eagerly rewrites the same K/V into the same slots: idempotent.
         ref = r.model.compute_logits(r.model(ids, meta, r.kv, r.backend, None))
@@ -137,7 +155,7 @@ class DecodeGraphs:
         tol = 1e-3 if logits.dtype == torch.float32 and r.dtype == torch.float32 else 0.25
         if not err < tol:
             self.enabled = False
-            log.error("decode CUDA graph for batch %d disagrees with eager (rel err %.3g): graphs disabled",
-                      bs, err)
+            log.error("decode CUDA graph for batch %d%s disagrees with eager (rel err %.3g): graphs disabled",
+                      key[0], " (shared-prefix attention)" if key[1] else "", err)
             logits.copy_(ref)
-        self.verified.add(bs)
+        self.verified.add(key)

@@ -106,18 +106,20 @@ def kv_budget(profile: MemoryProfile, utilization: float, bytes_per_page: int) -
 
 
 def graph_reserve_bytes(buckets: Sequence[int], vocab_size: int, decode_forward_peak: int,
-                        max_pages_per_seq: int) -> int:
+                        max_pages_per_seq: int, logits_itemsize: int = 4, shared_prefix_partials: int = 0) -> int:
     """Decode CUDA graphs (engine/cuda_graphs.py) share one private memory pool that eager
     work cannot reuse: the largest bucket's intermediates (about an eager decode forward of
-    that batch, `decode_forward_peak`), every bucket's float32 logits output [bs, vocab],
-    which stay allocated, and the static input buffers (ids, positions, slots as int64;
-    seq_lens, start_pos, cu_seqlens and the block table as int32)."""
+    that batch, `decode_forward_peak`, plus `shared_prefix_partials`: the float32 split
+    partials of its shared-prefix attention graph), the one logits buffer [largest bucket,
+    vocab] in the model dtype (`logits_itemsize` bytes) that every graph writes, and the
+    static input buffers (ids, positions, slots as int64; seq_lens, start_pos, cu_seqlens and
+    the block table as int32)."""
     if not buckets:
         return 0
     b = max(buckets)
-    outputs = sum(buckets) * vocab_size * 4
+    outputs = b * vocab_size * logits_itemsize
     static = b * (3 * 8 + 3 * 4) + b * max_pages_per_seq * 4
-    return decode_forward_peak + outputs + static
+    return decode_forward_peak + shared_prefix_partials + outputs + static
 
 
 def sampling_reserve_bytes(vocab_size: int, max_rows: int) -> int:

@@ -37,6 +37,9 @@ from engine.weights import load_model, resolve_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
 
+# A decode batch uses shared-prefix attention once its seqs share at least this many keys
+SHARED_PREFIX_MIN_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class ForwardSeq:
@@ -74,6 +77,10 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.page_size = config.page_size
         use_graphs = config.uses_cuda_graphs
+        # shared-prefix decode attention (engine/attention/triton_kernels.paged_decode): a decode
+        # batch whose seqs all begin with at least this many keys on the same pages reads them once
+        self.shared_prefix_min = (SHARED_PREFIX_MIN_TOKENS if config.attention_backend == "triton"
+                                  and not config.disable_cascade_attn and config.role != "prefill" else 0)
         self.graph_buckets = graph_buckets(config.max_num_seqs) if use_graphs else ()
         self.shapes = profile_shapes(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
                                      0 if config.role == "prefill" else config.max_num_seqs)
@@ -95,7 +102,7 @@ class ModelRunner:
             from engine.cuda_graphs import DecodeGraphs
 
             before = torch.cuda.mem_get_info(self.device)[0]
-            self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
+            self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs, shared_prefix=self.shared_prefix_min > 0)
             self.graphs.capture()
             graphs_took = before - torch.cuda.mem_get_info(self.device)[0]
         if self.device.type == "cuda":
@@ -115,8 +122,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         per_page = self.bytes_per_page
         batch_pages = -(-cfg.max_num_batched_tokens // self.page_size)
+        partials = 0
+        if self.shared_prefix_min and self.graph_buckets:   # [bucket, heads, up to 17 splits, head_dim + 2] fp32
+            partials = max(self.graph_buckets) * mc.num_heads * 17 * (mc.head_dim + 2) * 4
         graphs = graph_reserve_bytes(self.graph_buckets, mc.vocab_size, peaks.decode_forward,
-                                     -(-self.max_model_len // self.page_size))
+                                     -(-self.max_model_len // self.page_size),
+                                     torch.empty(0, dtype=self.dtype).element_size(), partials)
         profile = MemoryProfile(
             total=total, in_use_at_start=in_use_at_start, weights=weights, activation_peak=peaks.activations,
             non_torch=non_torch, graph_reserve=graphs,
@@ -151,10 +162,15 @@ class ModelRunner:
         cfg, mc = self.config, self.model_config
         log.info("model %s (%s, %s) on %s", self.model_path, mc.arch, self.dtype, self.device)
         ops = "fused Triton layer ops" if self.model.ops is not TORCH_OPS else "torch layer ops"
-        log.info("attention backend: %s (%s; %s)", cfg.attention_backend, cfg.attention_backend_reason, ops)
+        log.info("attention backend: %s (%s; %s; shared-prefix decode attention %s)", cfg.attention_backend,
+                 cfg.attention_backend_reason, ops,
+                 f"from {self.shared_prefix_min} shared keys" if self.shared_prefix_min else
+                 "off (--disable-cascade-attn)" if cfg.disable_cascade_attn else "off")
         if self.graphs is not None:
-            log.info("CUDA graphs for decode: batch buckets %s (took %.2f GiB)",
-                     ",".join(map(str, self.graph_buckets)), graphs_took / GiB)
+            log.info("CUDA graphs for decode: batch buckets %s%s (took %.2f GiB)",
+                     ",".join(map(str, self.graph_buckets)),
+                     ", each also with shared-prefix attention" if self.graphs.shared_prefix else "",
+                     graphs_took / GiB)
         else:
             why = ("--enforce-eager" if cfg.enforce_eager else "prefill worker: no decode steps"
                    if cfg.role == "prefill" else f"{cfg.attention_backend} on {self.device.type}")
@@ -225,7 +241,7 @@ class ModelRunner:
         meta, ids = build_metadata_and_ids(
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
             [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
-            token_ids=token_ids, staging=self.staging)
+            token_ids=token_ids, staging=self.staging, shared_prefix_min=self.shared_prefix_min)
         if feed:
             o = T
             for tokens, rows, _ in feed:

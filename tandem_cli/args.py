@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--mixed-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: a step with prompts to prefill runs the running seqs' decode tokens in the "
                         "same forward pass (both within --max-num-batched-tokens)")
+    g.add_argument("--disable-cascade-attn", action="store_true",
+                   help="decode (triton): no shared-prefix attention. By default a decode batch whose "
+                        "sequences all begin with the same cached prompt pages reads those keys once for "
+                        "the whole batch instead of once per sequence")
     g.add_argument("--sm-partition", type=open_fraction, default=None, metavar="FRACTION",
                    help="colocated: run prefill passes on a CUDA green-context partition of this share of "
                         "the SMs and decode passes on the rest, side by side (decode never waits behind a "
@@ -133,6 +137,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         async_scheduling=args.async_scheduling,
         mixed_batches=args.mixed_batches,
+        disable_cascade_attn=args.disable_cascade_attn,
         sm_partition=getattr(args, "sm_partition", None),
         sm_partition_adaptive=getattr(args, "sm_partition_adaptive", False),
         slo_ttft_s=getattr(args, "slo_ttft", 1.0), slo_tpot_s=getattr(args, "slo_tpot_ms", 50.0) / 1e3,

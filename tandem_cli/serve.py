@@ -79,6 +79,7 @@ def engine_flags(config: EngineConfig, args: argparse.Namespace, model: str,
     flags += [] if config.enable_prefix_caching else ["--no-enable-prefix-caching"]
     flags += [] if config.async_scheduling else ["--no-async-scheduling"]
     flags += [] if config.mixed_batches else ["--no-mixed-batches"]
+    flags += ["--disable-cascade-attn"] if config.disable_cascade_attn else []
     flags += [] if config.sm_partition is None else ["--sm-partition", str(config.sm_partition)]
     if config.sm_partition_adaptive:
         flags += ["--sm-partition-adaptive", "--slo-ttft", str(config.slo_ttft_s),

@@ -85,7 +85,9 @@ def test_staging_and_graph_reserves():
     assert staging_reserve_bytes("prefill", "grpc", 10) == 10
     assert staging_reserve_bytes("prefill", "nixl", 10) > 10
     assert graph_reserve_bytes((), VOCAB, GiB, 10) == 0
-    assert graph_reserve_bytes((1, 2), 10, 100, 3) == 100 + 3 * 10 * 4 + 2 * 36 + 2 * 3 * 4
+    assert graph_reserve_bytes((1, 2), 10, 100, 3) == 100 + 2 * 10 * 4 + 2 * 36 + 2 * 3 * 4
+    # bf16 logits, and the shared-prefix graphs' split partials
+    assert graph_reserve_bytes((1, 2), 10, 100, 3, 2, 50) == 100 + 50 + 2 * 10 * 2 + 2 * 36 + 2 * 3 * 4
 
 
 @pytest.mark.parametrize("tokens,seqs,max_len", [(8192, 256, 131072), (8192, 256, 2048), (16, 64, 64),

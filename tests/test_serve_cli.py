@@ -196,7 +196,7 @@ def test_serve_passes_every_flag_its_children_share():
             "--block-size", "32", "--num-pages", "100", "--gpu-memory-utilization", "0.5",
             "--kv-cache-memory", "1000000", "--max-model-len", "300", "--max-num-seqs", "7",
             "--max-num-batched-tokens", "999", "--attention-backend", "torch", "--seed", "5", "--enforce-eager",
-            "--no-enable-prefix-caching", "--no-async-scheduling", "--no-mixed-batches", "--host", "0.0.0.0", "--port", "9001",
+            "--no-enable-prefix-caching", "--no-async-scheduling", "--no-mixed-batches", "--disable-cascade-attn", "--host", "0.0.0.0", "--port", "9001",
             "--log-level", "debug", "--served-model-name", "a", "--served-model-name", "b", "--api-key", "k",
             "--kv-transfer-backend", "nixl", "--etcd", "etcd-0:2379", "--etcd-prefix", "/p", "--member-ttl", "3",
             "--placement", "least_load", "--max-request-bytes", "123", "--max-queued-requests", "5",

@@ -190,3 +190,54 @@ def test_the_interpreter_setting_is_restored_for_later_processes():
         with interpreter_env():
             pass
     assert dict(os.environ) == before
+
+
+def _shared_case(shared_pages, suffixes, page_size, group, head_dim, dtype):
+    """Decode rows whose page tables all start with the same `shared_pages` pages (a prefix
+    cache hit), then pages of their own holding `suffixes[b]` more keys (the last one the
+    row's new token)."""
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    kvh, H = KV_HEADS, KV_HEADS * group
+    shared = shared_pages * page_size
+    lens = [shared + n for n in suffixes]
+    own = [(L + page_size - 1) // page_size - shared_pages for L in lens]
+    num_pages = shared_pages + sum(own) + 3
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    prefix, i, tables = perm[:shared_pages], shared_pages, []
+    for k in own:
+        tables.append(prefix + perm[i:i + k])
+        i += k
+    meta = build_metadata([L - 1 for L in lens], [1] * len(lens), tables, page_size, DEVICE, num_pages)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q, k, v = rnd(len(lens), H, head_dim), rnd(len(lens), kvh, head_dim), rnd(len(lens), kvh, head_dim)
+    shape = (num_pages, page_size, kvh, head_dim)
+    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    for L, pt in zip(lens, tables):
+        for p in range(L - 1):
+            kc[pt[p // page_size], p % page_size] = rnd(kvh, head_dim)
+            vc[pt[p // page_size], p % page_size] = rnd(kvh, head_dim)
+    return seed, meta, q, k, v, kc, vc, shared
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
+    """The shared-prefix path (prefix kernel over block-table row 0's pages for every row, each
+    row's own keys after them, one merge) equals the reference, for any count of the shared
+    keys it is told about (none, part of the prefix, all of it) and any split of the rest."""
+    seed, meta, q, k, v, kc, vc, shared = _shared_case(5, [1, 3, 16, 21, 40, 2, 9], 4, group, 64, dtype)
+    scale = 64 ** -0.5
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    K.store_kv(k, v, kc, vc, meta.slot_mapping)
+    for told, bound in ((shared, shared), (shared, 4 * shared + 7), (shared - 5, shared), (0, shared)):
+        for splits in (None, 1, 3):
+            out = torch.full_like(q, float("nan"))
+            K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, out,
+                           num_splits=splits, shared=torch.tensor([told], dtype=torch.int32, device=DEVICE),
+                           shared_max=bound)
+            _check(out, ref, dtype, seed)

@@ -43,6 +43,11 @@ class AttentionMetadata:
     # every seq brings one token (is_decode).
     decode_tail: int = 0
     decode_tail_max_seq_len: int = 0
+    # Shared-prefix (cascade) decode: every seq's first `shared_prefix_len` keys are the same
+    # pages (block_tables[0]'s, a prefix-cache hit), so a backend may read them once for the
+    # whole batch; `shared_prefix` holds that count on the device (int32 [1]), None when off.
+    shared_prefix_len: int = 0
+    shared_prefix: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -103,9 +108,12 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
                            page_tables: Sequence[Sequence[int]], page_size: int,
                            device: torch.device | str, num_pages: int | None = None,
                            token_ids: Sequence[int] | None = None,
-                           staging: PinnedStaging | None = None,
+                           staging: PinnedStaging | None = None, shared_prefix_min: int = 0,
                            ) -> tuple[AttentionMetadata, torch.Tensor | None]:
     """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
+    shared_prefix_min > 0: a decode batch whose page tables all begin with the same pages, at
+    least that many tokens of them, gets `shared_prefix_len` / `shared_prefix` (see
+    `shared_prefix_tokens`).
 
     Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
     per-page Python loops); every device tensor comes out of ONE host-to-device copy
@@ -147,10 +155,17 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     if B and max(lens_l) > 1:
         while lens_l[B - 1 - tail] == 1:     # stops at a seq with more: there is one
             tail += 1
+    shared = 0
+    if shared_prefix_min > 0 and B > 1 and T == B:
+        shared = shared_prefix_tokens(tables, min(seq_lens), page_size)
+        if shared < shared_prefix_min:
+            shared = 0
     parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
     if token_ids is not None:
         parts.append(token_ids if isinstance(token_ids, torch.Tensor)
                      else torch.tensor(token_ids, dtype=torch.int64))
+    if shared:
+        parts.append(torch.tensor([shared], dtype=torch.int64))
     if device.type == "cuda" and staging is not None:
         dev = staging.to_device(parts, device)
     elif device.type == "cuda":
@@ -179,8 +194,19 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
         max_seq_len=max(seq_lens) if B else 0,
         decode_tail=tail,
         decode_tail_max_seq_len=max(seq_lens[B - tail:]) if tail else 0,
+        shared_prefix_len=shared,
+        shared_prefix=out[-1].to(torch.int32) if shared else None,
     )
     return meta, (out[6] if token_ids is not None else None)
+
+
+def shared_prefix_tokens(tables: torch.Tensor, min_seq_len: int, page_size: int) -> int:
+    """Keys at the start of every seq that are the same pages in every page table (rows of
+    `tables` [B, P], padded): whole leading pages equal to row 0's, but fewer than the
+    shortest context, so each seq keeps at least its newest key (its own page) to itself."""
+    same = (tables == tables[:1]).all(0)
+    pages = int(same.to(torch.int32).cumprod(0).sum())
+    return max(0, min(pages * page_size, min_seq_len - 1))
 
 
 class AttentionBackend(ABC):

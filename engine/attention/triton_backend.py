@@ -6,7 +6,9 @@ the split-KV paged decode kernel runs, otherwise the paged extend kernel (prefix
 plus the new tokens, causal); a mixed batch's trailing one-token seqs (meta.decode_tail:
 the decode rows riding a prefill's forward) go to the decode kernel instead, whose
 programs read each K/V row once per KV head, where the extend kernel would run a
-128-row query tile per query head for one row. Launch grids come from Python ints already in the
+128-row query tile per query head for one row. A decode batch whose seqs share their first
+pages (meta.shared_prefix, a prefix-cache hit) reads those once per block of query rows in a
+prefix kernel, then each seq's own keys, merged by log-sum-exp. Launch grids come from Python ints already in the
 metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -36,7 +38,8 @@ class TritonBackend(AttentionBackend):
             return out
         if meta.is_decode:
             return K.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.max_seq_len, scale, out)
+                                  meta.max_seq_len, scale, out, shared=meta.shared_prefix,
+                                  shared_max=meta.shared_prefix_len)
         tail = meta.decode_tail
         if not tail:
             return K.paged_extend(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens,

@@ -85,21 +85,24 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 # Likewise the alignment of the block-table and length pointers: a mixed batch hands the
 # decode kernel its tail, seq_lens[nb:] and block_tables[nb:], whose addresses are 16-byte
 # aligned or not with nb (the first mixed step of a W1 run compiled for ~640 ms, H200).
-@triton.jit(do_not_specialize=["stride_bt", "chunk"], do_not_specialize_on_alignment=["bt_ptr", "seqlen_ptr"])
-def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
+@triton.jit(do_not_specialize=["stride_bt", "chunk", "split_off"],
+            do_not_specialize_on_alignment=["bt_ptr", "seqlen_ptr"])
+def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
                           acc_ptr, ml_ptr, out_ptr, sm_scale_log2,
                           stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
                           stride_ab, stride_ah, stride_as,
                           stride_mb, stride_mh, stride_ms, stride_ot, stride_oh,
-                          chunk,
+                          chunk, split_off,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                           PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                          DIRECT: tl.constexpr):
+                          DIRECT: tl.constexpr, SHARED: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seqlen_ptr + b)
     n_start = s * chunk
+    if SHARED:   # the batch's shared prefix is the prefix kernel's: this seq's own keys start after it
+        n_start += tl.load(shared_ptr)
     n_end = tl.minimum(n_start + chunk, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -129,12 +132,55 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr,
         o_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         return
+    s += split_off
     a_ptrs = (acc_ptr + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah + s * stride_as
               + offs_d[None, :])
     tl.store(a_ptrs, acc, mask=g_mask[:, None])
     m_ptrs = ml_ptr + b.to(tl.int64) * stride_mb + heads * stride_mh + s * stride_ms
     tl.store(m_ptrs, m_i, mask=g_mask)
     tl.store(m_ptrs + 1, l_i, mask=g_mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "pchunk"], do_not_specialize_on_alignment=["bt_ptr"])
+def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, shared_ptr, acc_ptr, ml_ptr, sm_scale_log2,
+                          n_rows, stride_qt, stride_qh, stride_cs, stride_ch,
+                          stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, pchunk,
+                          GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Shared prefix: the first `shared` keys, the same pages for every seq (block-table row
+    0's), against a block of BLOCK_Q (seq, query head) rows of one KV head: each K/V row is
+    read once per query block instead of once per seq. Writes split `ps`'s partial."""
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    ps = tl.program_id(2)
+    n_start = ps * pchunk
+    n_end = tl.minimum(n_start + pchunk, tl.load(shared_ptr))
+    r = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_mask = r < n_rows
+    b = (r // GROUP).to(tl.int64)
+    heads = kvh * GROUP + r % GROUP
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < n_end
+        page = tl.load(bt_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
+    tl.store(acc_ptr + b[:, None] * stride_ab + heads[:, None] * stride_ah + ps * stride_as + offs_d[None, :],
+             acc, mask=r_mask[:, None])
+    m_ptrs = ml_ptr + b * stride_mb + heads * stride_mh + ps * stride_ms
+    tl.store(m_ptrs, m_i, mask=r_mask)
+    tl.store(m_ptrs + 1, l_i, mask=r_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -182,9 +228,13 @@ def decode_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
                  scale: float, out: torch.Tensor, num_splits: int | None = None,
-                 config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 config: tuple[int, int, int] | None = None, shared: torch.Tensor | None = None,
+                 shared_max: int = 0) -> torch.Tensor:
     """One query token per seq: q [B, H, D] -> out [B, H, D] over seq_lens[b] paged keys.
-    config = (BLOCK_N, num_warps, num_stages) overrides the default (benchmark sweeps)."""
+    config = (BLOCK_N, num_warps, num_stages) overrides the default (benchmark sweeps).
+    shared (int32 [1] on the device, at most shared_max, below every seq_lens[b]): the first
+    `shared` keys of every seq are the same pages, block_tables[0]'s: the prefix kernel reads
+    them once per block of query rows, stage 1 each seq's keys after them, stage 2 merges."""
     B, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
     assert H % kvh == 0 and D & (D - 1) == 0 and D >= 16, (H, kvh, D)
@@ -196,25 +246,45 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_splits = decode_num_splits(B, kvh, max_seq_len, q.device, block_n)
     chunk = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_seq_len, chunk))
-    direct = num_splits == 1
-    shape = (1, 1, 1) if direct else (B, H, num_splits)
+    prefix_splits = 0
+    if shared is not None:
+        block_q, block_np, pwarps, pstages = PREFIX_CONFIG if on_gpu else (16, 16, 4, 1)
+        prefix_splits = min(16, max(1, triton.cdiv(shared_max, 4 * block_np)))   # ~4 key blocks each
+        pchunk = triton.cdiv(triton.cdiv(max(shared_max, 1), prefix_splits), block_np) * block_np
+    total = num_splits + prefix_splits
+    direct = total == 1
+    shape = (1, 1, 1) if direct else (B, H, total)
     acc = torch.empty(shape + (D,), dtype=torch.float32, device=q.device)
     ml = torch.empty(shape + (2,), dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if prefix_splits:
+        _decode_prefix_kernel[(triton.cdiv(B * group, block_q), kvh, prefix_splits)](
+            q, k_cache, v_cache, block_tables, shared, acc, ml, scale * LOG2E, B * group,
+            q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
+            acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), pchunk,
+            GROUP=group, D=D, PAGE=page, BLOCK_Q=block_q, BLOCK_N=block_np, DOT_PREC=prec,
+            num_warps=pwarps, num_stages=pstages)
     _decode_stage1_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, out, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, seq_lens if shared is None else shared,
+        acc, ml, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
-        out.stride(0), out.stride(1), chunk,
+        out.stride(0), out.stride(1), chunk, prefix_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, PAGE=page,
-        BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages, DIRECT=direct)
+        BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps, num_stages=stages, DIRECT=direct,
+        SHARED=shared is not None)
     if direct:
         return out
     _decode_stage2_kernel[(B, H)](
-        acc, ml, out, num_splits, acc.stride(0), acc.stride(1), acc.stride(2),
+        acc, ml, out, total, acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
-        D=D, SPLIT_PAD=triton.next_power_of_2(num_splits), num_warps=4 if D >= 128 else 2)
+        D=D, SPLIT_PAD=triton.next_power_of_2(total), num_warps=4 if D >= 128 else 2)
     return out
+
+
+# (BLOCK_Q, BLOCK_N, num_warps, num_stages) of the shared-prefix kernel on a GPU; its split of
+# the prefix is 4 * BLOCK_N keys (benchmarks/kernel_bench.py sweeps them)
+PREFIX_CONFIG = (64, 64, 4, 2)
 
 
 # --------------------------------------------------------------------------- extend
