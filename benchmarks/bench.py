@@ -146,8 +146,9 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     # warm-up: a prefill and a decode pass (kernel selection, allocator), then one decode pass
     # per CUDA-graph bucket: a bucket's first replay is checked against an eager pass (15-40 ms
     # more than the step at batch 30-210 on the H200), once per process, which would land in
-    # the first workload's steps (W1's prefill steps, or its decode steps with mixed batches)
-    pages = list(range(4))
+    # the first workload's steps (W1's prefill steps, or its decode steps with mixed batches);
+    # rows on the same 7 pages replay the shared-prefix graphs (100 shared keys >= its threshold)
+    pages = list(range(8))
     vocab = runner.model_config.vocab_size
     lo = token_id_range(vocab)[0]
     warm = [lo + i % (vocab - lo) for i in range(32)]    # Llama-3.1: 1000..1031, as before issue 14
@@ -155,6 +156,10 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     runner.forward([ForwardSeq(warm[:1], 32, pages), ForwardSeq(warm[1:2], 10, pages)])
     for b in runner.graph_buckets:
         runner.forward([ForwardSeq(warm[:1], 32, pages)] * b)
+        if runner.shared_prefix_min and b > 1:    # the same pages: the shared-prefix graphs too
+            saved, runner.shared_prefix_saved = runner.shared_prefix_saved, 0
+            runner.forward([ForwardSeq(warm[:1], 100, pages)] * b)
+            runner.shared_prefix_saved = saved
     _free(device)
     note = (f"DecodeEngine (make_decode_engine); attention {backend}; {runner.num_pages} KV pages; "
             f"prefix caching {'on' if args.enable_prefix_caching else 'off'}; mixed batches "

@@ -33,6 +33,7 @@ from engine.attention.triton_backend import TritonBackend
 H, KVH, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
 ROWS: list[dict] = []
+PROFILE = False
 
 
 def paged_case(starts, news, gen):
@@ -140,6 +141,19 @@ def shared_suite(batch, shared, own_lo, own_hi, gen, sweep):
     row(f"{tag} shared prefix", ms, nbytes / ms * 1e-6, note=f"rel err vs plain {err:.2e}")
     ms = bench(lambda: run(4128))
     row(f"{tag} shared prefix, grid for 4128 keys (as a CUDA graph)", ms, nbytes / ms * 1e-6)
+    if PROFILE:   # each kernel of the two paths
+        from torch.profiler import ProfilerActivity, profile
+        for name, fn in (("plain", plain), ("shared", run)):
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if t > 0:
+                    row(f"{tag} {name}: {e.key[:40]}", t / 10 / 1e3, note=f"x{e.count // 10}")
     if sweep:
         keep = K.PREFIX_CONFIG
         for cfg in ((64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2)):
@@ -184,7 +198,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--only", default="", help="comma list of suites: decode, shared, extend (default all)")
+    ap.add_argument("--profile", action="store_true", help="shared suite: each kernel's time (torch profiler)")
     a = ap.parse_args()
+    global PROFILE
+    PROFILE = a.profile
     gen = torch.Generator().manual_seed(0)
     sweep = not a.no_sweep
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)

@@ -37,8 +37,12 @@ from engine.weights import load_model, resolve_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-# A decode batch uses shared-prefix attention once its seqs share at least this many keys
+# A decode batch uses shared-prefix attention once its seqs share at least this many keys and
+# read that many times (seqs - 1) at least SHARED_PREFIX_MIN_SAVED keys fewer: H200, Llama-3.1-8B
+# shapes (benchmarks/kernel_bench.py, RESULTS.md), the prefix kernel costs ~5-20 us per layer and
+# 8192 keys' K/V of 8 heads is 32 MiB, ~8 us of reading
 SHARED_PREFIX_MIN_TOKENS = 64
+SHARED_PREFIX_MIN_SAVED = 8192
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class ModelRunner:
         # batch whose seqs all begin with at least this many keys on the same pages reads them once
         self.shared_prefix_min = (SHARED_PREFIX_MIN_TOKENS if config.attention_backend == "triton"
                                   and not config.disable_cascade_attn and config.role != "prefill" else 0)
+        self.shared_prefix_saved = SHARED_PREFIX_MIN_SAVED
         self.graph_buckets = graph_buckets(config.max_num_seqs) if use_graphs else ()
         self.shapes = profile_shapes(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
                                      0 if config.role == "prefill" else config.max_num_seqs)
@@ -241,7 +246,8 @@ class ModelRunner:
         meta, ids = build_metadata_and_ids(
             [s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
             [s.page_table for s in seqs], self.page_size, self.device, self.num_pages,
-            token_ids=token_ids, staging=self.staging, shared_prefix_min=self.shared_prefix_min)
+            token_ids=token_ids, staging=self.staging, shared_prefix_min=self.shared_prefix_min,
+            shared_prefix_saved=self.shared_prefix_saved)
         if feed:
             o = T
             for tokens, rows, _ in feed:

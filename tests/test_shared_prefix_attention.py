@@ -63,6 +63,7 @@ def _run(model_dir, disable: bool):
     assert runner.shared_prefix_min == (0 if disable else 64)
     if not disable:
         runner.shared_prefix_min = 8          # the tiny prompts share 24 keys on whole pages
+        runner.shared_prefix_saved = 24       # ... so any two rows take the path
     seen = []
     forward = runner.backend.forward
 
@@ -100,3 +101,28 @@ def test_disable_cascade_attn_reads_every_key_per_seq(model_dir):
     got, seen = _run(model_dir, disable=True)
     assert got == hf_greedy(model_dir, _prompts(), MAX_NEW)
     assert seen and set(seen) == {0}
+
+
+def test_metadata_finds_the_shared_pages():
+    """Leading pages equal in every table count, never the newest key of the shortest seq, never
+    pages past a mismatch or zero padding, and only in pure decode batches that read enough
+    keys fewer."""
+    from engine.attention.base import build_metadata_and_ids
+
+    def shared(starts, tables, news=None, saved=0, page=4):
+        news = news or [1] * len(starts)
+        meta, _ = build_metadata_and_ids(starts, news, tables, page, "cpu", shared_prefix_min=8,
+                                         shared_prefix_saved=saved)
+        assert (meta.shared_prefix is None) == (meta.shared_prefix_len == 0)
+        return meta.shared_prefix_len
+
+    a, b = [10, 11, 12, 13, 20], [10, 11, 12, 13, 30, 31]
+    assert shared([17, 22], [a, b]) == 16                  # 4 pages
+    assert shared([12, 22], [a, b]) == 12                  # the shorter seq keeps key 12 (its own)
+    assert shared([17, 22], [[10, 11, 99, 13, 20], b]) == 8   # 2 pages, up to the mismatch
+    assert shared([17, 22], [[10, 99, 12, 13, 20], b]) == 0   # 1 page: 4 keys < 8
+    assert shared([17, 22], [a, b], saved=17) == 0         # 1 x 16 keys fewer < 17
+    assert shared([17, 22, 17], [a, b, a], saved=32) == 16
+    assert shared([3, 3], [[0], [0]]) == 0                 # short seqs: padding is not sharing
+    assert shared([17, 22], [a, b], news=[2, 1]) == 0      # not a pure decode batch
+    assert shared([17], [a]) == 0                          # one seq: nothing to share

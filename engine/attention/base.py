@@ -109,10 +109,12 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
                            device: torch.device | str, num_pages: int | None = None,
                            token_ids: Sequence[int] | None = None,
                            staging: PinnedStaging | None = None, shared_prefix_min: int = 0,
+                           shared_prefix_saved: int = 0,
                            ) -> tuple[AttentionMetadata, torch.Tensor | None]:
     """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
     shared_prefix_min > 0: a decode batch whose page tables all begin with the same pages, at
-    least that many tokens of them, gets `shared_prefix_len` / `shared_prefix` (see
+    least that many tokens of them, and whose seqs would read at least `shared_prefix_saved`
+    keys fewer ((seqs - 1) x shared keys), gets `shared_prefix_len` / `shared_prefix` (see
     `shared_prefix_tokens`).
 
     Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
@@ -158,7 +160,7 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     shared = 0
     if shared_prefix_min > 0 and B > 1 and T == B:
         shared = shared_prefix_tokens(tables, min(seq_lens), page_size)
-        if shared < shared_prefix_min:
+        if shared < shared_prefix_min or (B - 1) * shared < shared_prefix_saved:
             shared = 0
     parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
     if token_ids is not None:

@@ -14,6 +14,11 @@ Kernels (launchers below take Python ints only, so no host sync on the hot path)
                   table and writes a partial (acc, max, sum) in fp32.
   decode stage 2  grid (B, H): log-sum-exp merge of the splits (skipped with one split:
                   stage 1 then normalises and writes the output itself).
+  decode prefix   shared-prefix (cascade) decode, grid (row blocks, KVH, prefix splits): when
+                  every seq's first keys are the same pages (a prefix-cache hit), one program
+                  reads a split of them once for a block of (seq, query head) rows of one KV
+                  head and writes partials; stage 1 then walks each seq's own keys only and
+                  folds those partials in (or stage 2 merges them with its splits).
   extend          grid (m-blocks, H, B): flash-attention online softmax over all keys
                   [0, start + new) read through the page table (prefix and the new
                   tokens just stored), causal mask only on the diagonal blocks.
@@ -86,7 +91,7 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 # decode kernel its tail, seq_lens[nb:] and block_tables[nb:], whose addresses are 16-byte
 # aligned or not with nb (the first mixed step of a W1 run compiled for ~640 ms, H200).
 @triton.jit(do_not_specialize=["stride_bt", "chunk", "split_off"],
-            do_not_specialize_on_alignment=["bt_ptr", "seqlen_ptr"])
+            do_not_specialize_on_alignment=["bt_ptr", "seqlen_ptr", "shared_ptr"])
 def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
                           acc_ptr, ml_ptr, out_ptr, sm_scale_log2,
                           stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
@@ -129,6 +134,19 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
     if DIRECT:   # one split: normalise and write the output, no merge pass
+        if SHARED:   # ... after folding in the prefix kernel's partials (splits 0 .. split_off - 1)
+            for p in range(0, split_off):
+                p_ptrs = (acc_ptr + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah + p * stride_as
+                          + offs_d[None, :])
+                acc_p = tl.load(p_ptrs, mask=g_mask[:, None], other=0.0)
+                mp_ptrs = ml_ptr + b.to(tl.int64) * stride_mb + heads * stride_mh + p * stride_ms
+                m_p = tl.load(mp_ptrs, mask=g_mask, other=-1.0e30)
+                l_p = tl.load(mp_ptrs + 1, mask=g_mask, other=0.0)
+                m_new = tl.maximum(m_i, m_p)
+                w_own, w_p = tl.exp2(m_i - m_new), tl.exp2(m_p - m_new)
+                acc = acc * w_own[:, None] + acc_p * w_p[:, None]
+                l_i = l_i * w_own + l_p * w_p
+                m_i = m_new
         o_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         return
@@ -141,7 +159,7 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
     tl.store(m_ptrs + 1, l_i, mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "pchunk"], do_not_specialize_on_alignment=["bt_ptr"])
+@triton.jit(do_not_specialize=["n_rows", "pchunk"], do_not_specialize_on_alignment=["bt_ptr", "shared_ptr"])
 def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, shared_ptr, acc_ptr, ml_ptr, sm_scale_log2,
                           n_rows, stride_qt, stride_qh, stride_cs, stride_ch,
                           stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, pchunk,
@@ -234,7 +252,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     config = (BLOCK_N, num_warps, num_stages) overrides the default (benchmark sweeps).
     shared (int32 [1] on the device, at most shared_max, below every seq_lens[b]): the first
     `shared` keys of every seq are the same pages, block_tables[0]'s: the prefix kernel reads
-    them once per block of query rows, stage 1 each seq's keys after them, stage 2 merges."""
+    them once per block of query rows, stage 1 each seq's keys after them, and stage 2 merges
+    (with one split of the seq's own keys, stage 1 folds the prefix partials in itself)."""
     B, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
     assert H % kvh == 0 and D & (D - 1) == 0 and D >= 16, (H, kvh, D)
@@ -252,8 +271,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         prefix_splits = min(16, max(1, triton.cdiv(shared_max, 4 * block_np)))   # ~4 key blocks each
         pchunk = triton.cdiv(triton.cdiv(max(shared_max, 1), prefix_splits), block_np) * block_np
     total = num_splits + prefix_splits
-    direct = total == 1
-    shape = (1, 1, 1) if direct else (B, H, total)
+    direct = num_splits == 1     # stage 1 writes the output (folding in the prefix partials)
+    shape = (B, H, total) if not direct else (B, H, prefix_splits) if prefix_splits else (1, 1, 1)
     acc = torch.empty(shape + (D,), dtype=torch.float32, device=q.device)
     ml = torch.empty(shape + (2,), dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
