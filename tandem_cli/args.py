@@ -94,8 +94,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     g.add_argument("--sm-partition", type=open_fraction, default=None, metavar="FRACTION",
                    help="colocated: run prefill passes on a CUDA green-context partition of this share of "
                         "the SMs and decode passes on the rest, side by side (decode never waits behind a "
-                        "prefill; no mixed batches). Experimental: greedy equality with one stream is not yet shown on a "
-                        "GPU (benchmarks/RESULTS.md). Default: one stream")
+                        "prefill; no mixed batches). Experimental: on the H200 its float32 tokens equal one "
+                        "stream's, but it ran at 0.80x tok/s with 10x the TTFT (benchmarks/RESULTS.md). "
+                        "Default: one stream")
     g.add_argument("--sm-partition-adaptive", action="store_true",
                    help="move the --sm-partition share live from queue depth, TTFT and TPOT against "
                         "--slo-ttft / --slo-tpot-ms (engine/sm_split.py; exported as "
