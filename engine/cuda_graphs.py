@@ -96,6 +96,8 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         for shared in (False, True) if self.shared_prefix else (False,):
             for bs in sorted(self.buckets, reverse=True):
+                if shared and bs == 1:      # one seq shares with no one
+                    continue
                 meta = self._meta(bs, shared)
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # compile / warm up outside the capture

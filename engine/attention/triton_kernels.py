@@ -82,6 +82,27 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _paged_keys(q, kc_ptr, vc_ptr, bt_row, kvh, n_start, n_end, m_i, l_i, acc, sm_scale_log2,
+                stride_cs, stride_ch, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """Online softmax of the query rows q over keys [n_start, n_end) of one KV head, read
+    through one page-table row (bt_row), BLOCK_N keys at a time; returns (m_i, l_i, acc)."""
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < n_end
+        page = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
+    return m_i, l_i, acc
+
+
 # --------------------------------------------------------------------------- decode
 # Integer arguments that change from batch to batch (query blocks, block-table width, split
 # size) are not specialized: Triton otherwise compiles a new variant the first time one of them
@@ -112,7 +133,6 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -121,17 +141,8 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + offs_n
-        n_mask = n < n_end
-        page = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
-        k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
+    m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_ptr + b.to(tl.int64) * stride_bt, kvh, n_start, n_end,
+                                m_i, l_i, acc, sm_scale_log2, stride_cs, stride_ch, D, PAGE, BLOCK_N, DOT_PREC)
 
     if DIRECT:   # one split: normalise and write the output, no merge pass
         if SHARED:   # ... after folding in the prefix kernel's partials (splits 0 .. split_off - 1)
@@ -178,22 +189,13 @@ def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, shared_ptr, acc_ptr, ml
     b = (r // GROUP).to(tl.int64)
     heads = kvh * GROUP + r % GROUP
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + b[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=r_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + offs_n
-        n_mask = n < n_end
-        page = tl.load(bt_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
-        k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
+    m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_ptr, kvh, n_start, n_end, m_i, l_i, acc, sm_scale_log2,
+                                stride_cs, stride_ch, D, PAGE, BLOCK_N, DOT_PREC)
     tl.store(acc_ptr + b[:, None] * stride_ab + heads[:, None] * stride_ah + ps * stride_as + offs_d[None, :],
              acc, mask=r_mask[:, None])
     m_ptrs = ml_ptr + b * stride_mb + heads * stride_mh + ps * stride_ms
