@@ -185,6 +185,13 @@ def extend_suite(nseq, prefix, new, gen, sweep):
                 row(f"{tag} cfg(bm,bn,w,st)={cfg}", ms, tflops=flops / ms * 1e-9)
             except Exception as e:  # noqa: BLE001
                 row(f"{tag} cfg={cfg} FAILED", 0.0, note=type(e).__name__)
+    if prefix == 0:  # what the Triton backend runs for such prompts when it can (flash_prefill.py)
+        from engine.attention.flash_prefill import flash_prefill, flash_prefill_usable
+        if flash_prefill_usable(q.device, DT):
+            kn = torch.randn(nseq * new, KVH, D, device="cuda", dtype=DT)
+            vn = torch.randn_like(kn)
+            ms = bench(lambda: flash_prefill(q, kn, vn, meta.cu_seqlens, new, scale))
+            row(f"{tag} flash-attention (aten, GQA, own k/v)", ms, tflops=flops / ms * 1e-9)
     if prefix == 0:  # peer: SDPA causal on contiguous, K/V expanded to H heads
         qs = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)
         ks = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)

@@ -241,3 +241,35 @@ def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
                            num_splits=splits, shared=torch.tensor([told], dtype=torch.int32, device=DEVICE),
                            shared_max=bound)
             _check(out, ref, dtype, seed)
+
+
+@pytest.mark.parametrize("tail", [0, 3], ids=["prompts", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_prompts_without_a_cached_prefix(dtype, tail):
+    """Every prompt at position 0 (and a mixed batch's decode tail after them): on a GPU the
+    prompts' attention is flash-attention's (their own k / v), on a CPU the extend kernel's;
+    both equal the reference, and the pages hold the same K/V."""
+    from engine.attention.flash_prefill import flash_prefill_usable
+
+    starts, news = [0, 0, 0, 0] + [40, 17, 3][:tail], [13, 1, 70, 33] + [1] * tail
+    seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 128 if ON_GPU else 64, dtype)
+    assert meta.decode_tail == tail
+    scale = q.shape[-1] ** -0.5
+    ref, kc_ref, vc_ref = _reference(q, k, v, kc, vc, meta, scale)
+    backend = TritonBackend()
+    out = backend.forward(q, k, v, kc, vc, meta, scale)
+    assert _same_cache(kc, kc_ref) and _same_cache(vc, vc_ref)
+    _check(out, ref, dtype, seed)
+    assert backend.flash_calls == (1 if flash_prefill_usable(q.device, dtype) else 0)
+    assert flash_prefill_usable(q.device, dtype) == ON_GPU
+
+
+def test_flash_trial_reference_is_the_reference():
+    """flash_prefill_usable judges flash-attention against its own small reference: that
+    reference equals the torch reference backend on fresh ragged GQA prompts."""
+    from engine.attention.flash_prefill import _reference as flash_ref
+
+    seed, meta, q, k, v, kc, vc = _case([0, 0, 0], [9, 1, 20], 16, 4, 64, torch.float32)
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, 0.125)
+    got = flash_ref(q, k, v, [9, 1, 20], 0.125)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5, seed

@@ -8,7 +8,9 @@ the decode rows riding a prefill's forward) go to the decode kernel instead, who
 programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. A decode batch whose seqs share their first
 pages (meta.shared_prefix, a prefix-cache hit) reads those once per block of query rows in a
-prefix kernel, then each seq's own keys, merged by log-sum-exp. Launch grids come from Python ints already in the
+prefix kernel, then each seq's own keys, merged by log-sum-exp. Prompts with no cached prefix (every seq before the tail at position 0) go to torch's
+flash-attention instead of the extend kernel when it runs here (engine/attention/flash_prefill.py):
+their keys are the forward's own k / v. Launch grids come from Python ints already in the
 metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -18,10 +20,18 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
+from engine.attention.flash_prefill import flash_prefill, flash_prefill_usable
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+
+    def __init__(self) -> None:
+        self.flash_calls = 0      # layer passes whose prompts went to flash-attention
+
+    def _flash(self, meta: AttentionMetadata, nb: int, q: torch.Tensor) -> bool:
+        """The first nb seqs are prompts with no cached prefix, and flash-attention runs here."""
+        return not any(meta.start_pos_list[:nb]) and flash_prefill_usable(q.device, q.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -33,6 +43,18 @@ class TritonBackend(AttentionBackend):
         if q.stride(-1) != 1:
             q = q.contiguous()
         K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        tail = meta.decode_tail
+        nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
+        if nb and not meta.is_decode and self._flash(meta, nb, q):
+            self.flash_calls += 1
+            prompts = flash_prefill(q[:nt], k[:nt], v[:nt], meta.cu_seqlens[:nb + 1], meta.max_new_len, scale)
+            if not tail:
+                return prompts
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            out[:nt] = prompts
+            K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
+                           meta.decode_tail_max_seq_len, scale, out[nt:])
+            return out
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_seqs == 0:
             return out
@@ -40,11 +62,9 @@ class TritonBackend(AttentionBackend):
             return K.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.max_seq_len, scale, out, shared=meta.shared_prefix,
                                   shared_max=meta.shared_prefix_len)
-        tail = meta.decode_tail
         if not tail:
             return K.paged_extend(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens,
                                   meta.start_pos, meta.max_new_len, scale, out)
-        nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
         K.paged_extend(q[:nt], k_cache, v_cache, meta.block_tables[:nb], meta.cu_seqlens[:nb + 1],
                        meta.start_pos[:nb], meta.max_new_len, scale, out[:nt])
         K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
