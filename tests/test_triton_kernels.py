@@ -245,12 +245,15 @@ def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
 
 @pytest.mark.parametrize("tail", [0, 3], ids=["prompts", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
-def test_prompts_without_a_cached_prefix(dtype, tail):
-    """Every prompt at position 0 (and a mixed batch's decode tail after them): on a GPU the
-    prompts' attention is flash-attention's (their own k / v), on a CPU the extend kernel's;
-    both equal the reference, and the pages hold the same K/V."""
+@pytest.mark.parametrize("flash", [False, True], ids=["kernel", "flash"])
+def test_prompts_without_a_cached_prefix(dtype, tail, flash, monkeypatch):
+    """Every prompt at position 0 (and a mixed batch's decode tail after them): with
+    $TANDEM_FLASH_PREFILL=1 on a GPU the prompts' attention is flash-attention's (their own
+    k / v), otherwise the extend kernel's; both equal the reference, and the pages hold the
+    same K/V."""
     from engine.attention.flash_prefill import flash_prefill_usable
 
+    monkeypatch.setenv("TANDEM_FLASH_PREFILL", "1" if flash else "")
     starts, news = [0, 0, 0, 0] + [40, 17, 3][:tail], [13, 1, 70, 33] + [1] * tail
     seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 128 if ON_GPU else 64, dtype)
     assert meta.decode_tail == tail
@@ -260,7 +263,7 @@ def test_prompts_without_a_cached_prefix(dtype, tail):
     out = backend.forward(q, k, v, kc, vc, meta, scale)
     assert _same_cache(kc, kc_ref) and _same_cache(vc, vc_ref)
     _check(out, ref, dtype, seed)
-    assert backend.flash_calls == (1 if flash_prefill_usable(q.device, dtype) else 0)
+    assert backend.flash_calls == (1 if flash and ON_GPU else 0)
     assert flash_prefill_usable(q.device, dtype) == ON_GPU
 
 

@@ -9,10 +9,11 @@ pages as always, then hands such batches (or a mixed batch's prompt rows) here i
 paged extend kernel. Prompts after a prefix-cache hit keep the extend kernel: their keys are
 partly in the pages only.
 
-`flash_prefill_usable(device, dtype)` decides once per device and dtype: CUDA, fp16/bf16, the
-op present, `$TANDEM_FLASH_PREFILL` not "0", and a trial on a small ragged GQA batch equal to
-a float32 reference within 16-bit rounding. The answer and its reason are logged once;
-`engine.attention.triton_backend` counts the batches it ran (`TritonBackend.flash_batches`).
+Opt-in for now (`$TANDEM_FLASH_PREFILL=1`, read when a backend is made): it is not yet measured
+against the extend kernel on the H200. `flash_prefill_usable(device, dtype)` decides once per
+device and dtype: CUDA, fp16/bf16, the op present, and a trial on a small ragged GQA batch equal
+to a float32 reference within 16-bit rounding. The answer and its reason are logged once;
+`engine.attention.triton_backend` counts the layer passes it ran (`TritonBackend.flash_calls`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ import os
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def flash_prefill_requested() -> bool:
+    """$TANDEM_FLASH_PREFILL=1: prompts without a cached prefix may use flash-attention."""
+    return os.environ.get("TANDEM_FLASH_PREFILL", "") == "1"
 
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -51,9 +57,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int
 def flash_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether flash_prefill runs here and agrees with a float32 reference (logged once)."""
     why = ""
-    if os.environ.get("TANDEM_FLASH_PREFILL", "") == "0":
-        why = "$TANDEM_FLASH_PREFILL=0"
-    elif device.type != "cuda":
+    if device.type != "cuda":
         why = f"needs CUDA, not {device.type}"
     elif dtype not in (torch.float16, torch.bfloat16):
         why = f"needs float16/bfloat16, not {dtype}"

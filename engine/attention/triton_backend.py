@@ -8,9 +8,9 @@ the decode rows riding a prefill's forward) go to the decode kernel instead, who
 programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. A decode batch whose seqs share their first
 pages (meta.shared_prefix, a prefix-cache hit) reads those once per block of query rows in a
-prefix kernel, then each seq's own keys, merged by log-sum-exp. Prompts with no cached prefix (every seq before the tail at position 0) go to torch's
-flash-attention instead of the extend kernel when it runs here (engine/attention/flash_prefill.py):
-their keys are the forward's own k / v. Launch grids come from Python ints already in the
+prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1, prompts with no cached prefix (every seq before the tail at
+position 0) go to torch's flash-attention instead of the extend kernel when it runs here
+(engine/attention/flash_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints already in the
 metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -20,18 +20,20 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
-from engine.attention.flash_prefill import flash_prefill, flash_prefill_usable
+from engine.attention.flash_prefill import flash_prefill, flash_prefill_requested, flash_prefill_usable
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self) -> None:
-        self.flash_calls = 0      # layer passes whose prompts went to flash-attention
+        self.use_flash = flash_prefill_requested()   # $TANDEM_FLASH_PREFILL=1 (opt-in, not yet measured)
+        self.flash_calls = 0                         # layer passes whose prompts went to flash-attention
 
     def _flash(self, meta: AttentionMetadata, nb: int, q: torch.Tensor) -> bool:
-        """The first nb seqs are prompts with no cached prefix, and flash-attention runs here."""
-        return not any(meta.start_pos_list[:nb]) and flash_prefill_usable(q.device, q.dtype)
+        """Flash-attention is asked for and runs here, and the first nb seqs are prompts with no
+        cached prefix."""
+        return self.use_flash and not any(meta.start_pos_list[:nb]) and flash_prefill_usable(q.device, q.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
