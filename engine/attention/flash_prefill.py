@@ -79,9 +79,9 @@ def flash_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
                 why = f"its trial differs from the reference (rel err {err:.3g})"
         except Exception as exc:  # noqa: BLE001 - any failure means: keep the Triton kernel
             why = f"its trial raised {type(exc).__name__}: {str(exc)[:120]}"
-    if why:
-        log.info("prefill attention of prompts without a cached prefix: Triton paged extend kernel "
-                 "(flash-attention not used: %s)", why)
+    if why:   # asked for ($TANDEM_FLASH_PREFILL=1) and not given: say so
+        log.warning("prefill attention of prompts without a cached prefix: Triton paged extend kernel "
+                    "(flash-attention not used: %s)", why)
         return False
     log.info("prefill attention of prompts without a cached prefix: flash-attention (torch's aten op)")
     return True

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 14 on the H200 in one device call: the engine's kernel and greedy tests, then the
+# kernels (shared-prefix decode, prompts by flash-attention vs the paged extend kernel), then
+# W1-W4 in process with each opt-in or default lever on and off, back to back:
+#   - shared-prefix decode attention (default on; --disable-cascade-attn off): W2 is the one
+#     workload it changes;
+#   - flash-attention for prompts without a cached prefix ($TANDEM_FLASH_PREFILL=1, opt-in):
+#     W1 and W4.
+#   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/engine_levers_1gpu.sh   # carry ".whl", "build/goodput_whl"
+# ~7 minutes on a warm machine. GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
+set -u
+OUT=${OUT:?set OUT}
+COMMIT=${COMMIT:-unknown}
+source benchmarks/device_env.sh
+T=(tests/test_triton_kernels.py tests/test_shared_prefix_attention.py)
+[ "${GREEDY:-1}" = 1 ] && T+=(tests/test_triton_greedy_gpu.py)
+timeout -k 10 300 python3 -m pytest -q -n 8 -p no:cacheprovider "${T[@]}" 2>&1 | tail -3
+timeout -k 10 150 python3 benchmarks/kernel_bench.py --only shared,extend --no-sweep --profile \
+    --out "$OUT/kernels.json" 2>&1 | grep -E "^(decode|extend)" | grep -v ": _"
+B=(python3 -m benchmarks.bench --device cuda --modes colocated --commit "$COMMIT" --date "$(date -u +%F)")
+run() {   # tag, env, args...
+    local tag=$1 env=$2
+    shift 2
+    env $env timeout -k 10 200 "${B[@]}" "$@" --json "$OUT/$tag.json" --log-dir "/tmp/levers-$tag" 2>&1 \
+        | grep -E "^\| colo|rror:|prefill attention of prompts" | sed "s/^/$tag /"
+}
+run base "TANDEM_FLASH_PREFILL=" --workloads W1,W2,W3,W4
+run flash "TANDEM_FLASH_PREFILL=1" --workloads W1,W4
+run nocascade "TANDEM_FLASH_PREFILL=" --workloads W2 --disable-cascade-attn
