@@ -8,10 +8,11 @@ the decode rows riding a prefill's forward) go to the decode kernel instead, who
 programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. A decode batch whose seqs share their first
 pages (meta.shared_prefix, a prefix-cache hit) reads those once per block of query rows in a
-prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1, prompts with no cached prefix (every seq before the tail at
-position 0) go to torch's flash-attention instead of the extend kernel when it runs here
-(engine/attention/flash_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints already in the
-metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
+prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1,
+prompts with no cached prefix (every seq before the tail at position 0) go to torch's
+flash-attention instead of the extend kernel when it runs here (engine/attention/
+flash_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints
+already in the metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
