@@ -23,7 +23,7 @@ from engine.worker_thread import InlineLoop
 
 with interpreter_env():   # on a CPU, triton and the kernels are jit-decorated on import
     pytest.importorskip("triton")
-    import engine.attention.triton_backend  # noqa: F401
+    from engine.attention import triton_backend  # noqa: F401 - decorated under the interpreter
 pytestmark = pytest.mark.usefixtures("interpreter")
 
 MAX_NEW = 8
@@ -51,7 +51,12 @@ def model_dir(tmp_path_factory):
 
 
 def _prompts() -> list[list[int]]:
-    return [SHARED + [7 + (i * 31 + j * 17) % 180 for j in range(1 + 2 * i)] for i in range(4)]
+    """Six prompts that begin with SHARED; the last two arrive while the first four decode."""
+    return [SHARED + [7 + (i * 31 + j * 17) % 180 for j in range(1 + 2 * i)] for i in range(6)]
+
+
+LATE = 4          # prompts _prompts()[LATE:] are submitted after LATE_STEP steps
+LATE_STEP = 3
 
 
 def _run(model_dir, disable: bool):
@@ -64,43 +69,49 @@ def _run(model_dir, disable: bool):
     if not disable:
         runner.shared_prefix_min = 8          # the tiny prompts share 24 keys on whole pages
         runner.shared_prefix_saved = 24       # ... so any two rows take the path
-    seen = []
+    seen, tails = [], []           # shared keys of decode batches / of mixed batches' decode tails
     forward = runner.backend.forward
 
     def spy(q, k, v, kc, vc, meta, scale):
         if meta.is_decode:
             seen.append(meta.shared_prefix_len)
-            assert (meta.shared_prefix is None) == (meta.shared_prefix_len == 0)
+        elif meta.decode_tail > 1:
+            tails.append(meta.shared_prefix_len)
+        assert (meta.shared_prefix is None) == (meta.shared_prefix_len == 0)
         return forward(q, k, v, kc, vc, meta, scale)
 
     runner.backend.forward = spy
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     sinks = [_Sink() for _ in _prompts()]
-    for i, (p, sink) in enumerate(zip(_prompts(), sinks)):
-        engine.submit(Sequence(f"r{i}", p, params), sink)
-    engine._drain(block=False)
-    for _ in range(200):
-        if not engine.has_work():
+    for step in range(200):
+        if step in (0, LATE_STEP):
+            for i, (p, sink) in enumerate(zip(_prompts(), sinks)):
+                if (i >= LATE) == (step == LATE_STEP):
+                    engine.submit(Sequence(f"r{i}", p, params), sink)
+            engine._drain(block=False)
+        elif not engine.has_work():
             break
         engine.step()
     assert all(s.finish is FinishReason.LENGTH for s in sinks)
-    return [s.tokens for s in sinks], seen
+    return [s.tokens for s in sinks], seen, tails
 
 
 def test_shared_prefix_decode_equals_transformers(model_dir):
     want = hf_greedy(model_dir, _prompts(), MAX_NEW)
-    got, seen = _run(model_dir, disable=False)
+    got, seen, tails = _run(model_dir, disable=False)
     assert got == want
     # the first prompt computes the shared pages; the others take them from the cache and then
-    # every decode batch of two or more seqs shares the 6 whole pages (24 keys)
+    # every decode batch of two or more seqs shares the 6 whole pages (24 keys), and so do the
+    # decode rows riding the late prompts' prefill (a mixed batch's tail)
     assert 24 in seen, seen
     assert set(seen) <= {0, 24}, seen
+    assert 24 in tails, tails
 
 
 def test_disable_cascade_attn_reads_every_key_per_seq(model_dir):
-    got, seen = _run(model_dir, disable=True)
+    got, seen, tails = _run(model_dir, disable=True)
     assert got == hf_greedy(model_dir, _prompts(), MAX_NEW)
-    assert seen and set(seen) == {0}
+    assert seen and set(seen) == {0} and set(tails) <= {0}
 
 
 def test_metadata_finds_the_shared_pages():

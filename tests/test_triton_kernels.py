@@ -276,3 +276,37 @@ def test_flash_trial_reference_is_the_reference():
     ref, _, _ = _reference(q, k, v, kc, vc, meta, 0.125)
     got = flash_ref(q, k, v, [9, 1, 20], 0.125)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5, seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_mixed_batch_decode_tail_with_a_shared_prefix(dtype):
+    """A mixed batch (two prompts, then four decode rows whose tables begin with the same 3
+    pages): the tail's metadata names the 12 shared keys, and the backend (prefix kernel for the
+    tail) equals the reference."""
+    from engine.attention.base import build_metadata_and_ids
+
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    page, kvh, H, D = 4, KV_HEADS, KV_HEADS * 4, 128 if ON_GPU else 64
+    perm = torch.randperm(60, generator=g).tolist()
+    prefix, rest = perm[:3], perm[3:]
+    own = [2, 1, 5, 3]                                   # pages after the prefix
+    tables = [rest[0:5], rest[5:7]] + [prefix + rest[7 + 6 * i:7 + 6 * i + n] for i, n in enumerate(own)]
+    starts, news = [0, 0] + [12 + 4 * n - 2 for n in own], [17, 6, 1, 1, 1, 1]
+    meta, _ = build_metadata_and_ids(starts, news, tables, page, DEVICE, 60, shared_prefix_min=4)
+    assert (meta.decode_tail, meta.shared_prefix_len) == (4, 12)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    T = sum(news)
+    q, k, v = rnd(T, H, D), rnd(T, kvh, D), rnd(T, kvh, D)
+    kc = torch.full((60, page, kvh, D), float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    for s, pt in zip(starts, tables):
+        for p in range(s):
+            kc[pt[p // page], p % page] = rnd(kvh, D)
+            vc[pt[p // page], p % page] = rnd(kvh, D)
+    scale = D ** -0.5
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, dtype, seed)

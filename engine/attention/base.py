@@ -43,9 +43,10 @@ class AttentionMetadata:
     # every seq brings one token (is_decode).
     decode_tail: int = 0
     decode_tail_max_seq_len: int = 0
-    # Shared-prefix (cascade) decode: every seq's first `shared_prefix_len` keys are the same
-    # pages (block_tables[0]'s, a prefix-cache hit), so a backend may read them once for the
-    # whole batch; `shared_prefix` holds that count on the device (int32 [1]), None when off.
+    # Shared-prefix (cascade) decode: the first `shared_prefix_len` keys of every one-token seq
+    # (all of a decode batch, or a mixed batch's decode tail) are the same pages (the first of
+    # those seqs' tables has them: a prefix-cache hit), so a backend may read them once for all
+    # of them; `shared_prefix` holds that count on the device (int32 [1]), None when off.
     shared_prefix_len: int = 0
     shared_prefix: torch.Tensor | None = None
 
@@ -112,10 +113,10 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
                            shared_prefix_saved: int = 0,
                            ) -> tuple[AttentionMetadata, torch.Tensor | None]:
     """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
-    shared_prefix_min > 0: a decode batch whose page tables all begin with the same pages, at
-    least that many tokens of them, and whose seqs would read at least `shared_prefix_saved`
-    keys fewer ((seqs - 1) x shared keys), gets `shared_prefix_len` / `shared_prefix` (see
-    `shared_prefix_tokens`).
+    shared_prefix_min > 0: when the one-token seqs (a decode batch, or a mixed batch's decode
+    tail) all have page tables that begin with the same pages, at least that many tokens of
+    them, and would read at least `shared_prefix_saved` keys fewer ((seqs - 1) x shared keys),
+    the metadata gets `shared_prefix_len` / `shared_prefix` (see `shared_prefix_tokens`).
 
     Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
     per-page Python loops); every device tensor comes out of ONE host-to-device copy
@@ -158,9 +159,10 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
         while lens_l[B - 1 - tail] == 1:     # stops at a seq with more: there is one
             tail += 1
     shared = 0
-    if shared_prefix_min > 0 and B > 1 and T == B:
-        shared = shared_prefix_tokens(tables, min(seq_lens), page_size)
-        if shared < shared_prefix_min or (B - 1) * shared < shared_prefix_saved:
+    rows = B if T == B else tail             # the one-token rows: all of a decode batch, or the tail
+    if shared_prefix_min > 0 and rows > 1:
+        shared = shared_prefix_tokens(tables[B - rows:], min(seq_lens[B - rows:]), page_size)
+        if shared < shared_prefix_min or (rows - 1) * shared < shared_prefix_saved:
             shared = 0
     parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
     if token_ids is not None:

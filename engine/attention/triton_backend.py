@@ -6,9 +6,9 @@ the split-KV paged decode kernel runs, otherwise the paged extend kernel (prefix
 plus the new tokens, causal); a mixed batch's trailing one-token seqs (meta.decode_tail:
 the decode rows riding a prefill's forward) go to the decode kernel instead, whose
 programs read each K/V row once per KV head, where the extend kernel would run a
-128-row query tile per query head for one row. A decode batch whose seqs share their first
-pages (meta.shared_prefix, a prefix-cache hit) reads those once per block of query rows in a
-prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1,
+128-row query tile per query head for one row. Decode rows (a batch, or a mixed batch's tail) whose
+seqs share their first pages (meta.shared_prefix, a prefix-cache hit) read those once per block
+of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1,
 prompts with no cached prefix (every seq before the tail at position 0) go to torch's
 flash-attention instead of the extend kernel when it runs here (engine/attention/
 flash_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints
@@ -56,7 +56,8 @@ class TritonBackend(AttentionBackend):
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             out[:nt] = prompts
             K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
-                           meta.decode_tail_max_seq_len, scale, out[nt:])
+                           meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
+                           shared_max=meta.shared_prefix_len)
             return out
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_seqs == 0:
@@ -71,5 +72,6 @@ class TritonBackend(AttentionBackend):
         K.paged_extend(q[:nt], k_cache, v_cache, meta.block_tables[:nb], meta.cu_seqlens[:nb + 1],
                        meta.start_pos[:nb], meta.max_new_len, scale, out[:nt])
         K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
-                       meta.decode_tail_max_seq_len, scale, out[nt:])
+                       meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
+                       shared_max=meta.shared_prefix_len)
         return out
