@@ -68,9 +68,9 @@ def flash_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
             g = torch.Generator(device=device).manual_seed(0)
             lens = [37, 1, 130]
             T = sum(lens)
-            q = torch.randn(T, 8, 128, device=device, dtype=dtype, generator=g)
-            k = torch.randn(T, 2, 128, device=device, dtype=dtype, generator=g)
-            v = torch.randn(T, 2, 128, device=device, dtype=dtype, generator=g)
+            # strided views of one fused projection's rows, as the model hands them over
+            qkv = torch.randn(T, (8 + 2 + 2) * 128, device=device, dtype=dtype, generator=g)
+            q, k, v = (t.view(T, -1, 128) for t in qkv.split([8 * 128, 2 * 128, 2 * 128], dim=-1))
             cu = torch.tensor([0, 37, 38, T], dtype=torch.int32, device=device)
             out = flash_prefill(q, k, v, cu, max(lens), 128 ** -0.5)
             ref = _reference(q, k, v, lens, 128 ** -0.5)
