@@ -130,7 +130,7 @@ def shared_suite(batch, shared, own_lo, own_hi, gen, sweep):
     tag = f"decode B={batch} shared={shared} own~{sum(own) // batch}"
     plain = lambda: K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens,  # noqa: E731
                                    meta.max_seq_len, scale, ref)
-    s = torch.tensor([shared], dtype=torch.int32, device="cuda")
+    s = K.shared_prefix_vector([shared] * batch, 0, "cuda")
     run = lambda bound=shared: K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens,  # noqa: E731
                                               meta.max_seq_len, scale, out, shared=s, shared_max=bound)
     ms = bench(plain)

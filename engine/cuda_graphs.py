@@ -64,7 +64,9 @@ class DecodeGraphs:
         self.start_pos = torch.zeros(B, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((B, self.max_pages), dtype=torch.int32, device=dev)
-        self.shared = torch.zeros(1, dtype=torch.int32, device=dev)   # shared-prefix keys of this step
+        # shared-prefix vector of this step (triton_kernels.paged_decode): per-row shares, then for
+        # bucket bs at [bs] and [bs + 1] their most and the leader row
+        self.shared = torch.zeros(B + 2, dtype=torch.int32, device=dev)
         # one logits buffer for every graph (a graph's own output would stay allocated per bucket)
         self.logits = torch.empty((B, runner.model_config.vocab_size), dtype=runner.dtype, device=dev)
         # (bucket, shared-prefix path) -> graph
@@ -79,7 +81,7 @@ class DecodeGraphs:
             cu_seqlens=self.cu_seqlens[:bs + 1], start_pos=self.start_pos[:bs], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], start_pos_list=(0,) * bs, new_lens_list=(1,) * bs,
             page_tables_list=((),) * bs, max_new_len=1, max_seq_len=L,
-            shared_prefix_len=L if shared else 0, shared_prefix=self.shared if shared else None)
+            shared_prefix_len=L if shared else 0, shared_prefix=self.shared[:bs + 2] if shared else None)
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         r = self.runner
@@ -132,7 +134,9 @@ class DecodeGraphs:
         self.seq_lens[:B].copy_(meta.seq_lens)
         self.block_tables[:B, :P].copy_(meta.block_tables)
         if key[1]:
-            self.shared.copy_(meta.shared_prefix)
+            self.shared[:B].copy_(meta.shared_prefix[:B])
+            self.shared[B:bs].zero_()
+            self.shared[bs:bs + 2].copy_(meta.shared_prefix[B:])
         if bs > B:
             self.slots[B:bs].fill_(self.scratch_slot)
             self.seq_lens[B:bs].fill_(1)

@@ -88,9 +88,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
                    help="decode: a step with prompts to prefill runs the running seqs' decode tokens in the "
                         "same forward pass (both within --max-num-batched-tokens)")
     g.add_argument("--disable-cascade-attn", action="store_true",
-                   help="decode (triton): no shared-prefix attention. By default a decode batch whose "
-                        "sequences all begin with the same cached prompt pages reads those keys once for "
-                        "the whole batch instead of once per sequence")
+                   help="decode (triton): no shared-prefix attention. By default, decode rows that begin "
+                        "with the same cached prompt pages read those keys once for all of them instead of "
+                        "once per sequence")
     g.add_argument("--sm-partition", type=open_fraction, default=None, metavar="FRACTION",
                    help="colocated: run prefill passes on a CUDA green-context partition of this share of "
                         "the SMs and decode passes on the rest, side by side (decode never waits behind a "

@@ -51,8 +51,11 @@ def model_dir(tmp_path_factory):
 
 
 def _prompts() -> list[list[int]]:
-    """Six prompts that begin with SHARED; the last two arrive while the first four decode."""
-    return [SHARED + [7 + (i * 31 + j * 17) % 180 for j in range(1 + 2 * i)] for i in range(6)]
+    """Six prompts that begin with SHARED but the fourth (a straggler: its own pages, share 0);
+    the last two arrive while the first four decode."""
+    out = [SHARED + [7 + (i * 31 + j * 17) % 180 for j in range(1 + 2 * i)] for i in range(6)]
+    out[3] = [9 + (j * 7) % 150 for j in range(len(out[3]))]
+    return out
 
 
 LATE = 4          # prompts _prompts()[LATE:] are submitted after LATE_STEP steps
@@ -115,9 +118,9 @@ def test_disable_cascade_attn_reads_every_key_per_seq(model_dir):
 
 
 def test_metadata_finds_the_shared_pages():
-    """Leading pages equal in every table count, never the newest key of the shortest seq, never
-    pages past a mismatch or zero padding, and only in pure decode batches that read enough
-    keys fewer."""
+    """Per seq, the whole leading pages equal to the leader's (the first seq holding the most
+    common first page) count, never a seq's newest key, never pages past a mismatch; only
+    batches of one-token seqs that read enough keys fewer take the path."""
     from engine.attention.base import build_metadata_and_ids
 
     def shared(starts, tables, news=None, saved=0, page=4):
@@ -125,15 +128,19 @@ def test_metadata_finds_the_shared_pages():
         meta, _ = build_metadata_and_ids(starts, news, tables, page, "cpu", shared_prefix_min=8,
                                          shared_prefix_saved=saved)
         assert (meta.shared_prefix is None) == (meta.shared_prefix_len == 0)
-        return meta.shared_prefix_len
+        return None if meta.shared_prefix is None else meta.shared_prefix.tolist()
 
     a, b = [10, 11, 12, 13, 20], [10, 11, 12, 13, 30, 31]
-    assert shared([17, 22], [a, b]) == 16                  # 4 pages
-    assert shared([12, 22], [a, b]) == 12                  # the shorter seq keeps key 12 (its own)
-    assert shared([17, 22], [[10, 11, 99, 13, 20], b]) == 8   # 2 pages, up to the mismatch
-    assert shared([17, 22], [[10, 99, 12, 13, 20], b]) == 0   # 1 page: 4 keys < 8
-    assert shared([17, 22], [a, b], saved=17) == 0         # 1 x 16 keys fewer < 17
-    assert shared([17, 22, 17], [a, b, a], saved=32) == 16
-    assert shared([3, 3], [[0], [0]]) == 0                 # short seqs: padding is not sharing
-    assert shared([17, 22], [a, b], news=[2, 1]) == 0      # not a pure decode batch
-    assert shared([17], [a]) == 0                          # one seq: nothing to share
+    assert shared([17, 22], [a, b]) == [16, 16, 16, 0]          # 4 pages each; leader row 0
+    assert shared([12, 22], [a, b]) == [12, 16, 16, 0]          # the shorter seq keeps key 12 to itself
+    assert shared([17, 22], [[10, 11, 99, 13, 20], b]) == [8, 8, 8, 0]   # up to the mismatch
+    assert shared([17, 22], [[10, 99, 12, 13, 20], b]) is None  # 1 page: 4 keys < 8
+    assert shared([17, 22], [a, b], saved=17) is None           # 16 keys fewer < 17
+    assert shared([17, 22, 17], [a, b, a], saved=33) == [17, 16, 17, 17, 0]   # a and a: 5 pages
+    # a straggler first: the leader is the first seq of the most common first page
+    assert shared([17, 17, 22], [[50, 51, 52, 53, 54], a, b]) == [0, 16, 16, 16, 1]
+    assert shared([3, 3], [[0], [0]]) is None                   # short seqs: padding is not sharing
+    assert shared([17, 22], [a, b], news=[2, 1]) is None        # not one-token seqs
+    assert shared([17], [a]) is None                            # one seq: nothing to share
+    # a mixed batch: the prompt's pages do not count, the decode tail's do
+    assert shared([0, 17, 22], [[1, 2], a, b], news=[5, 1, 1]) == [16, 16, 16, 0]

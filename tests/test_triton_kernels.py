@@ -238,7 +238,7 @@ def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
         for splits in (None, 1, 3):
             out = torch.full_like(q, float("nan"))
             K.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, out,
-                           num_splits=splits, shared=torch.tensor([told], dtype=torch.int32, device=DEVICE),
+                           num_splits=splits, shared=K.shared_prefix_vector([told] * len(q), 0, DEVICE),
                            shared_max=bound)
             _check(out, ref, dtype, seed)
 
@@ -305,6 +305,45 @@ def test_mixed_batch_decode_tail_with_a_shared_prefix(dtype):
     vc = torch.full_like(kc, float("nan"))
     for s, pt in zip(starts, tables):
         for p in range(s):
+            kc[pt[p // page], p % page] = rnd(kvh, D)
+            vc[pt[p // page], p % page] = rnd(kvh, D)
+    scale = D ** -0.5
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    _check(TritonBackend().forward(q, k, v, kc, vc, meta, scale), ref, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_decode_with_stragglers_and_partial_shares(dtype):
+    """Decode rows of which most begin with the same 3 pages: two stragglers with pages of their
+    own, one row sharing only 2 of the 3. The leader is the first row holding the most common
+    first page, each row reads its own share through the prefix kernel and the rest itself,
+    and the output equals the reference."""
+    from engine.attention.base import build_metadata_and_ids
+
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    page, kvh, H, D = 4, KV_HEADS, KV_HEADS * 4, 128 if ON_GPU else 64
+    perm = torch.randperm(80, generator=g).tolist()
+    pre, rest = perm[:3], iter(perm[3:])
+
+    def own(n):
+        return [next(rest) for _ in range(n)]
+
+    tables = [own(4), pre + own(2), pre + own(1), own(3), pre + own(3), pre[:2] + own(4)]
+    lens = [15, 19, 13, 9, 24, 23]
+    meta, _ = build_metadata_and_ids([n - 1 for n in lens], [1] * 6, tables, page, DEVICE, 80,
+                                     shared_prefix_min=4)
+    assert meta.shared_prefix_len == 12
+    assert meta.shared_prefix.tolist() == [0, 12, 12, 0, 12, 8, 12, 1]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q, k, v = rnd(6, H, D), rnd(6, kvh, D), rnd(6, kvh, D)
+    kc = torch.full((80, page, kvh, D), float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    for n, pt in zip(lens, tables):
+        for p in range(n - 1):
             kc[pt[p // page], p % page] = rnd(kvh, D)
             vc[pt[p // page], p % page] = rnd(kvh, D)
     scale = D ** -0.5

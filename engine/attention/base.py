@@ -43,10 +43,11 @@ class AttentionMetadata:
     # every seq brings one token (is_decode).
     decode_tail: int = 0
     decode_tail_max_seq_len: int = 0
-    # Shared-prefix (cascade) decode: the first `shared_prefix_len` keys of every one-token seq
-    # (all of a decode batch, or a mixed batch's decode tail) are the same pages (the first of
-    # those seqs' tables has them: a prefix-cache hit), so a backend may read them once for all
-    # of them; `shared_prefix` holds that count on the device (int32 [1]), None when off.
+    # Shared-prefix (cascade) decode: the one-token seqs (all of a decode batch, or a mixed
+    # batch's decode tail) begin with keys on the same pages as a leader seq's (a prefix-cache
+    # hit), up to `shared_prefix_len` of them, so a backend may read those once for all of them;
+    # `shared_prefix` is the device vector of triton_kernels.paged_decode (int32 [seqs + 2]:
+    # each seq's share, their most, the leader), None when off.
     shared_prefix_len: int = 0
     shared_prefix: torch.Tensor | None = None
 
@@ -114,9 +115,9 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
                            ) -> tuple[AttentionMetadata, torch.Tensor | None]:
     """`build_metadata`, plus the flattened new token ids moved to `device` in the same copy.
     shared_prefix_min > 0: when the one-token seqs (a decode batch, or a mixed batch's decode
-    tail) all have page tables that begin with the same pages, at least that many tokens of
-    them, and would read at least `shared_prefix_saved` keys fewer ((seqs - 1) x shared keys),
-    the metadata gets `shared_prefix_len` / `shared_prefix` (see `shared_prefix_tokens`).
+    tail) begin with pages of a leader seq's, at least that many tokens of them, and would read
+    at least `shared_prefix_saved` keys fewer (their shares but the most), the metadata gets
+    `shared_prefix_len` / `shared_prefix` (see `shared_prefix_shares`).
 
     Host work is O(B) Python plus vectorised torch ops on the CPU (no per-token or
     per-page Python loops); every device tensor comes out of ONE host-to-device copy
@@ -158,18 +159,19 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     if B and max(lens_l) > 1:
         while lens_l[B - 1 - tail] == 1:     # stops at a seq with more: there is one
             tail += 1
-    shared = 0
+    shared, shares = 0, None
     rows = B if T == B else tail             # the one-token rows: all of a decode batch, or the tail
     if shared_prefix_min > 0 and rows > 1:
-        shared = shared_prefix_tokens(tables[B - rows:], min(seq_lens[B - rows:]), page_size)
-        if shared < shared_prefix_min or (rows - 1) * shared < shared_prefix_saved:
+        shares, leader = shared_prefix_shares(tables[B - rows:], torch.tensor(seq_lens[B - rows:]), page_size)
+        shared = int(shares.max())
+        if shared < shared_prefix_min or int(shares.sum()) - shared < shared_prefix_saved:
             shared = 0
     parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
     if token_ids is not None:
         parts.append(token_ids if isinstance(token_ids, torch.Tensor)
                      else torch.tensor(token_ids, dtype=torch.int64))
-    if shared:
-        parts.append(torch.tensor([shared], dtype=torch.int64))
+    if shared:    # paged_decode's vector: per-row shares, their most, the leader row
+        parts.append(torch.cat([shares, torch.tensor([shared, leader])]))
     if device.type == "cuda" and staging is not None:
         dev = staging.to_device(parts, device)
     elif device.type == "cuda":
@@ -204,13 +206,21 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     return meta, (out[6] if token_ids is not None else None)
 
 
-def shared_prefix_tokens(tables: torch.Tensor, min_seq_len: int, page_size: int) -> int:
-    """Keys at the start of every seq that are the same pages in every page table (rows of
-    `tables` [B, P], padded): whole leading pages equal to row 0's, but fewer than the
-    shortest context, so each seq keeps at least its newest key (its own page) to itself."""
-    same = (tables == tables[:1]).all(0)
-    pages = int(same.to(torch.int32).cumprod(0).sum())
-    return max(0, min(pages * page_size, min_seq_len - 1))
+def shared_prefix_shares(tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, int]:
+    """(per-seq shares int64 [B], leader row) for rows of `tables` [B, P] (padded) and their
+    context lengths: the leader is the first seq whose first page is the most common first page
+    (the prefix most seqs hold); a seq's share is the keys on its whole leading pages that equal
+    the leader's, below its context length (its newest key stays its own), 0 for a seq with
+    another first page; the leader's share is the most any other seq shares, below its own
+    context length."""
+    first = tables[:, 0]
+    pages, counts = torch.unique(first, return_counts=True)
+    leader = int((first == pages[counts.argmax()]).to(torch.int8).argmax())
+    same = (tables == tables[leader:leader + 1]).to(torch.int32).cumprod(1).sum(1).to(torch.int64)
+    shares = torch.minimum(same * page_size, seq_lens.to(torch.int64) - 1).clamp_min(0)
+    shares[leader] = 0
+    shares[leader] = min(int(shares.max()), int(seq_lens[leader]) - 1)
+    return shares, leader
 
 
 class AttentionBackend(ABC):

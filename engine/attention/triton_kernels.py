@@ -15,10 +15,11 @@ Kernels (launchers below take Python ints only, so no host sync on the hot path)
   decode stage 2  grid (B, H): log-sum-exp merge of the splits (skipped with one split:
                   stage 1 then normalises and writes the output itself).
   decode prefix   shared-prefix (cascade) decode, grid (row blocks, KVH, prefix splits): when
-                  every seq's first keys are the same pages (a prefix-cache hit), one program
-                  reads a split of them once for a block of (seq, query head) rows of one KV
-                  head and writes partials; stage 1 then walks each seq's own keys only and
-                  folds those partials in (or stage 2 merges them with its splits).
+                  seqs begin with the same pages as a leader seq (a prefix-cache hit), one
+                  program reads a split of those keys once for a block of (seq, query head)
+                  rows of one KV head, each row masked to its own seq's share, and writes
+                  partials; stage 1 then walks each seq's keys after its share and folds those
+                  partials in (or stage 2 merges them with its splits).
   extend          grid (m-blocks, H, B): flash-attention online softmax over all keys
                   [0, start + new) read through the page table (prefix and the new
                   tokens just stored), causal mask only on the diagonal blocks.
@@ -84,10 +85,11 @@ def _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _paged_keys(q, kc_ptr, vc_ptr, bt_row, kvh, n_start, n_end, m_i, l_i, acc, sm_scale_log2,
-                stride_cs, stride_ch, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                stride_cs, stride_ch, row_end, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr, PER_ROW: tl.constexpr):
     """Online softmax of the query rows q over keys [n_start, n_end) of one KV head, read
-    through one page-table row (bt_row), BLOCK_N keys at a time; returns (m_i, l_i, acc)."""
+    through one page-table row (bt_row), BLOCK_N keys at a time; returns (m_i, l_i, acc).
+    PER_ROW: query row i sees only the keys below row_end[i] of them."""
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -98,7 +100,10 @@ def _paged_keys(q, kc_ptr, vc_ptr, bt_row, kvh, n_start, n_end, m_i, l_i, acc, s
         k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        if PER_ROW:
+            qk = tl.where(n_mask[None, :] & (n[None, :] < row_end[:, None]), qk, float("-inf"))
+        else:
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
     return m_i, l_i, acc
 
@@ -127,8 +132,8 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
     s = tl.program_id(2)
     seq_len = tl.load(seqlen_ptr + b)
     n_start = s * chunk
-    if SHARED:   # the batch's shared prefix is the prefix kernel's: this seq's own keys start after it
-        n_start += tl.load(shared_ptr)
+    if SHARED:   # this seq's share of the batch's prefix is the prefix kernel's: its own keys start after it
+        n_start += tl.load(shared_ptr + b)
     n_end = tl.minimum(n_start + chunk, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -142,7 +147,8 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
     m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_ptr + b.to(tl.int64) * stride_bt, kvh, n_start, n_end,
-                                m_i, l_i, acc, sm_scale_log2, stride_cs, stride_ch, D, PAGE, BLOCK_N, DOT_PREC)
+                                m_i, l_i, acc, sm_scale_log2, stride_cs, stride_ch, 0, D, PAGE, BLOCK_N, DOT_PREC,
+                                False)
 
     if DIRECT:   # one split: normalise and write the output, no merge pass
         if SHARED:   # ... after folding in the prefix kernel's partials (splits 0 .. split_off - 1)
@@ -170,23 +176,27 @@ def _decode_stage1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, shared_ptr,
     tl.store(m_ptrs + 1, l_i, mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "pchunk"], do_not_specialize_on_alignment=["bt_ptr", "shared_ptr"])
+@triton.jit(do_not_specialize=["n_rows", "n_seqs", "stride_bt", "pchunk"],
+            do_not_specialize_on_alignment=["bt_ptr", "shared_ptr"])
 def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, shared_ptr, acc_ptr, ml_ptr, sm_scale_log2,
-                          n_rows, stride_qt, stride_qh, stride_cs, stride_ch,
+                          n_rows, n_seqs, stride_qt, stride_qh, stride_cs, stride_ch, stride_bt,
                           stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, pchunk,
                           GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Shared prefix: the first `shared` keys, the same pages for every seq (block-table row
-    0's), against a block of BLOCK_Q (seq, query head) rows of one KV head: each K/V row is
-    read once per query block instead of once per seq. Writes split `ps`'s partial."""
+    """Shared prefix: the leading keys on the leader seq's pages (shared[n_seqs + 1]), up to
+    shared[n_seqs], against a block of BLOCK_Q (seq, query head) rows of one KV head, each row
+    seeing the shared[seq] of them its seq shares: each K/V row is read once per query block
+    instead of once per seq. Writes split `ps`'s partial."""
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
     ps = tl.program_id(2)
     n_start = ps * pchunk
-    n_end = tl.minimum(n_start + pchunk, tl.load(shared_ptr))
+    n_end = tl.minimum(n_start + pchunk, tl.load(shared_ptr + n_seqs))
+    leader = tl.load(shared_ptr + n_seqs + 1).to(tl.int64)
     r = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     r_mask = r < n_rows
     b = (r // GROUP).to(tl.int64)
+    row_end = tl.load(shared_ptr + b, mask=r_mask, other=0)
     heads = kvh * GROUP + r % GROUP
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -194,8 +204,9 @@ def _decode_prefix_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, shared_ptr, acc_ptr, ml
     m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
-    m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_ptr, kvh, n_start, n_end, m_i, l_i, acc, sm_scale_log2,
-                                stride_cs, stride_ch, D, PAGE, BLOCK_N, DOT_PREC)
+    m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_ptr + leader * stride_bt, kvh, n_start, n_end, m_i, l_i,
+                                acc, sm_scale_log2, stride_cs, stride_ch, row_end, D, PAGE, BLOCK_N, DOT_PREC,
+                                True)
     tl.store(acc_ptr + b[:, None] * stride_ab + heads[:, None] * stride_ah + ps * stride_as + offs_d[None, :],
              acc, mask=r_mask[:, None])
     m_ptrs = ml_ptr + b * stride_mb + heads * stride_mh + ps * stride_ms
@@ -252,10 +263,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  shared_max: int = 0) -> torch.Tensor:
     """One query token per seq: q [B, H, D] -> out [B, H, D] over seq_lens[b] paged keys.
     config = (BLOCK_N, num_warps, num_stages) overrides the default (benchmark sweeps).
-    shared (int32 [1] on the device, at most shared_max, below every seq_lens[b]): the first
-    `shared` keys of every seq are the same pages, block_tables[0]'s: the prefix kernel reads
-    them once per block of query rows, stage 1 each seq's keys after them, and stage 2 merges
-    (with one split of the seq's own keys and one of the prefix, stage 1 folds it in itself)."""
+    shared (int32 [B + 2] on the device: per seq, how many of its first keys are on the same
+    pages as the leader seq's, below its seq_lens[b]; then their most, at most shared_max; then
+    the leader's index, see `shared_prefix_vector`): the prefix kernel reads those keys once per
+    block of query rows, stage 1 each seq's keys after its share, and stage 2 merges (with one
+    split of the seq's own keys and one of the prefix, stage 1 folds it in itself)."""
     B, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
     assert H % kvh == 0 and D & (D - 1) == 0 and D >= 16, (H, kvh, D)
@@ -283,8 +295,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if prefix_splits:
         _decode_prefix_kernel[(triton.cdiv(B * group, block_q), kvh, prefix_splits)](
-            q, k_cache, v_cache, block_tables, shared, acc, ml, scale * LOG2E, B * group,
-            q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
+            q, k_cache, v_cache, block_tables, shared, acc, ml, scale * LOG2E, B * group, B,
+            q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), pchunk,
             GROUP=group, D=D, PAGE=page, BLOCK_Q=block_q, BLOCK_N=block_np, DOT_PREC=prec,
             num_warps=pwarps, num_stages=pstages)
@@ -304,6 +316,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         ml.stride(0), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
         D=D, SPLIT_PAD=triton.next_power_of_2(total), num_warps=4 if D >= 128 else 2)
     return out
+
+
+def shared_prefix_vector(per_seq: list[int], leader: int, device) -> torch.Tensor:
+    """paged_decode's `shared`: int32 [len(per_seq) + 2] = per-seq shares, their most, the leader."""
+    return torch.tensor(list(per_seq) + [max(per_seq), leader], dtype=torch.int32, device=device)
 
 
 # (BLOCK_Q, BLOCK_N, num_warps, num_stages) of the shared-prefix kernel on a GPU; its split of
