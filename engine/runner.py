@@ -68,6 +68,14 @@ class ModelRunner:
         mc = self.model_config
         self.dtype = resolve_dtype(config.dtype, mc)
         self.backend = get_attention_backend(config.attention_backend)  # fails here, before the weights
+        # what was asked for and cannot run here (a weaker path instead): said once where it is
+        # decided, counted by the worker (`tandem_*_fallbacks_total{what=...}`)
+        self.fallbacks: list[str] = []
+        if getattr(self.backend, "use_flash", False):      # $TANDEM_FLASH_PREFILL=1
+            from engine.attention.flash_prefill import flash_prefill_usable
+            if not flash_prefill_usable(self.device, self.dtype):
+                self.backend.use_flash = False
+                self.fallbacks.append("flash_prefill_unavailable")
         self.model = load_model(self.model_path, mc, self.dtype, self.device,
                                 config.load_format, config.seed)
         self.model.fuse_projections()

@@ -12,8 +12,10 @@ partly in the pages only.
 Opt-in for now (`$TANDEM_FLASH_PREFILL=1`, read when a backend is made): it is not yet measured
 against the extend kernel on the H200. `flash_prefill_usable(device, dtype)` decides once per
 device and dtype: CUDA, fp16/bf16, the op present, and a trial on a small ragged GQA batch equal
-to a float32 reference within 16-bit rounding. The answer and its reason are logged once;
-`engine.attention.triton_backend` counts the layer passes it ran (`TritonBackend.flash_calls`).
+to a float32 reference within 16-bit rounding. The answer and its reason are logged once; asked
+for and not usable, the runner names it among its fallbacks ("flash_prefill_unavailable",
+counted in the worker's `tandem_*_fallbacks_total`); `TritonBackend.flash_calls` counts the
+layer passes it ran.
 """
 from __future__ import annotations
 
