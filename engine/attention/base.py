@@ -159,14 +159,15 @@ def build_metadata_and_ids(start_pos: Sequence[int], new_lens: Sequence[int],
     if B and max(lens_l) > 1:
         while lens_l[B - 1 - tail] == 1:     # stops at a seq with more: there is one
             tail += 1
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int64)
     shared, shares = 0, None
     rows = B if T == B else tail             # the one-token rows: all of a decode batch, or the tail
     if shared_prefix_min > 0 and rows > 1:
-        shares, leader = shared_prefix_shares(tables[B - rows:], torch.tensor(seq_lens[B - rows:]), page_size)
+        shares, leader = shared_prefix_shares(tables[B - rows:], seq_lens_t[B - rows:], page_size)
         shared = int(shares.max())
         if shared < shared_prefix_min or int(shares.sum()) - shared < shared_prefix_saved:
             shared = 0
-    parts = [positions, slots, cu, starts_t, torch.tensor(seq_lens, dtype=torch.int64), tables.view(-1)]
+    parts = [positions, slots, cu, starts_t, seq_lens_t, tables.view(-1)]
     if token_ids is not None:
         parts.append(token_ids if isinstance(token_ids, torch.Tensor)
                      else torch.tensor(token_ids, dtype=torch.int64))
@@ -214,10 +215,12 @@ def shared_prefix_shares(tables: torch.Tensor, seq_lens: torch.Tensor, page_size
     another first page; the leader's share is the most any other seq shares, below its own
     context length."""
     first = tables[:, 0]
-    pages, counts = torch.unique(first, return_counts=True)
-    leader = int((first == pages[counts.argmax()]).to(torch.int8).argmax())
-    same = (tables == tables[leader:leader + 1]).to(torch.int32).cumprod(1).sum(1).to(torch.int64)
-    shares = torch.minimum(same * page_size, seq_lens.to(torch.int64) - 1).clamp_min(0)
+    leader = 0
+    if not bool((first == first[0]).all()):     # the common case (one system prompt) skips this
+        pages, counts = torch.unique(first, return_counts=True)
+        leader = int((first == pages[counts.argmax()]).to(torch.int8).argmax())
+    same = (tables == tables[leader:leader + 1]).to(torch.int32).cumprod(1).sum(1)
+    shares = torch.minimum(same * page_size, seq_lens - 1).clamp_min(0)
     shares[leader] = 0
     shares[leader] = min(int(shares.max()), int(seq_lens[leader]) - 1)
     return shares, leader

@@ -371,17 +371,9 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, cu_ptr, start_ptr,
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
-    for n0 in range(full_end, kv_end, BLOCK_N):                  # diagonal: causal + bounds
-        n = n0 + offs_n
-        n_mask = n < kv_end
-        page = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
-        k = tl.load(kc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(vc_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
-        visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
+    # diagonal: causal (row i sees keys up to its position) and bounds
+    m_i, l_i, acc = _paged_keys(q, kc_ptr, vc_ptr, bt_row, kvh, full_end, kv_end, m_i, l_i, acc, sm_scale_log2,
+                                stride_cs, stride_ch, q_pos + 1, D, PAGE, BLOCK_N, DOT_PREC, True)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
