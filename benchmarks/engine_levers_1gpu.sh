@@ -7,14 +7,14 @@
 #   - flash-attention for prompts without a cached prefix ($TANDEM_FLASH_PREFILL=1, opt-in):
 #     W1 and W4.
 #   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/engine_levers_1gpu.sh   # carry ".whl", "build/goodput_whl"
-# ~7 minutes on a warm machine. GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
+# ~7 minutes on a warm machine (OMP_NUM_THREADS=2: 8 test workers with 16 torch threads each crawl). GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-unknown}
 source benchmarks/device_env.sh
 T=(tests/test_triton_kernels.py tests/test_shared_prefix_attention.py)
 [ "${GREEDY:-1}" = 1 ] && T+=(tests/test_triton_greedy_gpu.py)
-timeout -k 10 300 python3 -m pytest -q -n 8 -p no:cacheprovider "${T[@]}" 2>&1 | tail -3
+OMP_NUM_THREADS=2 timeout -k 10 300 python3 -m pytest -q -n 8 -p no:cacheprovider "${T[@]}" 2>&1 | tail -3
 timeout -k 10 150 python3 benchmarks/kernel_bench.py --only shared,extend --no-sweep --profile \
     --out "$OUT/kernels.json" 2>&1 | grep -E "^(decode|extend)" | grep -v ": _"
 B=(python3 -m benchmarks.bench --device cuda --modes colocated --commit "$COMMIT" --date "$(date -u +%F)")

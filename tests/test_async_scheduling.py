@@ -16,7 +16,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 from engine.tiny_models import make_tiny_model
 from decode_worker.main import make_decode_engine
-from test_colocated_prefix_cache import _DirectLoop, _Sink
+from hand_stepped import InlineLoop, Sink
 from test_scheduler import EOS, make_scheduler
 
 S = SequenceStatus
@@ -95,11 +95,11 @@ def model_dir(tmp_path_factory):
 def run_engine(model_dir, async_scheduling: bool, num_pages: int, requests, abort_after: int | None = None):
     engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=4,
                                              num_pages=num_pages, max_num_seqs=8, max_model_len=256),
-                                _DirectLoop())
+                                InlineLoop())
     engine.async_scheduling = async_scheduling
     sinks = {}
     for rid, prompt, params in requests:
-        sinks[rid] = _Sink()
+        sinks[rid] = Sink()
         engine.submit(Sequence(rid, prompt, params), sinks[rid])
     engine._drain(block=False)
     steps = 0
@@ -145,11 +145,11 @@ def test_step_trace_lines_add_up_to_the_engine_counters(model_dir, tmp_path):
     import json
 
     engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=4,
-                                             num_pages=200, max_num_seqs=8, max_model_len=256), _DirectLoop())
+                                             num_pages=200, max_num_seqs=8, max_model_len=256), InlineLoop())
     engine.step_trace = io.StringIO()
     greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     for i in range(5):
-        engine.submit(Sequence(f"r{i}", [3 + (i * 7 + j) % 50 for j in range(6 + i)], greedy), _Sink())
+        engine.submit(Sequence(f"r{i}", [3 + (i * 7 + j) % 50 for j in range(6 + i)], greedy), Sink())
     engine._drain(block=False)
     while engine.has_work():
         engine.step()

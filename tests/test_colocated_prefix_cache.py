@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from hf_reference import hf_greedy
+from hand_stepped import InlineLoop, Sink
 from test_prefix_cache_e2e import MAX_NEW, model_case  # noqa: F401 - the fixture
 
 from decode_worker.main import make_decode_engine
@@ -18,34 +19,10 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 
-class _DirectLoop:
-    """Stands in for the event loop: replies run at once on the calling thread."""
-
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
-
-
-class _Sink:
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.finish = None
-        self.error = ""
-
-    def on_reserved(self, pages):
-        raise AssertionError("a local seq reserves nothing for a KV transfer")
-
-    def on_output(self, out):
-        self.tokens += out.tokens
-        self.finish, self.error = out.finish, out.error
-
-
 def make_engine(model_dir, page_size: int, num_pages: int, cache: bool = True, **kw):
     cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=page_size,
                        num_pages=num_pages, enable_prefix_caching=cache, **kw)
-    return make_decode_engine(cfg, _DirectLoop())
+    return make_decode_engine(cfg, InlineLoop())
 
 
 def run(engine, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[tuple[list[int], int]]:
@@ -54,7 +31,7 @@ def run(engine, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[tuple[
     for p in prompts:
         seq = Sequence(f"r{engine.counters.steps}-{len(seqs)}", list(p),
                        SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True))
-        sink = _Sink()
+        sink = Sink()
         engine.submit(seq, sink)
         seqs.append(seq)
         sinks.append(sink)

@@ -25,7 +25,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.tiny_models import make_tiny_model
-from test_colocated_prefix_cache import _DirectLoop, _Sink  # the hand-stepped engine's loop and sink
+from hand_stepped import InlineLoop, Sink
 from kvtransfer.base import get_backend
 from prefill_worker.engine import PrefillEngine, PrefillJob
 from prefill_worker.server import PrefillServicer
@@ -44,7 +44,7 @@ def config(model_dir, **kw) -> EngineConfig:
 
 def test_a_job_submitted_behind_an_abort_still_runs(model_dir):
     runner = ModelRunner(config(model_dir))
-    engine = PrefillEngine(runner, Sampler(0), _DirectLoop())
+    engine = PrefillEngine(runner, Sampler(0), InlineLoop())
     done = []
     job = PrefillJob("b", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=1),
                      send_layer=lambda *a: None, on_done=lambda *a: done.append(a))
@@ -58,9 +58,9 @@ def test_a_job_submitted_behind_an_abort_still_runs(model_dir):
 
 
 def test_a_raising_command_fails_its_request_only(model_dir):
-    engine = make_decode_engine(config(model_dir), _DirectLoop())
+    engine = make_decode_engine(config(model_dir), InlineLoop())
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    a, b = _Sink(), _Sink()
+    a, b = Sink(), Sink()
     engine.submit(Sequence("a", [5, 6, 7], params), a)
     engine.submit(Sequence("b", [8, 9], params), b)
     engine._drain(block=False)
@@ -200,14 +200,14 @@ def test_a_raising_pass_fails_only_its_requests(model_dir):
     """A prefill pass that raises (a token id past the embedding table, which only a bug
     upstream could let through) fails the requests of that pass; a request decoding and one
     whose KV a sender is still writing keep going, with their pages."""
-    engine = make_decode_engine(config(model_dir), _DirectLoop())
+    engine = make_decode_engine(config(model_dir), InlineLoop())
     vocab = engine.runner.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    class _RemoteSink(_Sink):
+    class _RemoteSink(Sink):
         def on_reserved(self, pages):
             self.pages = pages
 
-    running, remote, bad = _Sink(), _RemoteSink(), _Sink()
+    running, remote, bad = Sink(), _RemoteSink(), Sink()
     engine.submit(Sequence("running", [5, 6, 7], params), running)
     engine.submit(Sequence("remote", [8, 9, 10, 11, 12], params, remote_kv=True), remote)
     engine._drain(block=False)

@@ -111,13 +111,13 @@ def test_the_decode_engine_keeps_its_turn_across_steps_and_yields_to_a_waiting_p
     from engine.sampling_params import SamplingParams
     from engine.sequence import Sequence
     from engine.tiny_models import make_tiny_model
-    from test_colocated_prefix_cache import _DirectLoop, _Sink
+    from hand_stepped import InlineLoop, Sink
 
     model = make_tiny_model(tmp_path / "llama", arch="llama", seed=4)
     engine = make_decode_engine(EngineConfig(model=str(model), dtype="float32", device="cpu", page_size=4,
-                                             num_pages=200, max_num_seqs=8), _DirectLoop())
+                                             num_pages=200, max_num_seqs=8), InlineLoop())
     engine.gpu_turn = GpuTurn(str(tmp_path / "gpu.lock"), "decode")
-    sink = _Sink()
+    sink = Sink()
     engine.submit(Sequence("r", [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)), sink)
     engine._drain(block=False)
     engine.step()

@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.tiny_models import make_tiny_model
-from test_colocated_prefix_cache import _DirectLoop, _Sink
+from hand_stepped import InlineLoop, Sink
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -48,7 +48,7 @@ def make_engine(model_dir, mixed: bool, num_pages: int = 300, cache: bool = True
     engine = make_decode_engine(EngineConfig(
         model=str(model_dir), dtype="float32", device="cpu", page_size=4, num_pages=num_pages,
         max_num_seqs=8, max_model_len=128, max_num_batched_tokens=budget,
-        enable_prefix_caching=cache, mixed_batches=mixed), _DirectLoop())
+        enable_prefix_caching=cache, mixed_batches=mixed), InlineLoop())
     engine.async_scheduling = async_scheduling
     return engine
 
@@ -64,7 +64,7 @@ def run_staggered(engine, requests, arrivals=ARRIVALS):
         return forward(*a, **kw)
 
     engine.runner.forward = counted
-    sinks = {rid: _Sink() for rid, _, _ in requests}
+    sinks = {rid: Sink() for rid, _, _ in requests}
     k = 0
     while k < len(arrivals) or engine.has_work():
         for i in (arrivals[k] if k < len(arrivals) else ()):
@@ -147,7 +147,7 @@ def test_the_budget_counts_decode_rows_and_a_lone_long_prompt_still_runs(model_d
 def test_a_raising_mixed_pass_fails_its_prompts_and_the_decodes_go_on(model_dir):
     eng = make_engine(model_dir, True)
     vocab = eng.runner.model_config.vocab_size
-    running, bad = _Sink(), _Sink()
+    running, bad = Sink(), Sink()
     eng.submit(Sequence("running", [5, 6, 7], GREEDY), running)
     eng._drain(block=False)
     eng.step()

@@ -17,7 +17,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.tiny_models import make_tiny_model
 from prefill_worker.engine import PrefillEngine, PrefillJob
-from test_colocated_prefix_cache import _DirectLoop
+from hand_stepped import InlineLoop
 
 import pytest
 
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 def make_engine(model_dir, num_pages: int) -> PrefillEngine:
     runner = ModelRunner(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", page_size=4,
                                       num_pages=num_pages))
-    engine = PrefillEngine(runner, Sampler(0), _DirectLoop())
+    engine = PrefillEngine(runner, Sampler(0), InlineLoop())
     engine.pool_send = True
     return engine
 

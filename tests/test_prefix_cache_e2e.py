@@ -23,6 +23,7 @@ from hf_reference import distinct_prompts, hf_greedy
 from openai import OpenAI
 
 from engine.tiny_models import make_tiny_model
+from engine.worker_thread import InlineLoop
 
 MAX_NEW = 8
 EXTRA = {"ignore_eos": True, "return_token_ids": True}
@@ -183,16 +184,6 @@ def test_chat_turns_and_shared_system_prompt_hit_the_cache(model_case, tmp_path)
 # The PrefillEngine in process (no threads, no gRPC): KV shipped for a cached prompt equals the
 # KV of a cold run, and pages are accounted for after every step.
 
-class _DirectLoop:
-    """Stands in for the event loop: replies run at once on the calling thread."""
-
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-    def is_closed(self) -> bool:
-        return False
-
-
 def _engine(model_dir, num_pages: int, page_size: int = 4, budget: int = 8192):
     from engine.config import EngineConfig
     from engine.runner import ModelRunner
@@ -201,7 +192,7 @@ def _engine(model_dir, num_pages: int, page_size: int = 4, budget: int = 8192):
 
     runner = ModelRunner(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
                                       page_size=page_size, num_pages=num_pages))
-    return PrefillEngine(runner, Sampler(0), _DirectLoop(), budget)
+    return PrefillEngine(runner, Sampler(0), InlineLoop(), budget)
 
 
 def _run(engine, prompts: list[list[int]]) -> list[dict]:

@@ -18,7 +18,7 @@ from engine.sequence import Sequence  # noqa: E402
 from engine.tiny_models import make_tiny_model  # noqa: E402
 from hf_reference import distinct_prompts  # noqa: E402
 from logprob_reference import hf_logprobs, hf_penalised_greedy  # noqa: E402
-from test_colocated_prefix_cache import _DirectLoop  # noqa: E402 - the hand-stepped engine's loop
+from hand_stepped import InlineLoop
 
 MAX_NEW = 10
 
@@ -64,7 +64,7 @@ def test_features_in_the_decode_engine(tmp_path, device, eager, tight):
     # logprobs and penalty counts read steps after the launch)
     lanes, device = device.endswith("-lanes"), device.removesuffix("-lanes")
     cfg = EngineConfig(model=str(model_dir), dtype="float32", device=device, max_num_seqs=16, **pages, **gpu)
-    engine = make_decode_engine(cfg, _DirectLoop())
+    engine = make_decode_engine(cfg, InlineLoop())
     if lanes:
         from test_sm_partition_lanes import SlowLanes
         engine.lanes = SlowLanes(engine, polls=3)

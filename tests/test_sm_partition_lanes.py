@@ -18,7 +18,7 @@ from test_mixed_batches import _requests, make_engine, run_staggered
 from decode_worker.lanes import HostLanes, InlineLanes, make_lanes
 from engine.config import EngineConfig
 from engine.sequence import FinishReason, Sequence
-from test_colocated_prefix_cache import _Sink
+from hand_stepped import Sink
 
 MAX_NEW = 12
 
@@ -87,7 +87,7 @@ def _submit(eng, reqs, sinks) -> None:
 def test_while_a_prefill_is_in_its_lane_its_seqs_wait_and_no_prompt_is_admitted(model_dir):
     eng = partitioned_engine(model_dir, polls=4)
     reqs = _requests()
-    sinks = {rid: _Sink() for rid, _, _ in reqs}
+    sinks = {rid: Sink() for rid, _, _ in reqs}
     from engine.sequence import SequenceStatus
     _submit(eng, reqs[:2], sinks)     # two requests decode first
     while eng._prefill_inflight or not all(sinks[r].tokens for r, _, _ in reqs[:2]):
@@ -121,7 +121,7 @@ def test_while_a_prefill_is_in_its_lane_its_seqs_wait_and_no_prompt_is_admitted(
 def test_an_abort_while_the_prefill_is_in_its_lane_frees_everything(model_dir):
     eng = partitioned_engine(model_dir, polls=5)
     reqs = _requests()
-    sinks = {rid: _Sink() for rid, _, _ in reqs}
+    sinks = {rid: Sink() for rid, _, _ in reqs}
     _submit(eng, reqs[:3], sinks)
     eng.step()
     assert eng._prefill_inflight
@@ -203,13 +203,13 @@ def test_the_engine_moves_its_prefill_lane_and_exports_it(model_dir):
     step by step up to its bound, the tokens stay the one-stream tokens, and the worker's
     snapshot exports the share, the moves and the passes run beside a prefill."""
     from decode_worker.main import make_decode_engine
-    from test_colocated_prefix_cache import _DirectLoop
+    from hand_stepped import InlineLoop
     reqs = _requests()
     ref, _, _ = run_staggered(make_engine(model_dir, mixed=True), reqs)
     eng = make_decode_engine(EngineConfig(
         model=str(model_dir), dtype="float32", device="cpu", page_size=4, num_pages=300, max_num_seqs=8,
         max_model_len=128, sm_partition=0.5, sm_partition_adaptive=True, slo_ttft_s=1e-9, slo_tpot_s=10.0),
-        _DirectLoop())
+        InlineLoop())
     eng.split.interval_s = 0.0          # one observation per step
     got, _, _ = run_staggered(eng, reqs)
     assert got == ref

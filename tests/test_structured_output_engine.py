@@ -200,12 +200,12 @@ def test_grammar_rows_in_the_decode_engine(tmp_path, tight, lanes):
     from engine.config import EngineConfig
     from engine.sequence import FinishReason, Sequence
     from engine.tiny_models import make_tiny_model
-    from test_colocated_prefix_cache import _DirectLoop
+    from hand_stepped import InlineLoop
 
     model_dir = make_tiny_model(tmp_path / "m", "llama", seed=2)
     pages = dict(page_size=4, num_pages=tight) if tight else dict(page_size=16, num_pages=64)
     engine = make_decode_engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", max_num_seqs=8,
-                                             **pages), _DirectLoop())
+                                             **pages), InlineLoop())
     if lanes:
         from test_sm_partition_lanes import SlowLanes
         engine.lanes = SlowLanes(engine, polls=3)

@@ -69,12 +69,13 @@ def test_engine_with_staggered_arrivals_matches_hf(arch, mixed, tiny_dirs, hf_ou
     from decode_worker.main import make_decode_engine
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
-    from test_mixed_batches import _DirectLoop, run_staggered
+    from hand_stepped import InlineLoop
+    from test_mixed_batches import run_staggered
 
     engine = make_decode_engine(EngineConfig(
         model=str(tiny_dirs[arch]), dtype="float32", device="cuda", attention_backend="triton", page_size=16,
         num_pages=(sum(PROMPT_LENS) + 8 * MAX_NEW) // 16 + 16, max_num_seqs=16, max_model_len=256,
-        mixed_batches=mixed), _DirectLoop())
+        mixed_batches=mixed), InlineLoop())
     prompts = make_prompts(tiny_dirs[arch])
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     reqs = [(f"r{i}", p, greedy) for i, p in enumerate(prompts)]
