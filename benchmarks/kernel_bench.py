@@ -198,6 +198,52 @@ def extend_suite(nseq, prefix, new, gen, sweep):
         vs = torch.randn_like(ks)
         ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
         row(f"{tag} torch SDPA causal contiguous", ms, tflops=flops / ms * 1e-9)
+        dense_peers(tag, nseq, new, flops, gen)
+
+
+def dense_peers(tag, nseq, new, flops, gen):
+    """Prompts of `new` tokens from position 0, attention over their own k / v [T, KVH, D] (what
+    flash_prefill gets) by each of torch's fused kernels, against flash-attention's output: SDPA
+    with one backend forced (GQA, [B, heads, new, D] views of the ragged rows), and cuDNN's ragged
+    (cumulative lengths) forward, GQA and with K/V expanded to H heads."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.attention.flash_prefill import flash_prefill
+    T, scale = nseq * new, D ** -0.5
+    q = torch.randn(T, H, D, generator=gen).to("cuda", DT)
+    k, v = (torch.randn(T, KVH, D, generator=gen).to("cuda", DT) for _ in range(2))
+    cu = torch.arange(0, T + 1, new, dtype=torch.int32, device="cuda")
+    ref = flash_prefill(q, k, v, cu, new, scale).float()
+
+    def err(out):
+        return f"rel err vs flash-attention {float((out.float() - ref).norm() / ref.norm()):.2e}"
+
+    views = [t.view(nseq, new, -1, D).transpose(1, 2) for t in (q, k, v)]
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(*views, is_causal=True, scale=scale,
+                                                                        enable_gqa=True)
+        try:
+            out = run().transpose(1, 2).reshape(T, H, D)
+            ms = bench(run)
+            row(f"{tag} SDPA {name} GQA", ms, tflops=flops / ms * 1e-9, note=err(out))
+        except Exception as e:  # noqa: BLE001
+            row(f"{tag} SDPA {name} GQA FAILED", 0.0, note=f"{type(e).__name__}: {str(e)[:80]}")
+    for gqa in (True, False):
+        kk, vv = (k, v) if gqa else (t.repeat_interleave(H // KVH, 1) for t in (k, v))
+
+        def run(kk=kk, vv=vv):
+            return torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, cu, cu, new, new, False, 0.0, True,
+                                                           False, scale=scale)[0]
+        name = f"{tag} cuDNN ragged {'GQA' if gqa else 'K/V expanded'}"
+        try:
+            out = run()
+            ms = bench(run)
+            row(name, ms, tflops=flops / ms * 1e-9, note=err(out.reshape(T, H, D)))
+        except Exception as e:  # noqa: BLE001
+            row(f"{name} FAILED", 0.0, note=f"{type(e).__name__}: {str(e)[:80]}")
 
 
 def main() -> None:
@@ -225,6 +271,7 @@ def main() -> None:
         extend_suite(4, 0, 4096, gen, sweep)
         extend_suite(4, 2048, 2048, gen, False)
         extend_suite(64, 768, 256, gen, False)
+        extend_suite(16, 0, 1024, gen, False)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(ROWS, f, indent=1)
