@@ -170,11 +170,11 @@ def run_colocated(args, model_dir: Path, device: torch.device, wls, rows, summ) 
     bench.start()
     try:
         for wl in wls:
-            flash_before = getattr(runner.backend, "flash_calls", 0)
+            dense_before = getattr(runner.backend, "dense_calls", 0)
             res = bench.run(wl)
             res.note = f"attention {backend}{fallback_note}"
-            if getattr(runner.backend, "flash_calls", 0) > flash_before:   # $TANDEM_FLASH_PREFILL=1
-                res.note += "; prompts by flash-attention"
+            if getattr(runner.backend, "dense_calls", 0) > dense_before:   # $TANDEM_DENSE_PREFILL=1
+                res.note += "; prompts by cuDNN attention"
             if res.extra.get("preemptions"):
                 res.note += f"; {res.extra['preemptions']} preemptions"
             rows.append(res.summary(summ["matmul_flops"], summ["copy_bw"]))

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 14 on the H200 in one device call: the engine's kernel and greedy tests, then the
-# kernels (shared-prefix decode, prompts by flash-attention vs the paged extend kernel), then
+# kernels (shared-prefix decode, prompts by cuDNN attention vs the paged extend kernel), then
 # W1-W4 in process with each opt-in or default lever on and off, back to back:
 #   - shared-prefix decode attention (default on; --disable-cascade-attn off): W2 is the one
 #     workload it changes;
-#   - flash-attention for prompts without a cached prefix ($TANDEM_FLASH_PREFILL=1, opt-in):
-#     W1 and W4.
+#   - cuDNN attention for prompts without a cached prefix ($TANDEM_DENSE_PREFILL=1, opt-in):
+#     W1 and W4 (each pass's prompts are of one length there).
 #   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/engine_levers_1gpu.sh   # carry ".whl", "build/goodput_whl"
 # ~7 minutes on a warm machine (OMP_NUM_THREADS=2: 8 test workers with 16 torch threads each crawl). GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
 set -u
@@ -24,6 +24,6 @@ run() {   # tag, env, args...
     env $env timeout -k 10 200 "${B[@]}" "$@" --json "$OUT/$tag.json" --log-dir "/tmp/levers-$tag" 2>&1 \
         | grep -E "^\| colo|rror:|prefill attention of prompts" | sed "s/^/$tag /"
 }
-run base "TANDEM_FLASH_PREFILL=" --workloads W1,W2,W3,W4
-run flash "TANDEM_FLASH_PREFILL=1" --workloads W1,W4
-run nocascade "TANDEM_FLASH_PREFILL=" --workloads W2 --disable-cascade-attn
+run base "TANDEM_DENSE_PREFILL=" --workloads W1,W2,W3,W4
+run dense "TANDEM_DENSE_PREFILL=1" --workloads W1,W4
+run nocascade "TANDEM_DENSE_PREFILL=" --workloads W2 --disable-cascade-attn

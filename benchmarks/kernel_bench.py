@@ -12,10 +12,13 @@ Medians of triton.testing.do_bench (events, warm-up excluded). Random data, neve
 Measured on the lent H100 80GB (torch 2.11, triton 3.6), bf16, H=32 KVH=8 D=128 page 16:
   decode B=256 ctx~1205   triton 0.448 ms = 2.82 TB/s (0.94 of 3.0)   SDPA contiguous 0.431 ms
   decode B=8   ctx~8080   triton auto 9 splits 0.114 ms = 2.33 TB/s (1 split: 1.22 TB/s)
-  extend 4x4096 causal    triton 1.78 ms = 310 TFLOP/s                SDPA (flash) 1.04 ms = 530
+  extend 4x4096 causal    triton 1.78 ms = 310 TFLOP/s                SDPA (its default pick) 1.04 ms = 530
   extend 4x(2048+2048)    312 TFLOP/s;  64x(768+256): 245 TFLOP/s
   sweep: extend (BLOCK_M, BLOCK_N, warps, stages) = (128, 128, 8, 3) gave 359 TFLOP/s, not yet
   the default because the correctness suite ran with (128, 64, 8, 3).
+On the H200 (2026-12-02, RESULTS.md) SDPA's 530-540 was its cuDNN backend (GQA too); forced to
+flash-attention 2 it ran at 325, as did aten's ragged flash-attention. engine/attention/
+dense_prefill.py runs the cuDNN kernel for prompts of one length ($TANDEM_DENSE_PREFILL=1).
 """
 from __future__ import annotations
 
@@ -185,13 +188,14 @@ def extend_suite(nseq, prefix, new, gen, sweep):
                 row(f"{tag} cfg(bm,bn,w,st)={cfg}", ms, tflops=flops / ms * 1e-9)
             except Exception as e:  # noqa: BLE001
                 row(f"{tag} cfg={cfg} FAILED", 0.0, note=type(e).__name__)
-    if prefix == 0:  # what the Triton backend runs for such prompts when it can (flash_prefill.py)
-        from engine.attention.flash_prefill import flash_prefill, flash_prefill_usable
-        if flash_prefill_usable(q.device, DT):
+    if prefix == 0:  # what the Triton backend runs for such prompts when it can (dense_prefill.py)
+        from engine.attention.dense_prefill import dense_prefill, dense_prefill_usable
+        if dense_prefill_usable(q.device, DT):
             kn = torch.randn(nseq * new, KVH, D, device="cuda", dtype=DT)
             vn = torch.randn_like(kn)
-            ms = bench(lambda: flash_prefill(q, kn, vn, meta.cu_seqlens, new, scale))
-            row(f"{tag} flash-attention (aten, GQA, own k/v)", ms, tflops=flops / ms * 1e-9)
+            o = torch.empty_like(q)
+            ms = bench(lambda: dense_prefill(q, kn, vn, [new] * nseq, scale, o))
+            row(f"{tag} dense_prefill (cuDNN via SDPA, GQA, own k/v)", ms, tflops=flops / ms * 1e-9)
     if prefix == 0:  # peer: SDPA causal on contiguous, K/V expanded to H heads
         qs = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)
         ks = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)
@@ -203,20 +207,26 @@ def extend_suite(nseq, prefix, new, gen, sweep):
 
 def dense_peers(tag, nseq, new, flops, gen):
     """Prompts of `new` tokens from position 0, attention over their own k / v [T, KVH, D] (what
-    flash_prefill gets) by each of torch's fused kernels, against flash-attention's output: SDPA
-    with one backend forced (GQA, [B, heads, new, D] views of the ragged rows), and cuDNN's ragged
-    (cumulative lengths) forward, GQA and with K/V expanded to H heads."""
+    dense_prefill gets) by each of torch's fused kernels, against a float32 reference: SDPA with
+    one backend forced (GQA, [B, heads, new, D] views of the ragged rows), flash-attention 2's
+    ragged entry point, and cuDNN's ragged (cumulative lengths) forward, GQA and with K/V
+    expanded to H heads."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine.attention.flash_prefill import flash_prefill
+    from engine.attention.dense_prefill import _reference
     T, scale = nseq * new, D ** -0.5
     q = torch.randn(T, H, D, generator=gen).to("cuda", DT)
     k, v = (torch.randn(T, KVH, D, generator=gen).to("cuda", DT) for _ in range(2))
     cu = torch.arange(0, T + 1, new, dtype=torch.int32, device="cuda")
-    ref = flash_prefill(q, k, v, cu, new, scale).float()
+    ref = _reference(q, k, v, [new] * nseq, scale)
 
     def err(out):
-        return f"rel err vs flash-attention {float((out.float() - ref).norm() / ref.norm()):.2e}"
+        return f"rel err vs float32 {float((out.float() - ref).norm() / ref.norm()):.2e}"
+
+    def fa2():
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, new, new, 0.0, True, False, scale=scale)[0]
+    ms = bench(fa2)
+    row(f"{tag} flash-attention 2 ragged (aten, GQA)", ms, tflops=flops / ms * 1e-9, note=err(fa2()))
 
     views = [t.view(nseq, new, -1, D).transpose(1, 2) for t in (q, k, v)]
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),

@@ -71,11 +71,11 @@ class ModelRunner:
         # what was asked for and cannot run here (a weaker path instead): said once where it is
         # decided, counted by the worker (`tandem_*_fallbacks_total{what=...}`)
         self.fallbacks: list[str] = []
-        if getattr(self.backend, "use_flash", False):      # $TANDEM_FLASH_PREFILL=1
-            from engine.attention.flash_prefill import flash_prefill_usable
-            if not flash_prefill_usable(self.device, self.dtype):
-                self.backend.use_flash = False
-                self.fallbacks.append("flash_prefill_unavailable")
+        if getattr(self.backend, "use_dense", False):      # $TANDEM_DENSE_PREFILL=1
+            from engine.attention.dense_prefill import dense_prefill_usable
+            if not dense_prefill_usable(self.device, self.dtype):
+                self.backend.use_dense = False
+                self.fallbacks.append("dense_prefill_unavailable")
         self.model = load_model(self.model_path, mc, self.dtype, self.device,
                                 config.load_format, config.seed)
         self.model.fuse_projections()

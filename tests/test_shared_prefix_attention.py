@@ -146,12 +146,12 @@ def test_metadata_finds_the_shared_pages():
     assert shared([0, 17, 22], [[1, 2], a, b], news=[5, 1, 1]) == [16, 16, 16, 0]
 
 
-def test_flash_prefill_asked_for_where_it_cannot_run_is_a_counted_fallback(model_dir, monkeypatch):
-    """$TANDEM_FLASH_PREFILL=1 on a CPU: the runner says so once, names the fallback for the
+def test_dense_prefill_asked_for_where_it_cannot_run_is_a_counted_fallback(model_dir, monkeypatch):
+    """$TANDEM_DENSE_PREFILL=1 on a CPU: the runner says so once, names the fallback for the
     worker's tandem_*_fallbacks_total and keeps the Triton kernel."""
-    monkeypatch.setenv("TANDEM_FLASH_PREFILL", "1")
+    monkeypatch.setenv("TANDEM_DENSE_PREFILL", "1")
     engine = make_decode_engine(EngineConfig(
         model=str(model_dir), dtype="float32", device="cuda" if ON_GPU else "cpu", page_size=PAGE,
         num_pages=64, max_num_seqs=4, max_model_len=96, attention_backend="triton"), InlineLoop())
-    runner = engine.runner      # (float32: not flash-attention's on a GPU either)
-    assert runner.fallbacks == ["flash_prefill_unavailable"] and not runner.backend.use_flash
+    runner = engine.runner      # (float32: not cuDNN's on a GPU either)
+    assert runner.fallbacks == ["dense_prefill_unavailable"] and not runner.backend.use_dense

@@ -243,18 +243,19 @@ def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
             _check(out, ref, dtype, seed)
 
 
+@pytest.mark.parametrize("lens", [[13, 1, 70, 33], [16, 16, 16, 5, 5], [3, 4, 5, 6, 7]], ids=["4-runs", "2-runs", "5-runs"])
 @pytest.mark.parametrize("tail", [0, 3], ids=["prompts", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
-@pytest.mark.parametrize("flash", [False, True], ids=["kernel", "flash"])
-def test_prompts_without_a_cached_prefix(dtype, tail, flash, monkeypatch):
+@pytest.mark.parametrize("dense", [False, True], ids=["kernel", "dense"])
+def test_prompts_without_a_cached_prefix(dtype, tail, dense, lens, monkeypatch):
     """Every prompt at position 0 (and a mixed batch's decode tail after them): with
-    $TANDEM_FLASH_PREFILL=1 on a GPU the prompts' attention is flash-attention's (their own
-    k / v), otherwise the extend kernel's; both equal the reference, and the pages hold the
-    same K/V."""
-    from engine.attention.flash_prefill import flash_prefill_usable
+    $TANDEM_DENSE_PREFILL=1 on a GPU the prompts' attention is cuDNN's (their own k / v) when
+    they form at most MAX_RUNS runs of one length, otherwise the extend kernel's; both equal the
+    reference, and the pages hold the same K/V."""
+    from engine.attention.dense_prefill import MAX_RUNS, dense_prefill_usable, equal_length_runs
 
-    monkeypatch.setenv("TANDEM_FLASH_PREFILL", "1" if flash else "")
-    starts, news = [0, 0, 0, 0] + [40, 17, 3][:tail], [13, 1, 70, 33] + [1] * tail
+    monkeypatch.setenv("TANDEM_DENSE_PREFILL", "1" if dense else "")
+    starts, news = [0] * len(lens) + [40, 17, 3][:tail], lens + [1] * tail
     seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 128 if ON_GPU else 64, dtype)
     assert meta.decode_tail == tail
     scale = q.shape[-1] ** -0.5
@@ -263,18 +264,32 @@ def test_prompts_without_a_cached_prefix(dtype, tail, flash, monkeypatch):
     out = backend.forward(q, k, v, kc, vc, meta, scale)
     assert _same_cache(kc, kc_ref) and _same_cache(vc, vc_ref)
     _check(out, ref, dtype, seed)
-    assert backend.flash_calls == (1 if flash and ON_GPU else 0)
-    assert flash_prefill_usable(q.device, dtype) == ON_GPU
+    few_runs = len(equal_length_runs(lens)) <= MAX_RUNS
+    assert backend.dense_calls == (1 if dense and ON_GPU and few_runs else 0)
+    assert dense_prefill_usable(q.device, dtype) == ON_GPU
 
 
-def test_flash_trial_reference_is_the_reference():
-    """flash_prefill_usable judges flash-attention against its own small reference: that
-    reference equals the torch reference backend on fresh ragged GQA prompts."""
-    from engine.attention.flash_prefill import _reference as flash_ref
+def test_dense_prefill_on_fused_projection_views_equals_the_reference():
+    """dense_prefill's runs of one length (strided views of one fused q/k/v projection, grouped
+    heads) through SDPA's MATH kernel on the CPU: each prompt's causal attention over its own
+    tokens equals the float32 reference, rows in place; and that reference equals the torch
+    reference backend on fresh ragged prompts."""
+    from torch.nn.attention import SDPBackend
 
+    from engine.attention.dense_prefill import _reference as dense_ref
+    from engine.attention.dense_prefill import dense_prefill, equal_length_runs, fused_qkv_case
+
+    assert equal_length_runs([5, 5, 1, 7, 7, 7, 5]) == [(5, 2), (1, 1), (7, 3), (5, 1)]
+    lens = [5, 5, 1, 7, 7, 7, 5]
+    q, k, v = fused_qkv_case(lens, 8, 2, 16, "cpu", torch.float32, seed=3)
+    assert q.stride(0) == (8 + 2 + 2) * 16          # views, not copies
+    out = torch.full_like(q, float("nan"))
+    dense_prefill(q, k, v, lens, 0.25, out, backend=SDPBackend.MATH)
+    ref = dense_ref(q, k, v, lens, 0.25)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     seed, meta, q, k, v, kc, vc = _case([0, 0, 0], [9, 1, 20], 16, 4, 64, torch.float32)
     ref, _, _ = _reference(q, k, v, kc, vc, meta, 0.125)
-    got = flash_ref(q, k, v, [9, 1, 20], 0.125)
+    got = dense_ref(q, k, v, [9, 1, 20], 0.125)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5, seed
 
 

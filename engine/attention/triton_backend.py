@@ -8,10 +8,10 @@ the decode rows riding a prefill's forward) go to the decode kernel instead, who
 programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. Decode rows (a batch, or a mixed batch's tail) whose
 seqs share their first pages (meta.shared_prefix, a prefix-cache hit) read those once per block
-of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_FLASH_PREFILL=1,
-prompts with no cached prefix (every seq before the tail at position 0) go to torch's
-flash-attention instead of the extend kernel when it runs here (engine/attention/
-flash_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints
+of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_DENSE_PREFILL=1,
+prompts with no cached prefix (every seq before the tail at position 0) in a few runs of one
+length go to cuDNN's attention (torch SDPA) instead of the extend kernel when it runs here
+(engine/attention/dense_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints
 already in the metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -21,20 +21,23 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
-from engine.attention.flash_prefill import flash_prefill, flash_prefill_requested, flash_prefill_usable
+from engine.attention.dense_prefill import (MAX_RUNS, dense_prefill, dense_prefill_requested, dense_prefill_usable,
+                                            equal_length_runs)
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self) -> None:
-        self.use_flash = flash_prefill_requested()   # $TANDEM_FLASH_PREFILL=1 (opt-in, not yet measured)
-        self.flash_calls = 0                         # layer passes whose prompts went to flash-attention
+        self.use_dense = dense_prefill_requested()   # $TANDEM_DENSE_PREFILL=1 (opt-in, engine not yet measured)
+        self.dense_calls = 0                         # layer passes whose prompts went to cuDNN attention
 
-    def _flash(self, meta: AttentionMetadata, nb: int, q: torch.Tensor) -> bool:
-        """Flash-attention is asked for and runs here, and the first nb seqs are prompts with no
-        cached prefix."""
-        return self.use_flash and not any(meta.start_pos_list[:nb]) and flash_prefill_usable(q.device, q.dtype)
+    def _dense(self, meta: AttentionMetadata, nb: int, q: torch.Tensor) -> bool:
+        """cuDNN attention is asked for and runs here, and the first nb seqs are prompts with no
+        cached prefix in at most MAX_RUNS runs of one length."""
+        return (self.use_dense and not any(meta.start_pos_list[:nb])
+                and len(equal_length_runs(meta.new_lens_list[:nb])) <= MAX_RUNS
+                and dense_prefill_usable(q.device, q.dtype))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -48,13 +51,12 @@ class TritonBackend(AttentionBackend):
         K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         tail = meta.decode_tail
         nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
-        if nb and not meta.is_decode and self._flash(meta, nb, q):
-            self.flash_calls += 1
-            prompts = flash_prefill(q[:nt], k[:nt], v[:nt], meta.cu_seqlens[:nb + 1], meta.max_new_len, scale)
-            if not tail:
-                return prompts
+        if nb and not meta.is_decode and self._dense(meta, nb, q):
+            self.dense_calls += 1
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            out[:nt] = prompts
+            dense_prefill(q[:nt], k[:nt], v[:nt], meta.new_lens_list[:nb], scale, out)
+            if not tail:
+                return out
             K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
                            meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
                            shared_max=meta.shared_prefix_len)
