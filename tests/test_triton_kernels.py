@@ -252,7 +252,7 @@ def test_prompts_without_a_cached_prefix(dtype, tail, dense, lens, monkeypatch):
     $TANDEM_DENSE_PREFILL=1 on a GPU the prompts' attention is cuDNN's (their own k / v) when
     they form at most MAX_RUNS runs of one length, otherwise the extend kernel's; both equal the
     reference, and the pages hold the same K/V."""
-    from engine.attention.dense_prefill import MAX_RUNS, dense_prefill_usable, equal_length_runs
+    from engine.attention.dense_prefill import dense_prefill_usable, prompt_plan
 
     monkeypatch.setenv("TANDEM_DENSE_PREFILL", "1" if dense else "")
     starts, news = [0] * len(lens) + [40, 17, 3][:tail], lens + [1] * tail
@@ -264,9 +264,41 @@ def test_prompts_without_a_cached_prefix(dtype, tail, dense, lens, monkeypatch):
     out = backend.forward(q, k, v, kc, vc, meta, scale)
     assert _same_cache(kc, kc_ref) and _same_cache(vc, vc_ref)
     _check(out, ref, dtype, seed)
-    few_runs = len(equal_length_runs(lens)) <= MAX_RUNS
-    assert backend.dense_calls == (1 if dense and ON_GPU and few_runs else 0)
+    planned = prompt_plan([0] * len(lens), lens) is not None
+    assert backend.dense_calls == (1 if dense and ON_GPU and planned else 0)
     assert dense_prefill_usable(q.device, dtype) == ON_GPU
+
+
+def test_prompt_plan_splits_fresh_and_cached_prompts():
+    from engine.attention.dense_prefill import MAX_CALLS, prompt_plan
+
+    assert prompt_plan([0, 0, 0], [8, 8, 8]) == [(True, 0, 3)]
+    assert prompt_plan([0, 0, 12, 0, 0], [16, 16, 5, 16, 3]) == [(True, 0, 2), (False, 2, 3), (True, 3, 5)]
+    assert prompt_plan([12, 30], [5, 5]) is None                              # nothing from position 0
+    assert prompt_plan([0] * (MAX_CALLS + 1), list(range(1, MAX_CALLS + 2))) is None   # too many calls
+    assert prompt_plan([4, 0, 4, 0, 4], [1, 2, 3, 2, 1]) is None              # 5 calls
+
+
+@pytest.mark.parametrize("tail", [0, 3], ids=["prompts", "mixed"])
+def test_planned_pass_of_fresh_and_cached_prompts_equals_the_reference(tail, monkeypatch):
+    """The planned path with SDPA's MATH kernel in place of cuDNN (the rest as on a GPU): fresh
+    prompts through dense_prefill, a cached-prefix prompt between them through the extend kernel
+    on its slice of seqs, the decode tail through the decode kernel: equal to the reference."""
+    from torch.nn.attention import SDPBackend
+
+    from engine.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "dense_prefill_usable", lambda device, dtype: True)
+    starts, news = [0, 0, 12, 0, 0] + [40, 17, 3][:tail], [16, 16, 5, 16, 3] + [1] * tail
+    seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 64, torch.float16)
+    scale = q.shape[-1] ** -0.5
+    ref, kc_ref, vc_ref = _reference(q, k, v, kc, vc, meta, scale)
+    backend = TritonBackend()
+    backend.use_dense, backend.dense_sdpa = True, SDPBackend.MATH
+    out = backend.forward(q, k, v, kc, vc, meta, scale)
+    assert backend.dense_calls == 1
+    assert _same_cache(kc, kc_ref) and _same_cache(vc, vc_ref)
+    _check(out, ref, torch.float16, seed)
 
 
 def test_dense_prefill_on_fused_projection_views_equals_the_reference():

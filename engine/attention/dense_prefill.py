@@ -13,8 +13,9 @@ tensors, so a run of consecutive prompts of one length n is one call on strided 
 rows: no copy in, one copy of the output back into the ragged rows. cuDNN's own ragged entry
 point (cumulative lengths) took ~41 ms a call there, whatever the size, so it is not used.
 
-Which passes: prompts after a prefix-cache hit keep the extend kernel (their keys are partly in
-the pages only), and so does a pass whose prompts form more than MAX_RUNS runs of equal lengths.
+Which prompts: those after a prefix-cache hit keep the extend kernel (their keys are partly in
+the pages only), a pass's consecutive ones at a time (`prompt_plan`: the kernel runs on a slice
+of the seqs); a pass whose plan takes more than MAX_CALLS calls keeps the extend kernel for all.
 cuDNN builds a plan per shape, so ragged traffic with a new length in every pass would build
 plans all the time, and it would run one small call per prompt; uniform batches (the benchmark
 workloads, fixed-length batch jobs) are the case this is for.
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
-MAX_RUNS = 4     # a pass's prompts in at most this many runs of one length each
+MAX_CALLS = 4    # a pass's prompts in at most this many calls (runs of one length, extend-kernel segments)
 
 
 def dense_prefill_requested() -> bool:
@@ -55,6 +56,25 @@ def equal_length_runs(lens) -> list[tuple[int, int]]:
         else:
             runs.append((n, 1))
     return runs
+
+
+def prompt_plan(starts, lens) -> list[tuple[bool, int, int]] | None:
+    """How a pass's prompts (their start positions and new lengths, in row order) split between
+    the two kernels: [(dense, first seq, end seq), ...] covering them in order, dense segments
+    being prompts from position 0 (cuDNN, one call per run of one length) and the others
+    prompts after a prefix-cache hit (the paged extend kernel, one call per segment); None when
+    no prompt starts at 0 or the plan takes more than MAX_CALLS calls."""
+    segs: list[tuple[bool, int, int]] = []
+    for i, s in enumerate(starts):
+        fresh = s == 0
+        if segs and segs[-1][0] == fresh:
+            segs[-1] = (fresh, segs[-1][1], i + 1)
+        else:
+            segs.append((fresh, i, i + 1))
+    calls = sum(len(equal_length_runs(lens[a:b])) if fresh else 1 for fresh, a, b in segs)
+    if not any(fresh for fresh, _, _ in segs) or calls > MAX_CALLS:
+        return None
+    return segs
 
 
 def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens, scale: float, out: torch.Tensor,
@@ -119,5 +139,5 @@ def dense_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
                     "(cuDNN attention not used: %s)", why)
         return False
     log.info("prefill attention of prompts without a cached prefix: cuDNN attention (torch SDPA), "
-             "when a pass's prompts form at most %d runs of one length", MAX_RUNS)
+             "in passes whose prompts take at most %d calls (runs of one length)", MAX_CALLS)
     return True

@@ -9,9 +9,10 @@ programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. Decode rows (a batch, or a mixed batch's tail) whose
 seqs share their first pages (meta.shared_prefix, a prefix-cache hit) read those once per block
 of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_DENSE_PREFILL=1,
-prompts with no cached prefix (every seq before the tail at position 0) in a few runs of one
-length go to cuDNN's attention (torch SDPA) instead of the extend kernel when it runs here
-(engine/attention/dense_prefill.py): their keys are the forward's own k / v. Launch grids come from Python ints
+prompts with no cached prefix (seqs before the tail at position 0) in a few runs of one length
+go to cuDNN's attention (torch SDPA) instead of the extend kernel when it runs here
+(engine/attention/dense_prefill.py): their keys are the forward's own k / v; the pass's other
+prompts (after a prefix-cache hit) go to the extend kernel a slice of seqs at a time. Launch grids come from Python ints
 already in the metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -21,8 +22,9 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
-from engine.attention.dense_prefill import (MAX_RUNS, dense_prefill, dense_prefill_requested, dense_prefill_usable,
-                                            equal_length_runs)
+from torch.nn.attention import SDPBackend
+
+from engine.attention.dense_prefill import dense_prefill, dense_prefill_requested, dense_prefill_usable, prompt_plan
 
 
 class TritonBackend(AttentionBackend):
@@ -30,14 +32,33 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self.use_dense = dense_prefill_requested()   # $TANDEM_DENSE_PREFILL=1 (opt-in, engine not yet measured)
-        self.dense_calls = 0                         # layer passes whose prompts went to cuDNN attention
+        self.dense_sdpa = SDPBackend.CUDNN_ATTENTION  # the SDPA kernel dense_prefill runs (tests: MATH)
+        self.dense_calls = 0                         # layer passes whose prompts went (partly) to cuDNN
+        self._plan: tuple = (None, None)             # (metadata, its prompt plan): once per forward
 
-    def _dense(self, meta: AttentionMetadata, nb: int, q: torch.Tensor) -> bool:
-        """cuDNN attention is asked for and runs here, and the first nb seqs are prompts with no
-        cached prefix in at most MAX_RUNS runs of one length."""
-        return (self.use_dense and not any(meta.start_pos_list[:nb])
-                and len(equal_length_runs(meta.new_lens_list[:nb])) <= MAX_RUNS
-                and dense_prefill_usable(q.device, q.dtype))
+    def _dense_plan(self, meta: AttentionMetadata, nb: int, q: torch.Tensor):
+        """cuDNN attention is asked for and runs here: how the first nb seqs (prompts) split
+        between it and the extend kernel (dense_prefill.prompt_plan), or None."""
+        if not self.use_dense or not dense_prefill_usable(q.device, q.dtype):
+            return None
+        if self._plan[0] is not meta:      # the layers of one forward share their metadata
+            self._plan = (meta, prompt_plan(meta.start_pos_list[:nb], meta.new_lens_list[:nb]))
+        return self._plan[1]
+
+    def _prompts(self, plan, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                 out: torch.Tensor) -> None:
+        """The prompt rows of a planned pass: each segment by its kernel, into out."""
+        cu, lens = meta.cu_seqlens, meta.new_lens_list
+        row = 0
+        for dense, a, b in plan:
+            n = sum(lens[a:b])
+            if dense:
+                dense_prefill(q[row:row + n], k[row:row + n], v[row:row + n], lens[a:b], scale, out[row:row + n],
+                              backend=self.dense_sdpa)
+            else:   # rows by absolute offsets (cu_seqlens[a:b + 1]): whole q and out
+                K.paged_extend(q, k_cache, v_cache, meta.block_tables[a:b], cu[a:b + 1], meta.start_pos[a:b],
+                               meta.max_new_len, scale, out)
+            row += n
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -51,10 +72,11 @@ class TritonBackend(AttentionBackend):
         K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         tail = meta.decode_tail
         nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
-        if nb and not meta.is_decode and self._dense(meta, nb, q):
+        plan = self._dense_plan(meta, nb, q) if nb and not meta.is_decode else None
+        if plan is not None:
             self.dense_calls += 1
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            dense_prefill(q[:nt], k[:nt], v[:nt], meta.new_lens_list[:nb], scale, out)
+            self._prompts(plan, q, k, v, k_cache, v_cache, meta, scale, out)
             if not tail:
                 return out
             K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
