@@ -56,7 +56,7 @@ from router.errors import OpenAIError
 from router.logprobs import LogprobFormatter
 from router.metrics import ARRIVAL_NS_KEY, RequestTimer, RouterMetrics
 from router.fanout import all_or_none, merge
-from router.sse import SSEResponse, _unless_disconnected, sse_event
+from router.sse import ChunkEvents, SSEResponse, _unless_disconnected, sse_event
 from router.tool_parsers import ToolStream
 from router.tools import ToolPlan
 
@@ -332,18 +332,15 @@ class Generation:
             await _close_all(runs)
             return Response(status_code=499)
         obj = "chat.completion.chunk" if work.chat else "text_completion"
-        usage_field = {"usage": None} if work.include_usage else {}
+        events = ChunkEvents(work.request_id, obj, work.created, work.model, work.include_usage)
 
         def chunk(index: int, delta: str | None, finish: str | None, role: bool = False,
                   logprobs: dict[str, Any] | None = None, d: dict[str, Any] | None = None) -> str:
             if work.chat:
                 if d is None:
                     d = {"role": "assistant"} if role else ({"content": delta} if delta else {})
-                choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
-            return sse_event({"id": work.request_id, "object": obj, "created": work.created,
-                              "model": work.model, "choices": [choice], **usage_field})
+                return events.chat(index, d, finish, logprobs)
+            return events.completion(index, delta or "", finish, logprobs)
 
         async def replay(run: _Run, head: pb.GenerateResponse) -> AsyncIterator[pb.GenerateResponse]:
             async with aclosing(run.responses):

@@ -14,8 +14,42 @@ from fastapi.responses import StreamingResponse
 T = TypeVar("T")
 
 
+_ENC = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # one encoder, not one per event
+_str = json.encoder.encode_basestring   # a str as JSON, not ASCII-escaped: what _ENC writes for one
+
+
 def sse_event(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_ENC.encode(obj)}\n\n"
+
+
+class ChunkEvents:
+    """One streamed request's chunk events, equal to sse_event of the chunk dict
+    {"id", "object", "created", "model", "choices": [choice], ("usage": null)} (key order kept),
+    with the fields every chunk shares encoded once and the choice written out by hand: a
+    streamed token's chunk was a dict and an encoder run each, a tenth of the router's time
+    per token."""
+
+    def __init__(self, request_id: str, obj: str, created: int, model: str, include_usage: bool) -> None:
+        self.head = (f'data: {{"id":{_str(request_id)},"object":{_str(obj)},"created":{_ENC.encode(created)},'
+                     f'"model":{_str(model)},"choices":[')
+        self.tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+
+    def completion(self, index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
+        return (f'{self.head}{{"index":{index},"text":{_str(text)},"logprobs":{_json(logprobs)},'
+                f'"finish_reason":{_json(finish)}}}{self.tail}')
+
+    def chat(self, index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+        if len(delta) == 1 and type(delta.get("content")) is str:     # a streamed token's delta
+            d = f'{{"content":{_str(delta["content"])}}}'
+        else:
+            d = _ENC.encode(delta)
+        return f'{self.head}{{"index":{index},"delta":{d},"logprobs":{_json(logprobs)},"finish_reason":{_json(finish)}}}{self.tail}'
+
+
+def _json(value: Any) -> str:
+    if value is None:
+        return "null"
+    return _str(value) if type(value) is str else _ENC.encode(value)
 
 
 class SSEResponse(StreamingResponse):
