@@ -43,7 +43,8 @@ class ChunkEvents:
             d = f'{{"content":{_str(delta["content"])}}}'
         else:
             d = _ENC.encode(delta)
-        return f'{self.head}{{"index":{index},"delta":{d},"logprobs":{_json(logprobs)},"finish_reason":{_json(finish)}}}{self.tail}'
+        return (f'{self.head}{{"index":{index},"delta":{d},"logprobs":{_json(logprobs)},'
+                f'"finish_reason":{_json(finish)}}}{self.tail}')
 
 
 def _json(value: Any) -> str:

@@ -243,7 +243,8 @@ def test_decode_with_a_shared_prefix_matches_reference(dtype, group):
             _check(out, ref, dtype, seed)
 
 
-@pytest.mark.parametrize("lens", [[13, 1, 70, 33], [16, 16, 16, 5, 5], [3, 4, 5, 6, 7]], ids=["4-runs", "2-runs", "5-runs"])
+@pytest.mark.parametrize("lens", [[13, 1, 70, 33], [16, 16, 16, 5, 5], [3, 4, 5, 6, 7]],
+                         ids=["4-runs", "2-runs", "5-runs"])
 @pytest.mark.parametrize("tail", [0, 3], ids=["prompts", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
 @pytest.mark.parametrize("dense", [False, True], ids=["kernel", "dense"])

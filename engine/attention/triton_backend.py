@@ -8,22 +8,22 @@ the decode rows riding a prefill's forward) go to the decode kernel instead, who
 programs read each K/V row once per KV head, where the extend kernel would run a
 128-row query tile per query head for one row. Decode rows (a batch, or a mixed batch's tail) whose
 seqs share their first pages (meta.shared_prefix, a prefix-cache hit) read those once per block
-of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp. With $TANDEM_DENSE_PREFILL=1,
-prompts with no cached prefix (seqs before the tail at position 0) in a few runs of one length
-go to cuDNN's attention (torch SDPA) instead of the extend kernel when it runs here
-(engine/attention/dense_prefill.py): their keys are the forward's own k / v; the pass's other
-prompts (after a prefix-cache hit) go to the extend kernel a slice of seqs at a time. Launch grids come from Python ints
-already in the metadata (max_new_len, max_seq_len): no device->host sync on the hot path.
+of query rows in a prefix kernel, then each seq's own keys, merged by log-sum-exp.
+With $TANDEM_DENSE_PREFILL=1, prompts with no cached prefix (seqs before the tail at position 0)
+in a few runs of one length go to cuDNN's attention (torch SDPA) instead of the extend kernel
+when it runs here (engine/attention/dense_prefill.py): their keys are the forward's own k / v;
+the pass's other prompts (after a prefix-cache hit) go to the extend kernel a slice of seqs at a
+time. Launch grids come from Python ints already in the metadata (max_new_len, max_seq_len): no
+device->host sync on the hot path.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
-from torch.nn.attention import SDPBackend
-
 from engine.attention.dense_prefill import dense_prefill, dense_prefill_requested, dense_prefill_usable, prompt_plan
 
 
