@@ -9,12 +9,13 @@
 # and py-spy (GIL holder) summaries of every served process during W3. Everything lands in OUT (the JSON is rewritten after every row).
 #   bash benchmarks/device_wheels.sh      # here, once: carry ".whl" and "build/goodput_whl"
 #   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/served_1gpu.sh
+#   LAYOUTS=colocated ... bash benchmarks/served_1gpu.sh    # issue 14's served ratio only (~4 minutes)
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device's .git may be stale
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
-timeout -k 45 500 python3 -m benchmarks.served --device cuda --layouts colocated,pd \
+timeout -k 45 500 python3 -m benchmarks.served --device cuda --layouts "${LAYOUTS:-colocated,pd}" \
     --workloads "${WORKLOADS:-W2,W3,W1}" --kv-transfer-backend nixl \
     --pd-serve-args "--request-trace-file $OUT/pd_trace.jsonl --step-trace-file $OUT/pd_steps.jsonl ${PD_ARGS:-}" \
     --colocated-serve-args "--request-trace-file $OUT/colo_trace.jsonl --step-trace-file $OUT/colo_steps.jsonl" \
