@@ -189,13 +189,17 @@ def extend_suite(nseq, prefix, new, gen, sweep):
             except Exception as e:  # noqa: BLE001
                 row(f"{tag} cfg={cfg} FAILED", 0.0, note=type(e).__name__)
     if prefix == 0:  # what the Triton backend runs for such prompts when it can (dense_prefill.py)
-        from engine.attention.dense_prefill import dense_prefill, dense_prefill_usable
+        from engine.attention.dense_prefill import dense_prefill, dense_prefill_usable, fused_qkv_case
         if dense_prefill_usable(q.device, DT):
             kn = torch.randn(nseq * new, KVH, D, device="cuda", dtype=DT)
             vn = torch.randn_like(kn)
             o = torch.empty_like(q)
             ms = bench(lambda: dense_prefill(q, kn, vn, [new] * nseq, scale, o))
             row(f"{tag} dense_prefill (cuDNN via SDPA, GQA, own k/v)", ms, tflops=flops / ms * 1e-9)
+            # as the model hands them over: strided views of one fused q/k/v projection's rows
+            fq, fk, fv = fused_qkv_case([new] * nseq, H, KVH, D, q.device, DT)
+            ms = bench(lambda: dense_prefill(fq, fk, fv, [new] * nseq, scale, o))
+            row(f"{tag} dense_prefill on fused-projection views", ms, tflops=flops / ms * 1e-9)
     if prefix == 0:  # peer: SDPA causal on contiguous, K/V expanded to H heads
         qs = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)
         ks = torch.randn(nseq, H, new, D, device="cuda", dtype=DT)
