@@ -1,6 +1,6 @@
 """Where a large-batch decode step spends its time (the W3 shape), on the GPU.
 
-    python3 -m benchmarks.decode_profile [--batch 256] [--context 640] [--out profile.json]
+    python3 -m benchmarks.decode_profile [--batch 256] [--context 640] [--page-order contiguous] [--out profile.json]
 
 Builds the Llama-3.1-8B architecture (bf16, dummy weights) with the benchmark's
 engine settings, gives `batch` sequences `context` tokens of context each, then
@@ -9,6 +9,11 @@ the whole `runner.forward` (host work included), and greedy sampling. A torch
 profiler pass over eager steps lists the top GPU kernels by total time. Bytes per
 step follow benchmarks/metrics.py (weights once + K/V of every context token), and
 MBU is quoted against the device copy bandwidth measured in the same run.
+
+--page-order lays out each seq's pages: `contiguous` (seq i owns pages i*P .. i*P+P-1),
+`interleaved` (page j of seq i is j*B + i: what the engine's pool gives seqs that grow a page
+at a time side by side) or `shuffled` (a random permutation over the whole pool); the W3 engine
+step's device time was ~1 ms above this benchmark's contiguous replay at the same context.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--max-model-len", type=int, default=4128)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--page-order", choices=("contiguous", "interleaved", "shuffled"), default="contiguous")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -70,11 +76,18 @@ def main(argv=None) -> dict:
         attention_backend="triton"))
     B, ctx, ps = args.batch, args.context, runner.page_size
     per = -(-ctx // ps)
-    seqs = [ForwardSeq(token_ids=(1000 + i,), start_pos=ctx - 1,
-                       page_table=list(range(i * per, (i + 1) * per))) for i in range(B)]
+    if args.page_order == "contiguous":
+        tables = [list(range(i * per, (i + 1) * per)) for i in range(B)]
+    elif args.page_order == "interleaved":
+        tables = [[j * B + i for j in range(per)] for i in range(B)]
+    else:
+        perm = torch.randperm(runner.num_pages, generator=torch.Generator().manual_seed(0))[:B * per].tolist()
+        tables = [perm[i * per:(i + 1) * per] for i in range(B)]
+    res_order = args.page_order
+    seqs = [ForwardSeq(token_ids=(1000 + i,), start_pos=ctx - 1, page_table=tables[i]) for i in range(B)]
     cost = ModelCost.of(runner.model_config, 2)
     step_bytes = cost.decode_step_bytes(B * ctx)
-    res: dict = {"batch": B, "context": ctx, "step_bytes": step_bytes, **ceil}
+    res: dict = {"batch": B, "context": ctx, "page_order": res_order, "step_bytes": step_bytes, **ceil}
 
     def meta():
         return build_metadata_and_ids([s.start_pos for s in seqs], [1] * B, [s.page_table for s in seqs],

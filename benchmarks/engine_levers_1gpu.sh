@@ -7,7 +7,7 @@
 #   - cuDNN attention for prompts without a cached prefix ($TANDEM_DENSE_PREFILL=1, opt-in):
 #     W1 and W4 (each pass's prompts are of one length there).
 #   OUT=/tmp/out COMMIT=abc1234 bash benchmarks/engine_levers_1gpu.sh   # carry ".whl", "build/goodput_whl"
-# ~7 minutes on a warm machine (OMP_NUM_THREADS=2: 8 test workers with 16 torch threads each crawl). GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
+# PAGES=1 adds decode_profile with three page layouts (~2 min). ~7 minutes on a warm machine (OMP_NUM_THREADS=2: 8 test workers with 16 torch threads each crawl). GREEDY=0 skips tests/test_triton_greedy_gpu.py (the slow one).
 set -u
 OUT=${OUT:?set OUT}
 COMMIT=${COMMIT:-unknown}
@@ -27,3 +27,9 @@ run() {   # tag, env, args...
 run base "TANDEM_DENSE_PREFILL=" --workloads W1,W2,W3,W4
 run dense "TANDEM_DENSE_PREFILL=1" --workloads W1,W4
 run nocascade "TANDEM_DENSE_PREFILL=" --workloads W2 --disable-cascade-attn
+if [ "${PAGES:-0}" = 1 ]; then   # the decode step by page layout (W3's device time vs the contiguous replay)
+    for order in contiguous interleaved shuffled; do
+        timeout -k 10 150 python3 -m benchmarks.decode_profile --batch 256 --context 640 --page-order $order \
+            --out "$OUT/decode_$order.json" 2>&1 | grep -E '"(page_order|replay_s|replay_mbu|step_mbu)"'
+    done
+fi
