@@ -190,7 +190,7 @@ def extend_suite(nseq, prefix, new, gen, sweep):
                 row(f"{tag} cfg={cfg} FAILED", 0.0, note=type(e).__name__)
     if prefix == 0:  # what the Triton backend runs for such prompts when it can (dense_prefill.py)
         from engine.attention.dense_prefill import dense_prefill, dense_prefill_usable, fused_qkv_case
-        if dense_prefill_usable(q.device, DT):
+        if dense_prefill_usable(q.device, DT, H, KVH, D):
             kn = torch.randn(nseq * new, KVH, D, device="cuda", dtype=DT)
             vn = torch.randn_like(kn)
             o = torch.empty_like(q)

@@ -73,7 +73,7 @@ class ModelRunner:
         self.fallbacks: list[str] = []
         if getattr(self.backend, "use_dense", False):      # $TANDEM_DENSE_PREFILL=1
             from engine.attention.dense_prefill import dense_prefill_usable
-            if not dense_prefill_usable(self.device, self.dtype):
+            if not dense_prefill_usable(self.device, self.dtype, mc.num_heads, mc.num_kv_heads, mc.head_dim):
                 self.backend.use_dense = False
                 self.fallbacks.append("dense_prefill_unavailable")
         self.model = load_model(self.model_path, mc, self.dtype, self.device,

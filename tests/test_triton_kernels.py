@@ -267,7 +267,7 @@ def test_prompts_without_a_cached_prefix(dtype, tail, dense, lens, monkeypatch):
     _check(out, ref, dtype, seed)
     planned = prompt_plan([0] * len(lens), lens) is not None
     assert backend.dense_calls == (1 if dense and ON_GPU and planned else 0)
-    assert dense_prefill_usable(q.device, dtype) == ON_GPU
+    assert dense_prefill_usable(q.device, dtype, q.shape[1], k.shape[1], q.shape[2]) == ON_GPU
 
 
 def test_prompt_plan_splits_fresh_and_cached_prompts():
@@ -289,7 +289,7 @@ def test_planned_pass_of_fresh_and_cached_prompts_equals_the_reference(tail, mon
 
     from engine.attention import triton_backend
 
-    monkeypatch.setattr(triton_backend, "dense_prefill_usable", lambda device, dtype: True)
+    monkeypatch.setattr(triton_backend, "dense_prefill_usable", lambda *shape: True)
     starts, news = [0, 0, 12, 0, 0] + [40, 17, 3][:tail], [16, 16, 5, 16, 3] + [1] * tail
     seed, meta, q, k, v, kc, vc = _case(starts, news, 16, 4, 64, torch.float16)
     scale = q.shape[-1] ** -0.5

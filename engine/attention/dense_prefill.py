@@ -21,9 +21,10 @@ plans all the time, and it would run one small call per prompt; uniform batches 
 workloads, fixed-length batch jobs) are the case this is for.
 
 Opt-in for now (`$TANDEM_DENSE_PREFILL=1`, read when a backend is made): its kernel is measured,
-the engine with it is not yet. `dense_prefill_usable(device, dtype)` decides once per device and
-dtype: CUDA, fp16/bf16, and a trial on small GQA runs (strided views of one fused projection, as
-the model hands them over) equal to a float32 reference within 16-bit rounding. The answer is
+the engine with it is not yet. `dense_prefill_usable(device, dtype, heads, kv_heads, head_dim)`
+decides once per device, dtype and head shape (cuDNN's support depends on it): CUDA, fp16/bf16,
+and a trial on small runs of the model's head shape (strided views of one fused projection, as the
+model hands them over) equal to a float32 reference within 16-bit rounding. The answer is
 logged once; asked for and not usable, the runner names it among its fallbacks
 ("dense_prefill_unavailable", counted in the worker's `tandem_*_fallbacks_total`);
 `TritonBackend.dense_calls` counts the layer passes it ran.
@@ -116,8 +117,9 @@ def fused_qkv_case(lens: list[int], heads: int, kv_heads: int, dim: int, device,
 
 
 @functools.lru_cache(maxsize=None)
-def dense_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether dense_prefill runs here (cuDNN) and agrees with a float32 reference (logged once)."""
+def dense_prefill_usable(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether dense_prefill runs here (cuDNN) for this head shape and agrees with a float32
+    reference (logged once)."""
     why = ""
     if device.type != "cuda":
         why = f"needs CUDA, not {device.type}"
@@ -126,9 +128,9 @@ def dense_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
     if not why:
         try:
             lens = [37, 37, 1, 130]
-            q, k, v = fused_qkv_case(lens, 8, 2, 128, device, dtype)
-            out = dense_prefill(q, k, v, lens, 128 ** -0.5, torch.empty_like(q))
-            ref = _reference(q, k, v, lens, 128 ** -0.5)
+            q, k, v = fused_qkv_case(lens, heads, kv_heads, head_dim, device, dtype)
+            out = dense_prefill(q, k, v, lens, head_dim ** -0.5, torch.empty_like(q))
+            ref = _reference(q, k, v, lens, head_dim ** -0.5)
             err = float((out.float() - ref).norm() / ref.norm())
             if not err < 2e-2:
                 why = f"its trial differs from the reference (rel err {err:.3g})"
@@ -136,7 +138,7 @@ def dense_prefill_usable(device: torch.device, dtype: torch.dtype) -> bool:
             why = f"its trial raised {type(exc).__name__}: {str(exc)[:120]}"
     if why:   # asked for ($TANDEM_DENSE_PREFILL=1) and not given: say so
         log.warning("prefill attention of prompts without a cached prefix: Triton paged extend kernel "
-                    "(cuDNN attention not used: %s)", why)
+                    "(cuDNN attention not used for %d/%d heads of %d: %s)", heads, kv_heads, head_dim, why)
         return False
     log.info("prefill attention of prompts without a cached prefix: cuDNN attention (torch SDPA), "
              "in passes whose prompts take at most %d calls (runs of one length)", MAX_CALLS)

@@ -36,10 +36,10 @@ class TritonBackend(AttentionBackend):
         self.dense_calls = 0                         # layer passes whose prompts went (partly) to cuDNN
         self._plan: tuple = (None, None)             # (metadata, its prompt plan): once per forward
 
-    def _dense_plan(self, meta: AttentionMetadata, nb: int, q: torch.Tensor):
-        """cuDNN attention is asked for and runs here: how the first nb seqs (prompts) split
-        between it and the extend kernel (dense_prefill.prompt_plan), or None."""
-        if not self.use_dense or not dense_prefill_usable(q.device, q.dtype):
+    def _dense_plan(self, meta: AttentionMetadata, nb: int, q: torch.Tensor, k: torch.Tensor):
+        """cuDNN attention is asked for and runs here (this head shape): how the first nb seqs
+        (prompts) split between it and the extend kernel (dense_prefill.prompt_plan), or None."""
+        if not self.use_dense or not dense_prefill_usable(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2]):
             return None
         if self._plan[0] is not meta:      # the layers of one forward share their metadata
             self._plan = (meta, prompt_plan(meta.start_pos_list[:nb], meta.new_lens_list[:nb]))
@@ -72,7 +72,7 @@ class TritonBackend(AttentionBackend):
         K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         tail = meta.decode_tail
         nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
-        plan = self._dense_plan(meta, nb, q) if nb and not meta.is_decode else None
+        plan = self._dense_plan(meta, nb, q, k) if nb and not meta.is_decode else None
         if plan is not None:
             self.dense_calls += 1
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
