@@ -81,6 +81,13 @@ def gpu_turn_fields(turn) -> dict:
     return {} if turn is None else {"gpu_turns": turn.turns, "gpu_turn_wait_s": turn.wait_s}
 
 
+def runtime_fallbacks(runner) -> tuple[tuple[str, int], ...]:
+    """WorkerSnapshot.fallbacks a runner takes while serving (start-up ones are counted once by
+    the worker): cuDNN prompt attention refused mid-run (engine/attention/triton_backend.py)."""
+    n = getattr(runner.backend, "dense_failures", 0)
+    return (("dense_prefill_failed", n),) if n else ()
+
+
 _GAUGES = {  # field -> (metric name, help)
     "kv_pages_total": ("tandem_kv_pages_total", "KV cache pages in this worker's pool."),
     "waiting_requests": ("tandem_waiting_requests", "Requests queued on this worker, not yet running."),

@@ -302,6 +302,32 @@ def test_planned_pass_of_fresh_and_cached_prompts_equals_the_reference(tail, mon
     _check(out, ref, torch.float16, seed)
 
 
+def test_a_pass_cudnn_refuses_runs_on_the_kernel_and_is_counted(monkeypatch):
+    """cuDNN refusing a pass its start-up trial did not cover (here: no cuDNN kernel on a CPU):
+    that layer's prompts run on the extend kernel (equal to the reference), the backend stops
+    asking, says so once and counts it for the workers' tandem_*_fallbacks_total."""
+    from engine.attention import triton_backend
+    from engine.metrics import runtime_fallbacks
+
+    monkeypatch.setattr(triton_backend, "dense_prefill_usable", lambda *shape: True)
+    seed, meta, q, k, v, kc, vc = _case([0, 0, 0], [9, 9, 20], 16, 4, 64, torch.float16)
+    scale = q.shape[-1] ** -0.5
+    ref, _, _ = _reference(q, k, v, kc, vc, meta, scale)
+    backend = TritonBackend()
+    backend.use_dense = True            # dense_sdpa stays CUDNN_ATTENTION: no such kernel here
+    out = backend.forward(q, k, v, kc, vc, meta, scale)
+    _check(out, ref, torch.float16, seed)
+    assert (backend.dense_failures, backend.dense_calls, backend.use_dense) == (1, 0, False)
+
+    class Runner:
+        pass
+    r = Runner()
+    r.backend = backend
+    assert runtime_fallbacks(r) == (("dense_prefill_failed", 1),)
+    r.backend = TritonBackend()
+    assert runtime_fallbacks(r) == ()
+
+
 def test_dense_prefill_on_fused_projection_views_equals_the_reference():
     """dense_prefill's runs of one length (strided views of one fused q/k/v projection, grouped
     heads) through SDPA's MATH kernel on the CPU: each prompt's causal attention over its own

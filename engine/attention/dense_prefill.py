@@ -26,7 +26,9 @@ decides once per device, dtype and head shape (cuDNN's support depends on it): C
 and a trial on small runs of the model's head shape (strided views of one fused projection, as the
 model hands them over) equal to a float32 reference within 16-bit rounding. The answer is
 logged once; asked for and not usable, the runner names it among its fallbacks
-("dense_prefill_unavailable", counted in the worker's `tandem_*_fallbacks_total`);
+("dense_prefill_unavailable", counted in the worker's `tandem_*_fallbacks_total`). A pass cuDNN
+refuses later (a shape the trial did not cover) runs on the extend kernel, and so does every
+pass after it: logged once, counted as "dense_prefill_failed" (engine.metrics.runtime_fallbacks).
 `TritonBackend.dense_calls` counts the layer passes it ran.
 """
 from __future__ import annotations

@@ -19,12 +19,17 @@ Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn.attention import SDPBackend
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention import triton_kernels as K
 from engine.attention.dense_prefill import dense_prefill, dense_prefill_requested, dense_prefill_usable, prompt_plan
+
+
+log = logging.getLogger(__name__)
 
 
 class TritonBackend(AttentionBackend):
@@ -34,6 +39,7 @@ class TritonBackend(AttentionBackend):
         self.use_dense = dense_prefill_requested()   # $TANDEM_DENSE_PREFILL=1 (opt-in, engine not yet measured)
         self.dense_sdpa = SDPBackend.CUDNN_ATTENTION  # the SDPA kernel dense_prefill runs (tests: MATH)
         self.dense_calls = 0                         # layer passes whose prompts went (partly) to cuDNN
+        self.dense_failures = 0                      # cuDNN refused a pass the trial did not cover: kernel since
         self._plan: tuple = (None, None)             # (metadata, its prompt plan): once per forward
 
     def _dense_plan(self, meta: AttentionMetadata, nb: int, q: torch.Tensor, k: torch.Tensor):
@@ -74,9 +80,16 @@ class TritonBackend(AttentionBackend):
         nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
         plan = self._dense_plan(meta, nb, q, k) if nb and not meta.is_decode else None
         if plan is not None:
-            self.dense_calls += 1
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            self._prompts(plan, q, k, v, k_cache, v_cache, meta, scale, out)
+            try:
+                self._prompts(plan, q, k, v, k_cache, v_cache, meta, scale, out)
+            except RuntimeError as exc:     # a shape cuDNN takes no plan for: the kernel from now on
+                self.use_dense, self.dense_failures = False, self.dense_failures + 1
+                log.error("cuDNN attention refused a prefill pass (%s: %s); the Triton extend kernel runs "
+                          "prompts from now on", type(exc).__name__, str(exc)[:200])
+                plan = None
+        if plan is not None:
+            self.dense_calls += 1
             if not tail:
                 return out
             K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
