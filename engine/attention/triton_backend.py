@@ -51,7 +51,25 @@ class TritonBackend(AttentionBackend):
             self._plan = (meta, prompt_plan(meta.start_pos_list[:nb], meta.new_lens_list[:nb]))
         return self._plan[1]
 
-    def _prompts(self, plan, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+    def _dense_prompts(self, meta: AttentionMetadata, nb: int, q, k, v, k_cache, v_cache, scale: float,
+                       out: torch.Tensor) -> bool:
+        """The first nb seqs' (the prompts') rows of out by their planned kernels, if there is a
+        plan; False: the caller runs the extend kernel over all of them. A pass cuDNN refuses (a
+        shape its start-up trial did not cover) is the caller's too, and so is every later one."""
+        plan = self._dense_plan(meta, nb, q, k)
+        if plan is None:
+            return False
+        try:
+            self._planned(plan, q, k, v, k_cache, v_cache, meta, scale, out)
+        except RuntimeError as exc:
+            self.use_dense, self.dense_failures = False, self.dense_failures + 1
+            log.error("cuDNN attention refused a prefill pass (%s: %s); the Triton extend kernel runs "
+                      "prompts from now on", type(exc).__name__, str(exc)[:200])
+            return False
+        self.dense_calls += 1
+        return True
+
+    def _planned(self, plan, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                  out: torch.Tensor) -> None:
         """The prompt rows of a planned pass: each segment by its kernel, into out."""
         cu, lens = meta.cu_seqlens, meta.new_lens_list
@@ -78,24 +96,6 @@ class TritonBackend(AttentionBackend):
         K.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         tail = meta.decode_tail
         nb, nt = meta.num_seqs - tail, q.shape[0] - tail     # seqs and rows before the tail
-        plan = self._dense_plan(meta, nb, q, k) if nb and not meta.is_decode else None
-        if plan is not None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            try:
-                self._prompts(plan, q, k, v, k_cache, v_cache, meta, scale, out)
-            except RuntimeError as exc:     # a shape cuDNN takes no plan for: the kernel from now on
-                self.use_dense, self.dense_failures = False, self.dense_failures + 1
-                log.error("cuDNN attention refused a prefill pass (%s: %s); the Triton extend kernel runs "
-                          "prompts from now on", type(exc).__name__, str(exc)[:200])
-                plan = None
-        if plan is not None:
-            self.dense_calls += 1
-            if not tail:
-                return out
-            K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
-                           meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
-                           shared_max=meta.shared_prefix_len)
-            return out
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_seqs == 0:
             return out
@@ -103,12 +103,11 @@ class TritonBackend(AttentionBackend):
             return K.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.max_seq_len, scale, out, shared=meta.shared_prefix,
                                   shared_max=meta.shared_prefix_len)
-        if not tail:
-            return K.paged_extend(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens,
-                                  meta.start_pos, meta.max_new_len, scale, out)
-        K.paged_extend(q[:nt], k_cache, v_cache, meta.block_tables[:nb], meta.cu_seqlens[:nb + 1],
-                       meta.start_pos[:nb], meta.max_new_len, scale, out[:nt])
-        K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
-                       meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
-                       shared_max=meta.shared_prefix_len)
+        if not self._dense_prompts(meta, nb, q, k, v, k_cache, v_cache, scale, out):
+            K.paged_extend(q[:nt], k_cache, v_cache, meta.block_tables[:nb], meta.cu_seqlens[:nb + 1],
+                           meta.start_pos[:nb], meta.max_new_len, scale, out[:nt])
+        if tail:
+            K.paged_decode(q[nt:], k_cache, v_cache, meta.block_tables[nb:], meta.seq_lens[nb:],
+                           meta.decode_tail_max_seq_len, scale, out[nt:], shared=meta.shared_prefix,
+                           shared_max=meta.shared_prefix_len)
         return out
