@@ -67,8 +67,6 @@ async def serve_decode(config: EngineConfig, host: str, port: int, advertise: st
                          on_reject=metrics.call_rejected)
     if not cluster_token:
         metrics.count_fallback("cluster_auth_off")
-    for what in engine.runner.fallbacks:
-        metrics.count_fallback(what)
     servicer = DecodeServicer(engine, receiver, DecodeServerConfig(address=advertise, trace_file=trace_file,
                                                                    cluster_token=cluster_token), metrics)
     pbg.add_DecodeServicer_to_server(servicer, server)

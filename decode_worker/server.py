@@ -30,7 +30,7 @@ from decode_worker.requests import (ERROR_KIND_TO_PB, RequestError, Request, res
 from decode_worker.timeline import TimelineRecorder
 from engine import cluster_auth
 from engine.logprobs import TokenLogprob
-from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields, runtime_fallbacks
+from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields, runner_fallbacks
 from engine.sampling_params import SamplingParams
 from engine.sequence import ErrorKind, FinishReason
 from kvtransfer.base import TransferState
@@ -93,7 +93,7 @@ class DecodeServicer(pbg.DecodeServicer):
             kv_transfer_bytes=getattr(self.receiver, "bytes_received", 0),
             kv_transfer_chunks=getattr(self.receiver, "chunks_received", 0),
             **gpu_turn_fields(self.engine.gpu_turn),
-            fallbacks=runtime_fallbacks(self.engine.runner),
+            fallbacks=runner_fallbacks(self.engine.runner),
         )
 
     def _prefill_stub(self, address: str) -> pbg.PrefillStub:

@@ -81,11 +81,12 @@ def gpu_turn_fields(turn) -> dict:
     return {} if turn is None else {"gpu_turns": turn.turns, "gpu_turn_wait_s": turn.wait_s}
 
 
-def runtime_fallbacks(runner) -> tuple[tuple[str, int], ...]:
-    """WorkerSnapshot.fallbacks a runner takes while serving (start-up ones are counted once by
-    the worker): cuDNN prompt attention refused mid-run (engine/attention/triton_backend.py)."""
+def runner_fallbacks(runner) -> tuple[tuple[str, int], ...]:
+    """WorkerSnapshot.fallbacks of a ModelRunner, read at scrape time: each one decided at
+    start-up (`runner.fallbacks`, once), and cuDNN prompt attention refused mid-run
+    (engine/attention/triton_backend.py, per refusal)."""
     n = getattr(runner.backend, "dense_failures", 0)
-    return (("dense_prefill_failed", n),) if n else ()
+    return tuple((what, 1) for what in runner.fallbacks) + ((("dense_prefill_failed", n),) if n else ())
 
 
 _GAUGES = {  # field -> (metric name, help)

@@ -48,8 +48,6 @@ async def serve_prefill(config: EngineConfig, host: str, port: int, kv_backend: 
                          on_reject=metrics.call_rejected)
     if not cluster_token:
         metrics.count_fallback("cluster_auth_off")
-    for what in runner.fallbacks:
-        metrics.count_fallback(what)
     servicer = PrefillServicer(engine, sender, metrics=metrics)
     pbg.add_PrefillServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")

@@ -25,7 +25,7 @@ import logging
 
 import grpc
 
-from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields, runtime_fallbacks
+from engine.metrics import WorkerMetrics, WorkerSnapshot, gpu_turn_fields, runner_fallbacks
 from engine.sampling_params import SamplingParams
 from kvtransfer.base import TransferState
 from prefill_worker.engine import PrefillEngine, PrefillJob
@@ -67,7 +67,7 @@ class PrefillServicer(pbg.PrefillServicer):
             kv_transfers_active=getattr(self.sender, "active_transfers", 0),
             kv_transfer_bytes=getattr(self.sender, "bytes_streamed", 0),
             kv_transfer_chunks=getattr(self.sender, "chunks_streamed", 0),
-            fallbacks=self._fallbacks() + runtime_fallbacks(self.engine.runner),
+            fallbacks=self._fallbacks() + runner_fallbacks(self.engine.runner),
             **gpu_turn_fields(self.engine.gpu_turn),
         )
 

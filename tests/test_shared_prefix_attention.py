@@ -155,3 +155,5 @@ def test_dense_prefill_asked_for_where_it_cannot_run_is_a_counted_fallback(model
         num_pages=64, max_num_seqs=4, max_model_len=96, attention_backend="triton"), InlineLoop())
     runner = engine.runner      # (float32: not cuDNN's on a GPU either)
     assert runner.fallbacks == ["dense_prefill_unavailable"] and not runner.backend.use_dense
+    from engine.metrics import runner_fallbacks      # what both workers' metrics snapshots export
+    assert runner_fallbacks(runner) == (("dense_prefill_unavailable", 1),)

@@ -307,7 +307,7 @@ def test_a_pass_cudnn_refuses_runs_on_the_kernel_and_is_counted(monkeypatch):
     that layer's prompts run on the extend kernel (equal to the reference), the backend stops
     asking, says so once and counts it for the workers' tandem_*_fallbacks_total."""
     from engine.attention import triton_backend
-    from engine.metrics import runtime_fallbacks
+    from engine.metrics import runner_fallbacks
 
     monkeypatch.setattr(triton_backend, "dense_prefill_usable", lambda *shape: True)
     seed, meta, q, k, v, kc, vc = _case([0, 0, 0], [9, 9, 20], 16, 4, 64, torch.float16)
@@ -322,10 +322,10 @@ def test_a_pass_cudnn_refuses_runs_on_the_kernel_and_is_counted(monkeypatch):
     class Runner:
         pass
     r = Runner()
-    r.backend = backend
-    assert runtime_fallbacks(r) == (("dense_prefill_failed", 1),)
-    r.backend = TritonBackend()
-    assert runtime_fallbacks(r) == ()
+    r.backend, r.fallbacks = backend, []
+    assert runner_fallbacks(r) == (("dense_prefill_failed", 1),)
+    r.backend, r.fallbacks = TritonBackend(), ["dense_prefill_unavailable"]     # decided at start-up
+    assert runner_fallbacks(r) == (("dense_prefill_unavailable", 1),)
 
 
 def test_dense_prefill_on_fused_projection_views_equals_the_reference():
